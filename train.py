@@ -1,0 +1,689 @@
+"""
+train.py: distil a teacher LLM into a student, the LLM-Neo way or as one of its baselines.
+
+The four methods of the paper's Table I differ only in two switches:
+
+    method   trains               loss
+    sft      every student weight CE
+    lora     the adapters ΔW      CE
+    kd       every student weight α·CE + (1-α)·KL(teacher ‖ student)
+    neo      the adapters ΔW      α·CE + (1-α)·KL(teacher ‖ student)     <- LLM-Neo
+
+Run it
+    python train.py                                  # offline demo: SmolLM2-135M -> its pruned half
+    python train.py --teacher meta-llama/Llama-3.1-8B-Instruct --prune-to 8 --data BAAI/Infinity-Instruct
+    torchrun --nproc_per_node 6 train.py --rank 128  # data parallel, one process per GPU
+    torchrun --nproc_per_node 6 train.py --zero 1    # + optimizer state sharded (ZeroRedundancyOptimizer)
+    torchrun --nproc_per_node 6 train.py --zero 3    # + student and teacher layers sharded (FSDP2)
+
+The file reads top to bottom: arguments, set-up, models, data, optimizer, loop, save.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import lora
+import model as llama
+import neo
+
+# -----------------------------------------------------------------------------
+# Arguments. Paper values are the defaults; the offline demo (no --teacher, no GPU) swaps in a
+# budget that finishes in minutes on two CPU cores, and says so.
+
+PAPER = dict(max_len=512, batch_size=4, grad_accum=16, epochs=2, max_samples=None, max_steps=None)
+DEMO = dict(max_len=256, batch_size=4, grad_accum=4, epochs=1, max_samples=640, max_steps=None)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # what to train
+    p.add_argument("--method", choices=["neo", "lora", "kd", "sft"], default="neo",
+                   help="neo/lora train adapters only; kd/sft train every student weight; "
+                        "neo/kd add the KL-to-teacher term")
+    p.add_argument("--adapter", choices=["lora", "moslora"], default="lora",
+                   help="adapter variant for neo/lora (MoSLoRA adds an r x r mixer)")
+    p.add_argument("--rank", type=int, default=128, help="adapter rank r (paper guideline: 128)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="adapter scale numerator (default: 2 x rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter input")
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="comma-separated linear layers that get adapters")
+    # models
+    p.add_argument("--teacher", default=None,
+                   help="teacher folder or Hub id (default: the offline SmolLM2-135M-Instruct)")
+    p.add_argument("--student", default=None, help="student folder or Hub id (default: prune the teacher)")
+    p.add_argument("--prune-to", type=int, default=None,
+                   help="build the student by keeping this many of the teacher's most important layers "
+                        "(default when no --student: half of them)")
+    # data
+    p.add_argument("--data", default=None, help="JSONL/JSON/Parquet file, folder or Hub dataset id "
+                                                "(default: the offline instruction set)")
+    p.add_argument("--max-samples", type=int, default=None, help="seeded random subset of the data")
+    p.add_argument("--heldout", type=int, default=64, help="held-out conversations scored before/after")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed JSON lines")
+    p.add_argument("--max-len", type=int, default=None, help="tokens per example; longer ones are cut and counted")
+    # loss
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of CE; KL gets 1 - alpha")
+    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature T")
+    p.add_argument("--divergence", choices=["forward_kl", "reverse_kl", "jsd"], default="forward_kl",
+                   help="teacher-student divergence")
+    p.add_argument("--chunk-size", type=int, default=1024, help="tokens projected to the vocabulary at once")
+    # optimisation
+    p.add_argument("--batch-size", type=int, default=None, help="micro-batch per process (paper: 4)")
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (paper: 16)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the data (paper: 2)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-4 adapters, 2e-5 full)")
+    p.add_argument("--min-lr", type=float, default=None, help="cosine floor (default: 1e-5 adapters, 1e-6 full)")
+    p.add_argument("--warmup", type=float, default=0.03, help="warm-up, as a fraction of all steps")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0,
+                   help="0 DDP; 1 + sharded optimizer state; 2 FSDP2 keeping params gathered; 3 FSDP2 full")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="frozen weights' dtype (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data order, adapters and dropout")
+    # output
+    p.add_argument("--out", default="runs/neo", help="output folder")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--no-report", action="store_true", help="skip the before/after held-out scores and answers")
+    args = p.parse_args(argv)
+
+    args.demo = args.teacher is None and not torch.cuda.is_available()
+    for key, value in (DEMO if args.demo else PAPER).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    full = args.method in ("sft", "kd")
+    args.lr = args.lr if args.lr is not None else (2e-5 if full else 2e-4)
+    args.min_lr = args.min_lr if args.min_lr is not None else (1e-6 if full else 1e-5)
+    args.lora_alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.rank
+    return args
+
+
+# Flags that must match when resuming: they decide the model, the data order or the objective.
+RESUME_FLAGS = ["method", "adapter", "rank", "lora_alpha", "targets", "teacher", "student", "prune_to",
+                "data", "max_samples", "max_len", "batch_size", "grad_accum", "epochs", "alpha",
+                "temperature", "divergence", "seed", "world_size"]
+
+# -----------------------------------------------------------------------------
+# Distributed set-up: torchrun sets RANK/WORLD_SIZE; plain `python train.py` is a world of one.
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def setup_distributed():
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
+                            if device.type == "cuda" else None)
+    return Dist(rank, local, world, device)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def print0(*a, **k):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **k, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# The trained module: the student plus the objective. Wrapping the loss inside forward() lets DDP
+# and FSDP2 see one module: FSDP2 gathers the student's LM head for the chunked projection.
+
+
+class Distiller(nn.Module):
+    def __init__(self, student, alpha, temperature, divergence, chunk_size, vocab_size=None):
+        super().__init__()
+        self.student = student
+        self.alpha, self.temperature, self.divergence = alpha, temperature, divergence
+        self.chunk_size, self.vocab_size = chunk_size, vocab_size
+
+    def forward(self, input_ids, attention_mask, labels, teacher_hidden, teacher_head, normalizer):
+        hidden = self.student(input_ids, attention_mask, return_hidden=True)  # (B, T, D)
+        return neo.neo_loss(hidden, self.student.lm_head.weight, teacher_hidden, teacher_head, labels,
+                            alpha=self.alpha, temperature=self.temperature, divergence=self.divergence,
+                            chunk_size=self.chunk_size, normalizer=normalizer, vocab_size=self.vocab_size)
+
+
+def lr_at(step, total, warmup, peak, floor):
+    """Linear warm-up to `peak`, then cosine decay to `floor` at the last step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: written to a temporary folder, renamed, then `latest` is switched atomically, so a
+# crash mid-save leaves the previous checkpoint whole.
+
+
+def trainable_state(wrapped, optimizer, d: Dist, zero: int):
+    """Full (unsharded) trainable weights and optimizer state, on rank 0 (None elsewhere)."""
+    if zero >= 2:  # FSDP2: gather the shards with PyTorch's distributed state-dict API
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd, optim_sd = get_state_dict(wrapped, optimizer, options=opts)
+    else:  # DDP keeps whole copies; ZeRO-1 first gathers its optimizer shards on rank 0
+        if zero == 1:
+            optimizer.consolidate_state_dict(to=0)
+        model_sd = module_of(wrapped).state_dict()
+        optim_sd = optimizer.state_dict() if d.master else None
+    names = {n for n, p in module_of(wrapped).named_parameters() if p.requires_grad}
+    model_sd = {k: v.detach().cpu().clone() for k, v in model_sd.items() if k in names}
+    return (model_sd, optim_sd) if d.master else (None, None)
+
+
+def module_of(wrapped):
+    return wrapped.module if isinstance(wrapped, DDP) else wrapped
+
+
+def save_checkpoint(out: Path, step, distiller, optimizer, loader, args, d: Dist):
+    model_sd, optim_sd = trainable_state(distiller, optimizer, d, args.zero)
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+           "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None}
+    rngs = [None] * d.world
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if d.master:
+        ckpts = out / "checkpoints"
+        final = ckpts / f"step-{step:07d}"
+        tmp = ckpts / f".step-{step:07d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save({"step": step, "trainable": model_sd, "optimizer": optim_sd, "data": loader.state_dict(),
+                    "rng": rngs, "args": {k: getattr(args, k) for k in RESUME_FLAGS}}, tmp / "state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = ckpts / "latest.tmp"
+        pointer.write_text(final.name)
+        os.replace(pointer, ckpts / "latest")
+        for old in ckpts.glob("step-*"):  # keep the newest two
+            if old.name < final.name and old.name not in _newest(ckpts, 2):
+                shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _newest(ckpts: Path, n: int):
+    return sorted(p.name for p in ckpts.glob("step-*"))[-n:]
+
+
+def load_checkpoint(out: Path, args):
+    pointer = out / "checkpoints" / "latest"
+    if not pointer.exists():
+        raise SystemExit(f"--resume: no checkpoint in {out / 'checkpoints'} (no 'latest' file). "
+                         f"Start without --resume, or point --out at the run to continue.")
+    state = torch.load(out / "checkpoints" / pointer.read_text().strip() / "state.pt", weights_only=False)
+    for flag in RESUME_FLAGS:
+        saved, now = state["args"].get(flag), getattr(args, flag)
+        if saved != now:
+            raise SystemExit(f"--resume: the checkpoint was made with --{flag.replace('_', '-')}={saved!r}, "
+                             f"this run has {now!r}. Use the same flags, or a new --out.")
+    return state
+
+
+# -----------------------------------------------------------------------------
+# Models
+
+
+def frozen_dtype(args, device):
+    if args.dtype != "auto":
+        return getattr(torch, args.dtype)
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def build_student(args, teacher_path, calibration, device):
+    """The student in fp32: a given model, or the teacher with its least important layers removed."""
+    if args.student is not None:
+        return llama.Llama.from_pretrained(args.student, dtype=torch.float32, device=device)
+    full = llama.Llama.from_pretrained(teacher_path, dtype=torch.float32, device=device)
+    n_layers = full.config.num_hidden_layers
+    keep_n = args.prune_to or n_layers // 2
+    if not 0 < keep_n <= n_layers:
+        raise SystemExit(f"--prune-to {keep_n}: the teacher has {n_layers} layers; choose 1..{n_layers}")
+    ids = torch.tensor([calibration], device=device)
+    keep = llama.most_important_layers(llama.block_importance(full, ids), keep_n)
+    print0(f"student: the teacher's {keep_n} most important of {n_layers} layers {keep} "
+           f"(block importance on {ids.shape[1]} calibration tokens)")
+    return llama.prune_layers(full, keep)
+
+
+def make_trainable(student, args):
+    """sft/kd: every weight trains. neo/lora: adapters on the target linears, everything else frozen."""
+    if args.method in ("sft", "kd"):
+        student.requires_grad_(True)
+        n = sum(p.numel() for p in student.parameters())
+        print0(f"trainable parameters: {n:,} / {n:,} (100%)")
+        return student
+    return lora.apply_lora(student, targets=tuple(args.targets.split(",")), rank=args.rank,
+                           alpha=args.lora_alpha, dropout=args.lora_dropout, variant=args.adapter)
+
+
+def wrap(distiller, teacher, args, d: Dist):
+    """Data parallel (DDP) or sharded (FSDP2) student; the teacher is never wrapped by DDP."""
+    if args.zero >= 2:
+        reshard = args.zero == 3
+        for layer in distiller.student.model.layers:
+            fully_shard(layer, reshard_after_forward=reshard)
+        fully_shard(distiller, reshard_after_forward=reshard)
+        if args.zero == 3 and teacher is not None:
+            # Teacher layers are sharded too; its LM head stays whole for the chunked loss.
+            for layer in teacher.model.layers:
+                fully_shard(layer)
+            fully_shard(teacher, ignored_params={teacher.lm_head.weight, teacher.model.embed_tokens.weight})
+        return distiller
+    if d.world > 1:
+        return DDP(distiller, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    return distiller
+
+
+def no_grad_sync(wrapped, args, last: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+    if args.zero >= 2:
+        wrapped.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    if isinstance(wrapped, DDP) and not last:
+        return wrapped.no_sync()
+    return contextlib.nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# Held-out scores and side-by-side answers (rank 0)
+
+PROMPTS = ["What is the capital of France?",
+           "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+           "How many clips did Natalia sell altogether in April and May?",
+           "Name three primary colors."]
+
+
+@torch.no_grad()
+def heldout_scores(student, teacher, batches, device, chunk_size, vocab_size):
+    """Per-token CE on the labels and forward KL(teacher ‖ student) on the held-out set."""
+    was_training = student.training
+    student.eval()
+    ce = kl = n = 0.0
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        th = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
+        sh = student(b["input_ids"], b["attention_mask"], return_hidden=True)
+        out = neo.neo_loss(sh.float(), student.lm_head.weight.float(), th.float(),
+                           teacher.lm_head.weight.float(), b["labels"], alpha=0.5,
+                           chunk_size=chunk_size, normalizer=1.0, vocab_size=vocab_size)
+        ce += out.ce.item() * out.n_tokens.item()
+        kl += out.kl.item() * out.n_tokens.item()
+        n += out.n_tokens.item()
+    student.train(was_training)
+    return ce / max(n, 1), kl / max(n, 1)
+
+
+def answers(models: dict, tokenizer, device, max_new_tokens=48):
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}],
+                                                              add_generation_prompt=True))
+               for q in PROMPTS]
+    table = {}
+    for name, m in models.items():
+        was_training = m.training
+        m.eval()
+        outs = m.generate(prompts, max_new_tokens=max_new_tokens, stop_token_ids=tokenizer.stop_token_ids)
+        m.train(was_training)
+        table[name] = [tokenizer.decode(o).strip() for o in outs]
+    return table
+
+
+def print_answers(table):
+    for i, q in enumerate(PROMPTS):
+        print0(f"\nQ: {q}")
+        for name, outs in table.items():
+            print0(f"  [{name:>16}] {outs[i]!r}")
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    d = setup_distributed()
+    args.world_size = d.world
+    out = Path(args.out)
+    torch.manual_seed(args.seed)  # the same on every rank: every rank builds the same adapters
+    if args.demo:
+        print0(f"offline demo on {d.device}: {DEMO} (pass --teacher or run on a GPU for the paper's budget)")
+
+    # ---- models ------------------------------------------------------------
+    teacher_path = str(llama.resolve_folder(args.teacher or offline_model()))
+    tokenizer = data.Tokenizer.from_dir(teacher_path)
+    train_set, held_set = load_data(args, tokenizer)
+
+    use_teacher = args.method in ("neo", "kd")
+    teacher = None
+    if use_teacher or not args.no_report:
+        teacher = llama.Llama.from_pretrained(teacher_path, dtype=frozen_dtype(args, d.device), device=d.device)
+        teacher.eval().requires_grad_(False)
+    calibration = train_set[0]["input_ids"]
+
+    student = build_student(args, teacher_path, calibration, d.device)
+    base_path = args.student
+    if args.student is None:
+        # The pruned student as a folder: the adapter's base model, and a baseline to evaluate.
+        base_path = str(out / "student_base")
+        if d.master and not (out / "student_base" / "config.json").exists():
+            student.save_pretrained(base_path)
+    student = make_trainable(student, args)
+    vocab_size = shared_vocab(student, teacher, tokenizer)
+
+    def rebuild():  # the untrained student again (deterministic): FSDP2's full copy is loaded into it
+        return make_trainable(build_student(args, teacher_path, calibration, d.device), args)
+    if args.method in ("neo", "lora") and d.device.type == "cuda" and frozen_dtype(args, d.device) != torch.float32:
+        # Frozen base weights in bf16; the adapters stay fp32 (the optimizer's master copy).
+        for p in student.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(frozen_dtype(args, d.device))
+
+    # ---- data ----------------------------------------------------------------
+    if not held_set and not args.no_report:
+        print0("no held-out examples: skipping the before/after report")
+        args.no_report = True
+    loader = data.Batches(train_set, args.batch_size, pad_id=tokenizer.pad_token_id, rank=d.rank,
+                          world_size=d.world, seed=args.seed)
+    held_batches = [] if args.no_report else [loader.collate(held_set[i:i + args.batch_size])
+                                              for i in range(0, len(held_set), args.batch_size)]
+    # Micro-batches run on across epoch boundaries; a step is always grad_accum of them.
+    total_steps = args.epochs * len(loader) // args.grad_accum
+    if total_steps == 0:
+        raise SystemExit(f"data: {len(train_set)} examples make {len(loader)} micro-batches of "
+                         f"{args.batch_size} x {d.world} processes per epoch, fewer than --grad-accum "
+                         f"{args.grad_accum}. Use more data or a smaller --batch-size/--grad-accum.")
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+
+    report, report_path = {}, out / "report_before.json"
+    if not args.no_report and d.master:
+        if args.resume and report_path.exists():
+            report = json.loads(report_path.read_text())
+        else:
+            report["before"] = heldout_scores(student, teacher, held_batches, d.device, args.chunk_size, vocab_size)
+            report["answers_before"] = answers({"teacher": teacher, "student": student}, tokenizer, d.device)
+            out.mkdir(parents=True, exist_ok=True)
+            report_path.write_text(json.dumps(report))
+
+    # ---- optimizer ------------------------------------------------------------
+    distiller = Distiller(student, args.alpha, args.temperature, args.divergence, args.chunk_size, vocab_size)
+    start_step, state = 0, None
+    if args.resume:
+        state = load_checkpoint(out, args)
+        distiller.load_state_dict(state["trainable"], strict=False)  # trainable weights only
+        start_step = state["step"]
+        loader.load_state_dict(state["data"])
+    wrapped = wrap(distiller, teacher, args, d)
+    torch.manual_seed(args.seed + 1 + d.rank)  # from here on each rank draws its own dropout masks
+    random.seed(args.seed + d.rank)
+    np.random.seed(args.seed + d.rank)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    optimized = [n.removeprefix("module.").removeprefix("student.") for n, p in wrapped.named_parameters()
+                 if p.requires_grad]
+    print0(f"method {args.method}: optimising {sum(p.numel() for p in params):,} parameters "
+           f"({'ZeroRedundancyOptimizer' if args.zero == 1 else 'FSDP2' if args.zero >= 2 else 'AdamW'})")
+    adamw = dict(lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    if args.zero == 1:
+        optimizer = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **adamw)
+    else:
+        optimizer = torch.optim.AdamW(params, **adamw)
+    if state is not None:
+        restore_optimizer(wrapped, optimizer, state, args, d)
+    warmup = max(1, int(args.warmup * total_steps))
+
+    # ---- loop ------------------------------------------------------------------
+    metrics_path = out / "metrics.jsonl"
+    if d.master:
+        out.mkdir(parents=True, exist_ok=True)
+        rows = metrics_path.read_text().splitlines() if args.resume and metrics_path.exists() else []
+        # A resumed run continues the curve from its checkpoint; steps logged after it are redone.
+        metrics_path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= start_step))
+    bar = tqdm_bar(total_steps, start_step, d)
+    teacher_head = teacher.lm_head.weight if use_teacher else None
+    batches = endless(loader)
+    t_start = time.time()
+    for step in range(start_step, total_steps):
+        t0 = time.time()
+        lr = lr_at(step, total_steps, warmup, args.lr, args.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro = [next(batches) for _ in range(args.grad_accum)]
+        # Normalise by the valid target tokens of the whole step, over micro-batches and ranks, so
+        # that 16 accumulated micro-batches on 6 processes equal one batch of 16 x 6 x 4.
+        n_local = sum(neo.count_targets(b["labels"]) for b in micro)
+        n_global = all_reduce_sum(torch.tensor(float(n_local), device=d.device))
+        # DDP and FSDP average gradients over ranks; the loss is already a global mean, so undo that.
+        normalizer = n_global.clamp(min=1) / d.world
+        sums = torch.zeros(3, device=d.device)  # loss·n, ce·n, kl·n for logging
+        for i, b in enumerate(micro):
+            b = {k: v.to(d.device) for k, v in b.items()}
+            teacher_hidden = None
+            if use_teacher:
+                with torch.no_grad():
+                    teacher_hidden = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
+            with no_grad_sync(wrapped, args, last=i == len(micro) - 1), autocast(d.device, args):
+                res = wrapped(b["input_ids"], b["attention_mask"], b["labels"], teacher_hidden, teacher_head,
+                              normalizer)
+                check_finite(res.loss, step, i, d, out)
+                res.loss.backward()
+            sums += torch.stack([res.loss.detach() * normalizer, res.ce * res.n_tokens, res.kl * res.n_tokens])
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: DTensor
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        sums = all_reduce_sum(sums) / n_global.clamp(min=1)
+        tokens = all_reduce_sum(torch.tensor(float(sum(b["attention_mask"].sum() for b in micro))))
+        dt = time.time() - t0
+        row = {"step": step + 1, "loss": sums[0].item(), "ce": sums[1].item(), "kl": sums[2].item(), "lr": lr,
+               "grad_norm": grad_norm.item(), "tokens_per_s": tokens.item() / dt, "step_s": dt, "mem_gb": memory_gb(d.device)}
+        if d.master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", kl=f"{row['kl']:.3f}",
+                            lr=f"{lr:.1e}", tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['mem_gb']:.1f}G")
+            bar.update(1)
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+            save_checkpoint(out, step + 1, wrapped, optimizer, loader, args, d)
+    bar.close()
+    train_time = time.time() - t_start
+
+    # ---- save ------------------------------------------------------------------
+    save_checkpoint(out, total_steps, wrapped, optimizer, loader, args, d)
+    final = final_student(wrapped, student, rebuild, args, d)
+    if d.master:
+        export(final, out, args, base_path)
+        plot_losses(metrics_path, out / "loss_curve.png")
+        print0(f"trained {total_steps - start_step} steps in {train_time:.0f} s; wrote {out}")
+        if not args.no_report:
+            final.eval()
+            report["after"] = heldout_scores(final, teacher, held_batches, d.device, args.chunk_size, vocab_size)
+            table = report["answers_before"]
+            table["trained student"] = answers({"x": final}, tokenizer, d.device)["x"]
+            (ce0, kl0), (ce1, kl1) = report["before"], report["after"]
+            print0(f"\nheld-out ({len(held_set)} conversations)      CE      KL(teacher||student)")
+            print0(f"  student before training  {ce0:8.4f}   {kl0:8.4f}")
+            print0(f"  student after  training  {ce1:8.4f}   {kl1:8.4f}")
+            print_answers(table)
+            (out / "report.json").write_text(json.dumps(report, indent=2))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return {"student": final, "optimized": optimized, "out": out}
+
+
+# -----------------------------------------------------------------------------
+# Small helpers used by the loop
+
+
+def load_data(args, tokenizer):
+    """Tokenised training and held-out examples. The offline set has its own fixed held-out split;
+    for user data the held-out conversations are a seeded sample set aside before training."""
+    if args.data in (None, "offline"):
+        conversations, stats = data.load_conversations("offline", args.max_samples, args.seed)
+        held, _ = data.load_conversations("offline:heldout", args.heldout, args.seed)
+    else:
+        conversations, stats = data.load_conversations(args.data, args.max_samples, args.seed,
+                                                       skip_bad_lines=args.skip_bad_lines)
+        random.Random(args.seed).shuffle(conversations)
+        n_held = min(args.heldout, len(conversations) // 10)
+        held, conversations = conversations[:n_held], conversations[n_held:]
+    train_set = data.tokenize_all(tokenizer, conversations, args.max_len, stats)
+    print0(f"data: {stats.summary()}")
+    held_set = data.tokenize_all(tokenizer, held, args.max_len) if held else []
+    print0(f"data: {len(train_set)} training and {len(held_set)} held-out examples, max {args.max_len} tokens")
+    return train_set, held_set
+
+
+def endless(loader):
+    """Micro-batches forever: the loader resumes from its saved position and moves to the next epoch."""
+    while True:
+        yield from loader
+
+
+def offline_model():
+    import offline
+    return offline.smollm2_dir()
+
+
+def shared_vocab(student, teacher, tokenizer):
+    """None when the LM heads match; the tokenizer's size when they differ only by padding rows."""
+    vs = student.lm_head.weight.shape[0]
+    vt = teacher.lm_head.weight.shape[0] if teacher is not None else vs
+    if vs == vt:
+        return None
+    if tokenizer.vocab_size <= min(vs, vt):
+        print0(f"vocab: teacher {vt} and student {vs} rows; comparing the tokenizer's {tokenizer.vocab_size}")
+        return tokenizer.vocab_size
+    raise SystemExit(f"teacher and student vocabularies differ: teacher head {vt} rows, student head {vs} "
+                     f"rows, tokenizer {tokenizer.vocab_size} tokens. Distillation needs one shared "
+                     f"tokenizer; pick a student from the teacher's family (or --prune-to).")
+
+
+def autocast(device, args):
+    if device.type == "cuda" and frozen_dtype(args, device) == torch.bfloat16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def check_finite(loss, step, micro, d: Dist, out: Path):
+    bad = all_reduce_sum(torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=loss.device))
+    if bad.item() > 0:
+        latest = out / "checkpoints" / "latest"
+        kept = f"the last good checkpoint is {latest.read_text().strip()}" if latest.exists() else \
+            "no checkpoint was written yet"
+        raise SystemExit(f"non-finite loss at step {step + 1}, micro-batch {micro} (on at least one rank); "
+                         f"stopped before the optimizer step, {kept} in {out / 'checkpoints'}. "
+                         f"Lower --lr, or check the data of that batch.")
+
+
+def memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def tqdm_bar(total, start, d: Dist):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, disable=not d.master, desc="train", dynamic_ncols=True)
+
+
+def restore_optimizer(wrapped, optimizer, state, args, d):
+    if args.zero >= 2:
+        set_optimizer_state_dict(wrapped, optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:  # ZeroRedundancyOptimizer takes the consolidated dict and keeps its own shard
+        optimizer.load_state_dict(state["optimizer"])
+    rng = state["rng"][d.rank]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"], d.device)
+
+
+def final_student(wrapped, student, rebuild, args, d):
+    """A plain, unsharded copy of the trained student on rank 0 (None elsewhere)."""
+    if args.zero < 2:
+        return student if d.master else None
+    full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not d.master:
+        return None
+    plain = rebuild()
+    plain.load_state_dict({k.removeprefix("student."): v for k, v in full.items()})
+    return plain
+
+
+def export(student, out: Path, args, base_path):
+    """The adapter (PEFT layout) and a merged Hugging Face folder; or the full student for sft/kd."""
+    if args.method in ("neo", "lora"):
+        lora.save_adapter(student, out / "adapter", base_model_name_or_path=base_path)
+        lora.save_merged(student, out / "model")
+    else:
+        student.save_pretrained(out / "model")
+
+
+def plot_losses(metrics_path: Path, png: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in ("loss", "ce", "kl"):
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("nats / token")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input: say what and where, without a traceback
+        sys.exit(f"error: {e}")
