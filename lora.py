@@ -244,7 +244,7 @@ def save_adapter(model: nn.Module, folder, base_model_name_or_path: str | None =
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
         "r": first.rank,
-        "lora_alpha": first.alpha,
+        "lora_alpha": int(first.alpha) if float(first.alpha).is_integer() else first.alpha,
         "lora_dropout": first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0,
         "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
         "use_rslora": first.rslora,

@@ -158,7 +158,8 @@ def neo_loss(student_hidden, student_head_weight, teacher_hidden, teacher_head_w
     student_hidden (B, T, D), student_head_weight (V, D); teacher_hidden (B, T, Dt) and
     teacher_head_weight (Vt, Dt), or both None for plain CE (alpha is then ignored: loss =
     CE_sum / normalizer). labels (B, T) unshifted, ignore_index where there is no target.
-    chunk_size: rows projected to the vocabulary at once (None: all rows in one chunk).
+    chunk_size: target rows projected to the vocabulary at once; extra memory is about
+    6 × chunk_size × V floats (None: all rows in one chunk, i.e. the unchunked computation).
     normalizer: divide the summed loss by this (e.g. the global count of valid targets);
     default the local count. vocab_size: the shared tokenizer size when the heads differ.
     """

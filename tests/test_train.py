@@ -124,12 +124,13 @@ def test_killed_run_resumes_exactly(tiny_teacher_dir, tiny_chat_jsonl, tmp_path)
     # Start the same run, wait for its second checkpoint, then kill it outright.
     cut = tmp_path / "cut"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "cut.log", "w")
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args(cut)], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=log, stderr=subprocess.STDOUT)
     latest = cut / "checkpoints" / "latest"
     deadline = time.time() + 240
     while not (latest.exists() and latest.read_text() >= "step-0000004") and time.time() < deadline:
-        assert proc.poll() is None, "the run ended before it could be killed"
+        assert proc.poll() is None, f"the run ended before it could be killed: {(tmp_path / 'cut.log').read_text()[-2000:]}"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
