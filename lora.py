@@ -40,6 +40,7 @@ Usage:
 """
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -57,7 +58,7 @@ class LoRALinear(nn.Module):
 
     `weight` and `bias` are the base layer's own Parameters under nn.Linear's names, so a base
     checkpoint loads into a LoRA model without renaming and tied weights stay tied. The adapters
-    take the base weight's dtype and device.
+    are created in the base weight's dtype and device; they may be cast to fp32 afterwards.
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
@@ -92,10 +93,12 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:  # ΔW already lives inside self.weight
             return y
-        h = F.linear(self.dropout(x), self.lora_A)  # (..., r)
+        # The adapters may be kept in fp32 next to a bf16 base (the optimizer's master copy):
+        # run the branch in the adapters' dtype, add it back in the base output's dtype.
+        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
         if self.lora_M is not None:
-            h = F.linear(h, self.lora_M)             # (..., r)  M·h
-        return y + self.scale * F.linear(h, self.lora_B)  # (..., out)
+            h = F.linear(h, self.lora_M)                                  # (..., r)  M·h
+        return y + (self.scale * F.linear(h, self.lora_B)).to(y.dtype)    # (..., out)
 
     @torch.no_grad()
     def merge(self):
@@ -143,15 +146,19 @@ def apply_lora(model: nn.Module, targets=ALL_PROJECTIONS, rank: int = 128, alpha
     if lora_layers(model):
         raise ValueError("model already has LoRA adapters; apply_lora once per model")
     alpha = 2 * rank if alpha is None else alpha
-    targets = tuple(targets)
+    targets = tuple(targets.split(",")) if isinstance(targets, str) else tuple(targets)
     swaps = [(name, m) for name, m in model.named_modules()
              if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
     if not swaps:
         raise ValueError(f"no nn.Linear named one of {targets} in the model")
-    for name, linear in swaps:
+    shared = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    for name, linear in swaps:  # check everything before changing anything
         if rank > min(linear.in_features, linear.out_features):
             raise ValueError(f"LoRA rank {rank} exceeds the dimensions of {name} "
                              f"(out={linear.out_features}, in={linear.in_features})")
+        if shared[id(linear.weight)] > 1:  # e.g. a tied lm_head: merging would change both
+            raise ValueError(f"{name}.weight is tied to another parameter; LoRA cannot target it")
+    for name, linear in swaps:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, LoRALinear(linear, rank, alpha, dropout, variant, rslora))
@@ -231,10 +238,13 @@ def save_adapter(model: nn.Module, folder, base_model_name_or_path: str | None =
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model has no LoRA adapters to save")
+    def settings(layer):
+        p = layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0
+        return layer.rank, layer.alpha, layer.variant, layer.rslora, p
+
     first = next(iter(layers.values()))
     for name, layer in layers.items():
-        same = (layer.rank, layer.alpha, layer.variant, layer.rslora, layer.dropout.__class__)
-        if same != (first.rank, first.alpha, first.variant, first.rslora, first.dropout.__class__):
+        if settings(layer) != settings(first):
             raise ValueError(f"{name} has different LoRA settings than the other layers; "
                              "one adapter_config.json cannot describe it")
     folder = Path(folder)
@@ -245,7 +255,7 @@ def save_adapter(model: nn.Module, folder, base_model_name_or_path: str | None =
         "base_model_name_or_path": base_model_name_or_path,
         "r": first.rank,
         "lora_alpha": int(first.alpha) if float(first.alpha).is_integer() else first.alpha,
-        "lora_dropout": first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0,
+        "lora_dropout": settings(first)[4],
         "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
         "use_rslora": first.rslora,
         "bias": "none",

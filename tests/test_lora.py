@@ -96,6 +96,22 @@ def test_merge_is_exact_idempotent_and_explicit(variant):
     assert (layer(x) - y).abs().max() <= 1e-5
 
 
+def test_fp32_adapters_on_a_bf16_base():
+    torch.manual_seed(0)
+    base = nn.Linear(20, 12)
+    ref = LoRALinear(base, rank=4, alpha=8)
+    random_adapter_(ref)
+    layer = LoRALinear(nn.Linear(20, 12).bfloat16(), rank=4, alpha=8)
+    layer.load_state_dict({k: v.bfloat16() if k in ("weight", "bias") else v
+                           for k, v in ref.state_dict().items()})
+    for p in (layer.lora_A, layer.lora_B):
+        p.data = p.data.float()
+    x = torch.randn(5, 20)
+    y = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref(x), rtol=2e-2, atol=2e-2)
+
+
 def test_merge_in_bf16_computes_in_fp32():
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(20, 12).bfloat16(), rank=4, alpha=8)
@@ -171,8 +187,12 @@ def test_apply_lora_swaps_all_projections_and_freezes_the_rest(capsys):
 
 
 def test_apply_lora_rejects_rank_above_a_layer_dimension():
+    m = tiny(STUDENT, 0)
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj"):
-        apply_lora(tiny(STUDENT, 0), rank=20)  # k_proj is 32 -> 16 (2 KV heads x 8)
+        apply_lora(m, rank=20)  # k_proj is 32 -> 16 (2 KV heads x 8)
+    assert not lora.lora_layers(m)  # nothing was swapped
+    with pytest.raises(ValueError, match="lm_head.weight is tied"):
+        apply_lora(m, targets=("q_proj", "lm_head"), rank=RANK)
 
 
 def test_only_the_adapters_receive_gradients():
@@ -223,7 +243,8 @@ def test_adamw_moves_adapters_and_leaves_every_base_weight_bit_identical():
 
 
 def test_sixteen_accumulated_micro_batches_equal_one_batch_of_sixteen():
-    teacher, student = tiny(TEACHER, 1), student_with_lora("moslora")
+    # fp64, so that the test sees the normalisation and not fp32 summation order (fp32: ~4e-7).
+    teacher, student = tiny(TEACHER, 1).double(), student_with_lora("moslora").double()
     for layer in lora.lora_layers(student).values():
         random_adapter_(layer)  # so that A and M get gradients too
     ids, mask, labels = batch(n=16)
@@ -235,7 +256,7 @@ def test_sixteen_accumulated_micro_batches_equal_one_batch_of_sixteen():
         s = slice(i, i + 1)
         neo_step_loss(student, teacher, ids[s], mask[s], labels[s], normalizer=n_global).backward()
     for g_full, p in zip(full, lora_parameters(student)):
-        assert (p.grad - g_full).norm() <= 1e-6 * g_full.norm()
+        assert (p.grad - g_full).norm() <= 1e-10 * g_full.norm()  # the issue asks ≤ 1e-6
 
 
 @pytest.mark.parametrize("variant", ["lora", "moslora"])
