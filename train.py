@@ -49,8 +49,8 @@ import neo
 # Arguments. Paper values are the defaults; the offline demo (no --teacher, no GPU) swaps in a
 # budget that finishes in minutes on two CPU cores, and says so.
 
-PAPER = dict(max_len=512, batch_size=4, grad_accum=16, epochs=2, max_samples=None, max_steps=None)
-DEMO = dict(max_len=256, batch_size=4, grad_accum=4, epochs=1, max_samples=640, max_steps=None)
+PAPER = dict(max_len=512, batch_size=4, grad_accum=16, epochs=2, max_samples=None, heldout=256)
+DEMO = dict(max_len=256, batch_size=4, grad_accum=4, epochs=1, max_samples=256, heldout=32)
 
 
 def parse_args(argv=None):
@@ -78,7 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="JSONL/JSON/Parquet file, folder or Hub dataset id "
                                                 "(default: the offline instruction set)")
     p.add_argument("--max-samples", type=int, default=None, help="seeded random subset of the data")
-    p.add_argument("--heldout", type=int, default=64, help="held-out conversations scored before/after")
+    p.add_argument("--heldout", type=int, default=None, help="held-out conversations scored before/after")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed JSON lines")
     p.add_argument("--max-len", type=int, default=None, help="tokens per example; longer ones are cut and counted")
     # loss
@@ -389,7 +389,9 @@ def main(argv=None):
     out = Path(args.out)
     torch.manual_seed(args.seed)  # the same on every rank: every rank builds the same adapters
     if args.demo:
-        print0(f"offline demo on {d.device}: {DEMO} (pass --teacher or run on a GPU for the paper's budget)")
+        budget = ", ".join(f"{k}={getattr(args, k)}" for k in DEMO)
+        print0(f"offline demo on the CPU with a small budget: {budget} (the paper's budget applies with "
+               f"--teacher or on a GPU; any flag overrides)")
 
     # ---- models ------------------------------------------------------------
     teacher_path = str(llama.resolve_folder(args.teacher or offline_model()))
@@ -422,8 +424,9 @@ def main(argv=None):
                 p.data = p.data.to(frozen_dtype(args, d.device))
 
     # ---- data ----------------------------------------------------------------
-    if not held_set and not args.no_report:
-        print0("no held-out examples: skipping the before/after report")
+    if not args.no_report and (not held_set or args.zero == 3):
+        why = "no held-out examples" if not held_set else "--zero 3 shards the teacher across ranks"
+        print0(f"{why}: skipping the before/after report")
         args.no_report = True
     loader = data.Batches(train_set, args.batch_size, pad_id=tokenizer.pad_token_id, rank=d.rank,
                           world_size=d.world, seed=args.seed)
@@ -481,6 +484,7 @@ def main(argv=None):
         rows = metrics_path.read_text().splitlines() if args.resume and metrics_path.exists() else []
         # A resumed run continues the curve from its checkpoint; steps logged after it are redone.
         metrics_path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= start_step))
+    wrapped.train()  # adapter dropout on; the teacher stays in eval()
     bar = tqdm_bar(total_steps, start_step, d)
     teacher_head = teacher.lm_head.weight if use_teacher else None
     batches = endless(loader)

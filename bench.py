@@ -1,0 +1,346 @@
+"""Time and memory of one optimizer step for each method of the paper's Table I, side by side.
+
+One optimizer step = teacher forward under no_grad (kd, neo) + student forward and backward +
+gradient clipping + AdamW step, built from train.py's own pieces (`make_trainable`, `Distiller`,
+neo.neo_loss, the pruned student), so it is the step `python train.py` runs:
+
+    method        trains                loss
+    sft           every student weight  CE
+    lora          LoRA adapters         CE
+    kd            every student weight  α·CE + (1-α)·KL(teacher ‖ student)
+    neo           LoRA adapters         α·CE + (1-α)·KL(teacher ‖ student)     <- LLM-Neo
+    neo-moslora   MoSLoRA adapters      the same
+    hf-peft-neo   the Neo step written the way most users write it today: transformers
+                  LlamaForCausalLM for teacher and student (the same weights, from the same
+                  folders), PEFT LoRA with the same rank/alpha/dropout/targets, and the loss on the
+                  full (B, T, V) logits upcast to fp32 (F.cross_entropy + F.kl_div)
+
+Every method runs in its own fresh subprocess, so its peak memory is its own: peak resident set
+size (getrusage ru_maxrss, everything the process ever held: weights, optimizer state,
+activations, the Python runtime) on CPU, torch.cuda.max_memory_allocated on GPU. The batch is a
+fixed (batch_size, max_len) block packed from the same instruction data for every method. The
+time is the median over --steps timed steps after --warmup untimed ones.
+
+    python bench.py                                   # SmolLM2-135M teacher -> its pruned half, 512 x 4, r 128
+    python bench.py --steps 2 --warmup 1 --methods neo,kd,hf-peft-neo
+    python bench.py --device cuda --steps 10 --warmup 3 --output results/bench_gpu.json
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+METHODS = ("sft", "lora", "kd", "neo", "neo-moslora", "hf-peft-neo")
+# train.py flags that give each of our methods
+TRAIN_FLAGS = {"sft": ["--method", "sft"], "lora": ["--method", "lora"], "kd": ["--method", "kd"],
+               "neo": ["--method", "neo"], "neo-moslora": ["--method", "neo", "--adapter", "moslora"]}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # models
+    p.add_argument("--teacher", default=None, help="teacher folder (default: the offline SmolLM2-135M-Instruct)")
+    p.add_argument("--student", default=None, help="student folder (default: the teacher pruned to half its layers)")
+    p.add_argument("--prune-to", type=int, default=None, help="layers kept when pruning (default: half)")
+    # shape
+    p.add_argument("--max-len", type=int, default=512, help="tokens per row (rows are packed to exactly this)")
+    p.add_argument("--batch-size", type=int, default=4, help="rows per step")
+    p.add_argument("--rank", type=int, default=128, help="adapter rank")
+    p.add_argument("--lora-alpha", type=float, default=None, help="adapter alpha (default: 2 x rank, as train.py)")
+    p.add_argument("--chunk-size", type=int, default=1024, help="neo_loss chunk (train.py's default)")
+    p.add_argument("--data", default="offline", help="instruction data packed into the batch (train.py's --data)")
+    # run
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {METHODS}")
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--work-dir", default="runs/bench", help="where the pruned student and the batch are kept")
+    p.add_argument("--output", default="results/bench_cpu.json", help="JSON results")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one method, print JSON
+    args = p.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in args.methods:
+        if m not in METHODS:
+            p.error(f"unknown method {m!r}; choose from {METHODS}")
+    args.lora_alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.rank
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Set-up, once in the parent: the student folder and one fixed batch, shared by every method.
+
+
+def prepare(args) -> tuple[str, str, Path]:
+    """-> (teacher folder, student folder, batch file)."""
+    import data
+    import model as llama
+    import train
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    teacher = str(llama.resolve_folder(args.teacher or train.offline_model()))
+    tok = data.Tokenizer.from_dir(teacher)
+    conversations, _ = data.load_conversations(args.data, None, 0)
+    examples = data.tokenize_all(tok, conversations[:8 * args.batch_size * args.max_len // 64 + 64], args.max_len)
+    batch = pack(examples, args.batch_size, args.max_len)
+    batch_file = work / f"batch_{args.batch_size}x{args.max_len}.pt"
+    torch.save(batch, batch_file)
+    student = args.student
+    if student is None:  # train.py's pruned half, saved once so every subprocess loads the same weights
+        tag = Path(teacher).name + f"-prune{args.prune_to or 'half'}"
+        student = str(work / tag)
+        if not (Path(student) / "config.json").exists():
+            targs = train.parse_args(["--teacher", teacher] + (["--prune-to", str(args.prune_to)]
+                                                               if args.prune_to else []))
+            train.build_student(targs, teacher, examples[0]["input_ids"], torch.device("cpu")).save_pretrained(student)
+    return teacher, student, batch_file
+
+
+def pack(examples, batch_size, max_len):
+    """Concatenate tokenised conversations into `batch_size` full rows of `max_len` tokens."""
+    ids, labels = [], []
+    for e in examples:
+        ids += e["input_ids"]
+        labels += [-100] + e["labels"][1:]  # a row's first token is nobody's target
+        if len(ids) >= batch_size * max_len:
+            break
+    if len(ids) < batch_size * max_len:
+        raise ValueError(f"not enough data for {batch_size} x {max_len} tokens")
+    n = batch_size * max_len
+    shape = (batch_size, max_len)
+    return {"input_ids": torch.tensor(ids[:n]).view(shape), "labels": torch.tensor(labels[:n]).view(shape),
+            "attention_mask": torch.ones(shape, dtype=torch.long)}
+
+
+# -----------------------------------------------------------------------------
+# One method, in its own process.
+
+
+def rss_gb() -> float:
+    """Current resident set size."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def peak_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def ours(method, args, teacher_dir, student_dir, device):
+    """train.py's models, trainable set, Distiller and step: returns (step function, trainable params)."""
+    import model as llama
+    import neo
+    import train
+    targs = train.parse_args(TRAIN_FLAGS[method] + ["--teacher", teacher_dir, "--student", student_dir,
+                                                    "--rank", str(args.rank), "--lora-alpha", str(args.lora_alpha),
+                                                    "--chunk-size", str(args.chunk_size)])
+    use_teacher = targs.method in ("neo", "kd")
+    teacher = None
+    if use_teacher:
+        teacher = llama.Llama.from_pretrained(teacher_dir, dtype=train.frozen_dtype(targs, device), device=device)
+        teacher.eval().requires_grad_(False)
+    student = train.build_student(targs, teacher_dir, None, device)  # --student given: just loads it
+    student = train.make_trainable(student, targs)
+    if targs.method in ("neo", "lora") and device.type == "cuda" and train.frozen_dtype(targs, device) != torch.float32:
+        for p in student.parameters():  # as train.py: frozen base in bf16, adapters fp32
+            if not p.requires_grad:
+                p.data = p.data.to(train.frozen_dtype(targs, device))
+    distiller = train.Distiller(student, targs.alpha, targs.temperature, targs.divergence, targs.chunk_size)
+    params = [p for p in distiller.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=targs.lr, betas=(0.9, 0.999), weight_decay=targs.weight_decay)
+    teacher_head = teacher.lm_head.weight if use_teacher else None
+
+    def step(b):
+        normalizer = torch.tensor(float(neo.count_targets(b["labels"])), device=device).clamp(min=1)
+        teacher_hidden = None
+        if use_teacher:
+            with torch.no_grad():
+                teacher_hidden = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
+        with train.autocast(device, targs):
+            res = distiller(b["input_ids"], b["attention_mask"], b["labels"], teacher_hidden, teacher_head, normalizer)
+            res.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, targs.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return res.loss.item()
+    return step, params
+
+
+def hf_peft(args, teacher_dir, student_dir, device):
+    """The common way: transformers + PEFT LoRA + a full-logits CE + KL loss (fp32 upcast)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+    import train
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    teacher = LlamaForCausalLM.from_pretrained(teacher_dir, dtype=dtype).to(device).eval().requires_grad_(False)
+    student = LlamaForCausalLM.from_pretrained(student_dir, dtype=dtype).to(device)
+    targs = train.parse_args(["--method", "neo"])  # the same α, T, dropout, targets, lr as ours
+    config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=targs.lora_dropout,
+                        target_modules=targs.targets.split(","), task_type="CAUSAL_LM")
+    student = get_peft_model(student, config)
+    student.train()
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=targs.lr, betas=(0.9, 0.999), weight_decay=targs.weight_decay)
+    alpha, T = targs.alpha, targs.temperature
+
+    def step(b):
+        with torch.no_grad():
+            t_logits = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, T, V)
+        s_logits = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits      # (B, T, V)
+        s, t = s_logits[:, :-1].float(), t_logits[:, :-1].float()  # position t predicts labels[t + 1]
+        y = b["labels"][:, 1:]
+        mask = (y != -100).float()
+        ce = F.cross_entropy(s.reshape(-1, s.size(-1)), y.reshape(-1), ignore_index=-100)
+        kl_tok = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,
+                          reduction="none").sum(-1)                                                 # (B, T-1)
+        kl = (kl_tok * mask).sum() / mask.sum().clamp(min=1)
+        loss = alpha * ce + (1 - alpha) * T * T * kl
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, targs.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+    return step, params
+
+
+def worker(args):
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.worker == "hf-peft-neo":  # import first, so the baseline holds the libraries' own memory
+        import peft, transformers  # noqa: F401
+    else:
+        import train  # noqa: F401
+    rss_start = rss_gb()  # the runtime alone: Python, torch and the libraries, no weights yet
+    batch = {k: v.to(device) for k, v in torch.load(args.batch_file).items()}
+    if args.worker == "hf-peft-neo":
+        step, params = hf_peft(args, args.teacher, args.student, device)
+    else:
+        step, params = ours(args.worker, args, args.teacher, args.student, device)
+    rss_models = rss_gb()
+    times, losses = [], []
+    for i in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        losses.append(step(batch))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    tokens = batch["input_ids"].numel()
+    peak = peak_gb(device)
+    return {"method": args.worker, "step_s": step_s, "step_s_all": times, "tokens_per_step": tokens,
+            "tokens_per_s": tokens / step_s, "peak_mem_gb": peak,
+            # CPU: the peak less the runtime's own RSS (weights + optimizer state + activations)
+            "peak_above_runtime_gb": peak - rss_start if device.type == "cpu" else peak,
+            "rss_at_start_gb": rss_start, "rss_models_loaded_gb": rss_models,
+            "trainable_params": sum(p.numel() for p in params), "losses": losses}
+
+
+# -----------------------------------------------------------------------------
+# The parent: one subprocess per method, then the table.
+
+
+def run_all(args):
+    t0 = time.time()
+    teacher, student, batch_file = prepare(args)
+    print(f"teacher {teacher}\nstudent {student}\nbatch {args.batch_size} x {args.max_len}, rank {args.rank}, "
+          f"alpha {args.lora_alpha}, {args.device}, {args.warmup} warm-up + {args.steps} timed steps", flush=True)
+    rows = {}
+    for method in args.methods:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--teacher", teacher,
+               "--student", student, "--batch-file", str(batch_file), "--rank", str(args.rank),
+               "--lora-alpha", str(args.lora_alpha), "--chunk-size", str(args.chunk_size),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            proc = subprocess.run(cmd + ["--result", f.name], capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"{method} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            rows[method] = json.loads(Path(f.name).read_text())
+        r = rows[method]
+        print(f"  {method:<12} {r['step_s']:7.2f} s/step  {r['tokens_per_s']:8.0f} tok/s  "
+              f"{r['peak_mem_gb']:6.2f} GB peak ({r['peak_above_runtime_gb']:.2f} above the runtime)  "
+              f"{r['trainable_params']:>12,} trainable", flush=True)
+    ratios = targets(rows)
+    table = markdown(rows, args)
+    print("\n" + table)
+    for name, r in ratios.items():
+        print(f"{name}: {r['value']:.2f} (target {r['target']}) -> {'met' if r['met'] else 'MISSED'}")
+    blob = {"config": {k: v for k, v in vars(args).items() if k not in ("worker", "batch_file", "result")},
+            "teacher": teacher, "student": student, "machine": machine(args.device), "results": rows,
+            "targets": ratios, "table_markdown": table, "wall_s": time.time() - t0}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(blob, indent=2))
+    print(f"results written to {args.output}")
+    return blob
+
+
+def targets(rows):
+    """Issue 6's targets, where the methods they compare were run (memory: whole peak, and above the runtime)."""
+    out = {}
+    for key, tag in (("peak_mem_gb", ""), ("peak_above_runtime_gb", " (above runtime)")):
+        if "neo" in rows and "kd" in rows:
+            v = rows["neo"][key] / rows["kd"][key]
+            out["neo_mem / kd_mem" + tag] = {"value": v, "target": "<= 0.5", "met": v <= 0.5}
+        if "neo" in rows and "hf-peft-neo" in rows:
+            v = rows["neo"][key] / rows["hf-peft-neo"][key]
+            out["neo_mem / hf_peft_mem" + tag] = {"value": v, "target": "<= 0.6", "met": v <= 0.6}
+    if "neo" in rows and "hf-peft-neo" in rows:
+        v = rows["neo"]["tokens_per_s"] / rows["hf-peft-neo"]["tokens_per_s"]
+        out["neo_tok_s / hf_peft_tok_s"] = {"value": v, "target": ">= 1.2", "met": v >= 1.2}
+    return out
+
+
+def markdown(rows, args):
+    mem = "peak RSS (GB)" if args.device == "cpu" else "peak CUDA alloc (GB)"
+    lines = [f"| method | step (s, median) | tokens/s | {mem} | above runtime (GB) | trainable params |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for m, r in rows.items():
+        lines.append(f"| {m} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_mem_gb']:.2f} | "
+                     f"{r['peak_above_runtime_gb']:.2f} | {r['trainable_params']:,} |")
+    return "\n".join(lines)
+
+
+def machine(device):
+    info = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "load_average_1_5_15min_at_end": os.getloadavg()}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main(argv=None):
+    p_args = argv if argv is not None else sys.argv[1:]
+    if "--worker" in p_args:  # internal: the subprocess of one method
+        p = argparse.ArgumentParser()
+        for flag in ("--worker", "--teacher", "--student", "--batch-file", "--result", "--device"):
+            p.add_argument(flag)
+        for flag in ("--rank", "--chunk-size", "--steps", "--warmup", "--threads"):
+            p.add_argument(flag, type=int)
+        p.add_argument("--lora-alpha", type=float)
+        args = p.parse_args(p_args)
+        Path(args.result).write_text(json.dumps(worker(args)))
+        return None
+    return run_all(parse_args(argv))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

