@@ -91,7 +91,8 @@ def prepare(args) -> tuple[str, str, Path]:
     teacher = str(llama.resolve_folder(args.teacher or train.offline_model()))
     tok = data.Tokenizer.from_dir(teacher)
     conversations, _ = data.load_conversations(args.data, None, 0)
-    examples = data.tokenize_all(tok, conversations[:8 * args.batch_size * args.max_len // 64 + 64], args.max_len)
+    # whole conversations (no truncation), packed back to back into the fixed-shape batch
+    examples = data.tokenize_all(tok, conversations[:args.batch_size * args.max_len // 64 + 64], 10**9)
     batch = pack(examples, args.batch_size, args.max_len)
     batch_file = work / f"batch_{args.batch_size}x{args.max_len}.pt"
     torch.save(batch, batch_file)

@@ -51,9 +51,9 @@ SCALES = {
     "toy": dict(max_len=64, batch_size=2, grad_accum=1, max_samples=16, max_steps=2, rank=8, heldout=4,
                 limit=4, ppl_passages=4, seeds="0,1", seeds_all="0",
                 sweep_ranks="4,8", sweep_lrs="1e-4,1e-3", sweep_steps=1),
-    "cpu": dict(max_len=128, batch_size=4, grad_accum=2, max_samples=400, max_steps=25, rank=32, heldout=32,
+    "cpu": dict(max_len=128, batch_size=4, grad_accum=2, max_samples=400, max_steps=20, rank=32, heldout=32,
                 limit=100, ppl_passages=32, seeds="0,1", seeds_all="0",
-                sweep_ranks="8,32,128", sweep_lrs="1e-4,5e-4,1e-3", sweep_steps=10),
+                sweep_ranks="8,32,128", sweep_lrs="1e-4,5e-4,1e-3", sweep_steps=8),
     "gpu": dict(max_len=512, batch_size=4, grad_accum=16, max_samples=20000, max_steps=None, rank=128, heldout=256,
                 limit=None, ppl_passages=500, seeds="0,1,2", seeds_all="0,1,2",
                 sweep_ranks="8,16,32,64,128,256", sweep_lrs="1e-4,2e-4,5e-4,1e-3", sweep_steps=200),
@@ -89,6 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--runs-dir", default=None, help="training outputs (default: runs/experiment_<scale>)")
     p.add_argument("--results-dir", default="results", help="tables, JSON and plots")
     p.add_argument("--eval-batch-size", type=int, default=16, help="lm-eval requests per forward pass")
+    p.add_argument("--in-process", action="store_true",
+                   help="call train.main here instead of one process per run (faster for tests; Mem then "
+                        "is the peak of all runs so far)")
     args = p.parse_args(argv)
     for key, value in SCALES[args.scale].items():
         if getattr(args, key) is None:
@@ -145,7 +148,7 @@ def build_student(args, teacher) -> str:
     return str(folder)
 
 
-def train_run(out: Path, flags: list[str]):
+def train_run(out: Path, flags: list[str], in_process=False):
     """`python train.py FLAGS` in its own process; skipped when OUT/model already exists."""
     if (out / "model" / "config.json").exists():
         print(f"  {out.name}: already trained, skipping", flush=True)
@@ -154,6 +157,11 @@ def train_run(out: Path, flags: list[str]):
     cmd = [sys.executable, str(ROOT / "train.py")] + flags + ["--out", str(out)]
     (out / "command.txt").write_text(" ".join(cmd[1:]) + "\n")
     t0 = time.time()
+    if in_process:  # tests: no interpreter start-up per run (train.py's Mem then covers every run so far)
+        import train
+        train.main(flags + ["--out", str(out)])
+        print(f"  {out.name}: trained in {time.time() - t0:.0f} s", flush=True)
+        return
     with open(out / "train.log", "w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     if proc.returncode != 0:
@@ -191,6 +199,7 @@ class Scorer:
         loader = data.Batches(held, min(len(held), 8), pad_id=self.tok.pad_token_id, shuffle=False)
         self.held = [loader.collate(held[i:i + 8]) for i in range(0, len(held), 8)]
         self.lambada = lambada_ids(self.tok, args.ppl_passages)
+        self.tasks = None  # lm-eval's offline task manager, built on first use
 
     @torch.no_grad()
     def score(self, path: str) -> dict:
@@ -204,7 +213,8 @@ class Scorer:
         ce, kl = train.heldout_scores(m, self.teacher, self.held, torch.device("cpu"), 1024, None)
         ppl = perplexity(m, self.lambada, self.args.max_len)
         lm = neo_eval.NeoLM(m, tokenizer=self.tok, batch_size=self.args.eval_batch_size)
-        res = lm_eval.simple_evaluate(model=lm, tasks=list(TASKS), task_manager=neo_eval.task_manager("offline"),
+        self.tasks = self.tasks or neo_eval.task_manager("offline")
+        res = lm_eval.simple_evaluate(model=lm, tasks=list(TASKS), task_manager=self.tasks,
                                       limit=self.args.limit or None, random_seed=1234, numpy_random_seed=1234,
                                       torch_random_seed=1234, fewshot_random_seed=1234)
         acc = {t: neo_eval.score(res, t, "acc") for t in TASKS}
@@ -263,7 +273,7 @@ def run(args):
     plan = [(m, s) for m in args.methods for s in (args.seeds if m in ("neo", "lora", "kd") else args.seeds_all)]
     for method, seed in plan:
         train_run(runs / f"{method}_s{seed}", TRAIN_FLAGS[method] + common_flags(args, teacher, student, seed)
-                  + ["--rank", str(args.rank)])
+                  + ["--rank", str(args.rank)], args.in_process)
     t_train = time.time() - t_start
 
     scorer = Scorer(args, teacher)
@@ -336,7 +346,7 @@ def verdicts(stats):
         ranges = {m: (min(stats[m][name]), max(stats[m][name])) for m in compared if stats[m].get(name)}
         if len(ranges) < 2:
             continue
-        text = ", ".join(f"{NAMES[m]} [{lo:.3g}, {hi:.3g}]" for m, (lo, hi) in ranges.items())
+        text = ", ".join(f"{NAMES[m]} [{lo:.4g}, {hi:.4g}]" for m, (lo, hi) in ranges.items())
         best = better(ranges, key=lambda m: statistics.mean(ranges[m]))
         others = [m for m in ranges if m != best]
         if better is max:
@@ -400,7 +410,7 @@ def sweep(args):
         for lr in lrs:
             out = runs / f"neo_r{r}_lr{lr:g}"
             train_run(out, TRAIN_FLAGS["neo"] + common_flags(args, teacher, student, 0)
-                      + ["--rank", str(r), "--lr", str(lr)])
+                      + ["--rank", str(r), "--lr", str(lr)], args.in_process)
             cache = out / "heldout.json"
             if not cache.exists():
                 import model as llama

@@ -485,54 +485,53 @@ def main(argv=None):
         # A resumed run continues the curve from its checkpoint; steps logged after it are redone.
         metrics_path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= start_step))
     wrapped.train()  # adapter dropout on; the teacher stays in eval()
-    bar = tqdm_bar(total_steps, start_step, d)
     teacher_head = teacher.lm_head.weight if use_teacher else None
     batches = endless(loader)
     t_start = time.time()
-    for step in range(start_step, total_steps):
-        t0 = time.time()
-        lr = lr_at(step, total_steps, warmup, args.lr, args.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro = [next(batches) for _ in range(args.grad_accum)]
-        # Normalise by the valid target tokens of the whole step, over micro-batches and ranks, so
-        # that 16 accumulated micro-batches on 6 processes equal one batch of 16 x 6 x 4.
-        n_local = sum(neo.count_targets(b["labels"]) for b in micro)
-        n_global = all_reduce_sum(torch.tensor(float(n_local), device=d.device))
-        # DDP and FSDP average gradients over ranks; the loss is already a global mean, so undo that.
-        normalizer = n_global.clamp(min=1) / d.world
-        sums = torch.zeros(3, device=d.device)  # loss·n, ce·n, kl·n for logging
-        for i, b in enumerate(micro):
-            b = {k: v.to(d.device) for k, v in b.items()}
-            teacher_hidden = None
-            if use_teacher:
-                with torch.no_grad():
-                    teacher_hidden = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
-            with no_grad_sync(wrapped, args, last=i == len(micro) - 1), autocast(d.device, args):
-                res = wrapped(b["input_ids"], b["attention_mask"], b["labels"], teacher_hidden, teacher_head,
-                              normalizer)
-                check_finite(res.loss, step, i, d, out)
-                res.loss.backward()
-            sums += torch.stack([res.loss.detach() * normalizer, res.ce * res.n_tokens, res.kl * res.n_tokens])
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: DTensor
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    with tqdm_bar(total_steps, start_step, d) as bar:  # closed even when a bad loss stops the run
+        for step in range(start_step, total_steps):
+            t0 = time.time()
+            lr = lr_at(step, total_steps, warmup, args.lr, args.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = [next(batches) for _ in range(args.grad_accum)]
+            # Normalise by the valid target tokens of the whole step, over micro-batches and ranks, so
+            # that 16 accumulated micro-batches on 6 processes equal one batch of 16 x 6 x 4.
+            n_local = sum(neo.count_targets(b["labels"]) for b in micro)
+            n_global = all_reduce_sum(torch.tensor(float(n_local), device=d.device))
+            # DDP and FSDP average gradients over ranks; the loss is already a global mean, so undo that.
+            normalizer = n_global.clamp(min=1) / d.world
+            sums = torch.zeros(3, device=d.device)  # loss·n, ce·n, kl·n for logging
+            for i, b in enumerate(micro):
+                b = {k: v.to(d.device) for k, v in b.items()}
+                teacher_hidden = None
+                if use_teacher:
+                    with torch.no_grad():
+                        teacher_hidden = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
+                with no_grad_sync(wrapped, args, last=i == len(micro) - 1), autocast(d.device, args):
+                    res = wrapped(b["input_ids"], b["attention_mask"], b["labels"], teacher_hidden, teacher_head,
+                                  normalizer)
+                    check_finite(res.loss, step, i, d, out)
+                    res.loss.backward()
+                sums += torch.stack([res.loss.detach() * normalizer, res.ce * res.n_tokens, res.kl * res.n_tokens])
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: DTensor
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        sums = all_reduce_sum(sums) / n_global.clamp(min=1)
-        tokens = all_reduce_sum(torch.tensor(float(sum(b["attention_mask"].sum() for b in micro))))
-        dt = time.time() - t0
-        row = {"step": step + 1, "loss": sums[0].item(), "ce": sums[1].item(), "kl": sums[2].item(), "lr": lr,
-               "grad_norm": grad_norm.item(), "tokens_per_s": tokens.item() / dt, "step_s": dt, "mem_gb": memory_gb(d.device)}
-        if d.master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", kl=f"{row['kl']:.3f}",
-                            lr=f"{lr:.1e}", tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['mem_gb']:.1f}G")
-            bar.update(1)
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            save_checkpoint(out, step + 1, wrapped, optimizer, loader, args, d)
-    bar.close()
+            sums = all_reduce_sum(sums) / n_global.clamp(min=1)
+            tokens = all_reduce_sum(torch.tensor(float(sum(b["attention_mask"].sum() for b in micro))))
+            dt = time.time() - t0
+            row = {"step": step + 1, "loss": sums[0].item(), "ce": sums[1].item(), "kl": sums[2].item(), "lr": lr,
+                   "grad_norm": grad_norm.item(), "tokens_per_s": tokens.item() / dt, "step_s": dt, "mem_gb": memory_gb(d.device)}
+            if d.master:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", kl=f"{row['kl']:.3f}",
+                                lr=f"{lr:.1e}", tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['mem_gb']:.1f}G")
+                bar.update(1)
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+                save_checkpoint(out, step + 1, wrapped, optimizer, loader, args, d)
     train_time = time.time() - t_start
 
     # ---- save ------------------------------------------------------------------
