@@ -508,7 +508,10 @@ def main(argv=None):
     datasets.disable_progress_bars()
 
     manager = task_manager(source)
-    check_tasks(tasks, manager, source)
+    try:
+        check_tasks(tasks, manager, source)
+    except ValueError as e:
+        p.error(str(e))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
