@@ -233,8 +233,13 @@ def save_merged(model: nn.Module, folder, **save_kwargs):
 # ---------------------------------------------------------------------------------------------
 # Adapter files (PEFT layout)
 
-def save_adapter(model: nn.Module, folder, base_model_name_or_path: str | None = None):
-    """Write adapter_config.json + adapter_model.safetensors in PEFT's layout (see module doc)."""
+def save_adapter(model: nn.Module, folder, base_model_name_or_path: str | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None):
+    """Write adapter_config.json + adapter_model.safetensors in PEFT's layout (see module doc).
+
+    state_dict: take the adapter tensors from here (names as in model.state_dict()) instead of the
+    model's parameters, e.g. the gathered full tensors of a sharded (FSDP) model.
+    """
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model has no LoRA adapters to save")
@@ -270,6 +275,7 @@ def save_adapter(model: nn.Module, folder, base_model_name_or_path: str | None =
         for key in ADAPTER_NAMES:
             p = getattr(layer, key)
             if p is not None:
+                p = state_dict[f"{name}.{key}"] if state_dict is not None else p
                 tensors[f"{PEFT_PREFIX}{name}.{key}.weight"] = p.detach().contiguous().cpu()
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})

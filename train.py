@@ -50,7 +50,7 @@ import neo
 # budget that finishes in minutes on two CPU cores, and says so.
 
 PAPER = dict(max_len=512, batch_size=4, grad_accum=16, epochs=2, max_samples=None, heldout=256)
-DEMO = dict(max_len=256, batch_size=4, grad_accum=4, epochs=1, max_samples=256, heldout=32)
+DEMO = dict(max_len=256, batch_size=4, grad_accum=4, epochs=1, max_samples=160, heldout=24)
 
 
 def parse_args(argv=None):
@@ -217,8 +217,10 @@ def module_of(wrapped):
     return wrapped.module if isinstance(wrapped, DDP) else wrapped
 
 
-def save_checkpoint(out: Path, step, distiller, optimizer, loader, args, d: Dist):
-    model_sd, optim_sd = trainable_state(distiller, optimizer, d, args.zero)
+def save_checkpoint(out: Path, step, wrapped, optimizer, loader, args, d: Dist, base_path):
+    """Trainable weights, optimizer state, data position and every rank's RNG (the learning rate is a
+    pure function of the step, so there is no scheduler state)."""
+    model_sd, optim_sd = trainable_state(wrapped, optimizer, d, args.zero)
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
            "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None}
     rngs = [None] * d.world
@@ -234,6 +236,10 @@ def save_checkpoint(out: Path, step, distiller, optimizer, loader, args, d: Dist
         tmp.mkdir(parents=True)
         torch.save({"step": step, "trainable": model_sd, "optimizer": optim_sd, "data": loader.state_dict(),
                     "rng": rngs, "args": {k: getattr(args, k) for k in RESUME_FLAGS}}, tmp / "state.pt")
+        if args.method in ("neo", "lora"):  # the adapter so far, in PEFT's layout, usable on its own
+            student = module_of(wrapped).student
+            lora.save_adapter(student, tmp / "adapter", base_path,
+                              state_dict={k.removeprefix("student."): v for k, v in model_sd.items()})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         pointer = ckpts / "latest.tmp"
@@ -531,11 +537,11 @@ def main(argv=None):
                                 lr=f"{lr:.1e}", tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['mem_gb']:.1f}G")
                 bar.update(1)
             if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-                save_checkpoint(out, step + 1, wrapped, optimizer, loader, args, d)
+                save_checkpoint(out, step + 1, wrapped, optimizer, loader, args, d, base_path)
     train_time = time.time() - t_start
 
     # ---- save ------------------------------------------------------------------
-    save_checkpoint(out, total_steps, wrapped, optimizer, loader, args, d)
+    save_checkpoint(out, total_steps, wrapped, optimizer, loader, args, d, base_path)
     final = final_student(wrapped, student, rebuild, args, d)
     if d.master:
         export(final, out, args, base_path)

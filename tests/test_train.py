@@ -105,6 +105,8 @@ def test_two_processes_equal_one(zero, single_process_run, tiny_teacher_dir, tin
                 nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_close(adapter(tmp_path), adapter(single_process_run))
+    # The last checkpoint holds the same adapter in PEFT's layout, gathered from every rank.
+    assert_close(adapter(tmp_path / "checkpoints" / "step-0000003"), adapter(tmp_path), rel=0)
     # Adam hides a wrongly scaled gradient; the logged gradient norm does not.
     for key in ("loss", "grad_norm"):
         one = [json.loads(x)[key] for x in (single_process_run / "metrics.jsonl").read_text().splitlines()]
