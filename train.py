@@ -50,7 +50,7 @@ import neo
 # budget that finishes in minutes on two CPU cores, and says so.
 
 PAPER = dict(max_len=512, batch_size=4, grad_accum=16, epochs=2, max_samples=None, heldout=256)
-DEMO = dict(max_len=256, batch_size=4, grad_accum=4, epochs=1, max_samples=160, heldout=24)
+DEMO = dict(max_len=256, batch_size=4, grad_accum=4, epochs=1, max_samples=320, heldout=32)
 
 
 def parse_args(argv=None):
