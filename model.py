@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
+from torch.utils.checkpoint import checkpoint
 from safetensors.torch import save_file
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -275,6 +276,7 @@ class Llama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.source_dir: str | None = None  # folder loaded from; save_pretrained copies its tokenizer
+        self.checkpoint_layers = False      # activation checkpointing per block while training (train.py)
         self.init_rope()
 
     def init_rope(self, device=None):
@@ -314,7 +316,11 @@ class Llama(nn.Module):
         sin = self.rope_sin[pos].to(dtype).unsqueeze(1)
         x = self.model.embed_tokens(input_ids)           # (B, T, D)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache, start_pos)
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                # Keep only each block's input; recompute its activations during backward.
+                x = checkpoint(layer, x, cos, sin, mask, cache, start_pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, start_pos)
         x = self.model.norm(x)
         return x if return_hidden else self.lm_head(x).float()
 

@@ -64,7 +64,9 @@ def parse_args(argv=None):
                    help="adapter variant for neo/lora (MoSLoRA adds an r x r mixer)")
     p.add_argument("--rank", type=int, default=128, help="adapter rank r (paper guideline: 128)")
     p.add_argument("--lora-alpha", type=float, default=None, help="adapter scale numerator (default: 2 x rank)")
-    p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter input")
+    p.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="dropout on the adapter input (0 as in PEFT; above 0 every adapter keeps its own "
+                        "dropped copy of its input for backward: about +50%% activation memory)")
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                    help="comma-separated linear layers that get adapters")
     # models
@@ -86,7 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature T")
     p.add_argument("--divergence", choices=["forward_kl", "reverse_kl", "jsd"], default="forward_kl",
                    help="teacher-student divergence")
-    p.add_argument("--chunk-size", type=int, default=1024, help="tokens projected to the vocabulary at once")
+    p.add_argument("--chunk-size", type=int, default=256,
+                   help="target tokens projected to the vocabulary at once (memory: ~8 x chunk x vocab x 4 bytes)")
     # optimisation
     p.add_argument("--batch-size", type=int, default=None, help="micro-batch per process (paper: 4)")
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (paper: 16)")
@@ -97,6 +100,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=float, default=0.03, help="warm-up, as a fraction of all steps")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute each student block's activations in backward instead of storing them "
+                        "(less memory, ~1/3 more student compute)")
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0,
                    help="0 DDP; 1 + sharded optimizer state; 2 FSDP2 keeping params gathered; 3 FSDP2 full")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
@@ -419,6 +425,7 @@ def main(argv=None):
         if d.master and not (out / "student_base" / "config.json").exists():
             student.save_pretrained(base_path)
     student = make_trainable(student, args)
+    student.checkpoint_layers = args.grad_checkpoint
     vocab_size = shared_vocab(student, teacher, tokenizer)
 
     def rebuild():  # the untrained student again (deterministic): FSDP2's full copy is loaded into it

@@ -99,10 +99,10 @@ def single_process_run(tiny_teacher_dir, tiny_chat_jsonl, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("zero", ["0", "1", "2", "3"])
-def test_two_processes_equal_one(zero, single_process_run, tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
-    r = run_cli(base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, "--max-steps", "3", "--zero", zero),
-                nproc=2)
+@pytest.mark.parametrize("flags", [["--zero", "0"], ["--zero", "1"], ["--zero", "2"], ["--zero", "3"],
+                                   ["--zero", "3", "--grad-checkpoint"]], ids=" ".join)
+def test_two_processes_equal_one(flags, single_process_run, tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
+    r = run_cli(base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, "--max-steps", "3", *flags), nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_close(adapter(tmp_path), adapter(single_process_run))
     # The last checkpoint holds the same adapter in PEFT's layout, gathered from every rank.
