@@ -57,7 +57,11 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4, help="rows per step")
     p.add_argument("--rank", type=int, default=128, help="adapter rank")
     p.add_argument("--lora-alpha", type=float, default=None, help="adapter alpha (default: 2 x rank, as train.py)")
-    p.add_argument("--chunk-size", type=int, default=1024, help="neo_loss chunk (train.py's default)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter input (train.py's default)")
+    p.add_argument("--chunk-size", type=int, default=256, help="neo_loss chunk (train.py's default)")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute student blocks in backward (train.py --grad-checkpoint; transformers' "
+                        "gradient_checkpointing_enable() for hf-peft-neo)")
     p.add_argument("--data", default="offline", help="instruction data packed into the batch (train.py's --data)")
     # run
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {METHODS}")
@@ -146,7 +150,9 @@ def ours(method, args, teacher_dir, student_dir, device):
     import train
     targs = train.parse_args(TRAIN_FLAGS[method] + ["--teacher", teacher_dir, "--student", student_dir,
                                                     "--rank", str(args.rank), "--lora-alpha", str(args.lora_alpha),
-                                                    "--chunk-size", str(args.chunk_size)])
+                                                    "--lora-dropout", str(args.lora_dropout),
+                                                    "--chunk-size", str(args.chunk_size)]
+                              + (["--grad-checkpoint"] if args.grad_checkpoint else []))
     use_teacher = targs.method in ("neo", "kd")
     teacher = None
     if use_teacher:
@@ -154,6 +160,7 @@ def ours(method, args, teacher_dir, student_dir, device):
         teacher.eval().requires_grad_(False)
     student = train.build_student(targs, teacher_dir, None, device)  # --student given: just loads it
     student = train.make_trainable(student, targs)
+    student.checkpoint_layers = targs.grad_checkpoint
     if targs.method in ("neo", "lora") and device.type == "cuda" and train.frozen_dtype(targs, device) != torch.float32:
         for p in student.parameters():  # as train.py: frozen base in bf16, adapters fp32
             if not p.requires_grad:
@@ -187,10 +194,12 @@ def hf_peft(args, teacher_dir, student_dir, device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher = LlamaForCausalLM.from_pretrained(teacher_dir, dtype=dtype).to(device).eval().requires_grad_(False)
     student = LlamaForCausalLM.from_pretrained(student_dir, dtype=dtype).to(device)
-    targs = train.parse_args(["--method", "neo"])  # the same α, T, dropout, targets, lr as ours
-    config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=targs.lora_dropout,
+    targs = train.parse_args(["--method", "neo"])  # the same α, T, targets, lr as ours
+    config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=targs.targets.split(","), task_type="CAUSAL_LM")
     student = get_peft_model(student, config)
+    if args.grad_checkpoint:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=targs.lr, betas=(0.9, 0.999), weight_decay=targs.weight_decay)
@@ -261,12 +270,14 @@ def run_all(args):
     t0 = time.time()
     teacher, student, batch_file = prepare(args)
     print(f"teacher {teacher}\nstudent {student}\nbatch {args.batch_size} x {args.max_len}, rank {args.rank}, "
-          f"alpha {args.lora_alpha}, {args.device}, {args.warmup} warm-up + {args.steps} timed steps", flush=True)
+          f"alpha {args.lora_alpha}, dropout {args.lora_dropout}, {args.device}, {args.warmup} warm-up + "
+          f"{args.steps} timed steps", flush=True)
     rows = {}
     for method in args.methods:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--teacher", teacher,
                "--student", student, "--batch-file", str(batch_file), "--rank", str(args.rank),
-               "--lora-alpha", str(args.lora_alpha), "--chunk-size", str(args.chunk_size),
+               "--lora-alpha", str(args.lora_alpha), "--lora-dropout", str(args.lora_dropout),
+               "--chunk-size", str(args.chunk_size), *(["--grad-checkpoint"] if args.grad_checkpoint else []),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
@@ -289,7 +300,8 @@ def run_all(args):
             "targets": ratios, "table_markdown": table, "wall_s": time.time() - t0}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(blob, indent=2))
-    print(f"results written to {args.output}")
+    Path(args.output).with_suffix(".md").write_text(report_markdown(blob))
+    print(f"results written to {args.output} and {Path(args.output).with_suffix('.md')}")
     return blob
 
 
@@ -319,6 +331,20 @@ def markdown(rows, args):
     return "\n".join(lines)
 
 
+def report_markdown(blob) -> str:
+    c = blob["config"]
+    flags = (f"--max-len {c['max_len']} --batch-size {c['batch_size']} --rank {c['rank']} --steps {c['steps']} "
+             f"--warmup {c['warmup']} --device {c['device']} --lora-dropout {c.get('lora_dropout', 0.05)}"
+             f" --chunk-size {c.get('chunk_size', 1024)}" + (" --grad-checkpoint" if c.get("grad_checkpoint") else ""))
+    lines = [f"# One optimizer step per method ({c['device']})", "",
+             f"Command: `python bench.py {flags} --methods {','.join(c['methods'])} --output {c['output']}`", "",
+             f"Teacher `{blob['teacher']}`, student `{blob['student']}`; machine {json.dumps(blob['machine'])}.", "",
+             blob["table_markdown"], "", "| target | value | met |", "|---|---:|---|"]
+    lines += [f"| {k} {v['target']} | {v['value']:.2f} | {'yes' if v['met'] else 'no'} |"
+              for k, v in blob["targets"].items()]
+    return "\n".join(lines) + "\n"
+
+
 def machine(device):
     info = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
             "load_average_1_5_15min_at_end": os.getloadavg()}
@@ -336,6 +362,8 @@ def main(argv=None):
         for flag in ("--rank", "--chunk-size", "--steps", "--warmup", "--threads"):
             p.add_argument(flag, type=int)
         p.add_argument("--lora-alpha", type=float)
+        p.add_argument("--lora-dropout", type=float, default=0.0)
+        p.add_argument("--grad-checkpoint", action="store_true")
         args = p.parse_args(p_args)
         Path(args.result).write_text(json.dumps(worker(args)))
         return None

