@@ -557,8 +557,7 @@ def main(argv=None):
         if not args.no_report:
             final.eval()
             report["after"] = heldout_scores(final, teacher, held_batches, d.device, args.chunk_size, vocab_size)
-            table = report["answers_before"]
-            table["trained student"] = answers({"x": final}, tokenizer, d.device)["x"]
+            table = {**report["answers_before"], **answers({"trained student": final}, tokenizer, d.device)}
             (ce0, kl0), (ce1, kl1) = report["before"], report["after"]
             print0(f"\nheld-out ({len(held_set)} conversations)      CE      KL(teacher||student)")
             print0(f"  student before training  {ce0:8.4f}   {kl0:8.4f}")

@@ -229,3 +229,17 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_teacher_dir, 
     assert (tmp_path / "checkpoints" / "latest").read_text() == last_good
     assert (tmp_path / "checkpoints" / last_good / "state.pt").exists()
     assert not (tmp_path / "model").exists()  # nothing exported from a broken run
+
+
+def test_report_scores_heldout_and_prints_answers(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, capsys):
+    args = [a for a in base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, "--max-steps", "3", "--alpha", "0")
+            if a != "--no-report"]
+    train.main(args)
+    report = json.loads((tmp_path / "report.json").read_text())
+    (ce0, kl0), (ce1, kl1) = report["before"], report["after"]
+    assert kl1 < kl0  # three steps on the KL term alone move the student towards the teacher
+    printed = capsys.readouterr().out
+    assert f"student before training  {ce0:8.4f}   {kl0:8.4f}" in printed
+    for name in ("teacher", "student", "trained student"):
+        assert f"[{name:>16}]" in printed
+    assert printed.count("Q: ") == len(train.PROMPTS)
