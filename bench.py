@@ -159,12 +159,7 @@ def ours(method, args, teacher_dir, student_dir, device):
         teacher = llama.Llama.from_pretrained(teacher_dir, dtype=train.frozen_dtype(targs, device), device=device)
         teacher.eval().requires_grad_(False)
     student = train.build_student(targs, teacher_dir, None, device)  # --student given: just loads it
-    student = train.make_trainable(student, targs)
-    student.checkpoint_layers = targs.grad_checkpoint
-    if targs.method in ("neo", "lora") and device.type == "cuda" and train.frozen_dtype(targs, device) != torch.float32:
-        for p in student.parameters():  # as train.py: frozen base in bf16, adapters fp32
-            if not p.requires_grad:
-                p.data = p.data.to(train.frozen_dtype(targs, device))
+    student = train.prepare_student(student, targs, device)
     distiller = train.Distiller(student, targs.alpha, targs.temperature, targs.divergence, targs.chunk_size)
     params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=targs.lr, betas=(0.9, 0.999), weight_decay=targs.weight_decay)

@@ -313,6 +313,19 @@ def make_trainable(student, args):
                            alpha=args.lora_alpha, dropout=args.lora_dropout, variant=args.adapter)
 
 
+def prepare_student(student, args, device):
+    """The student as the training step uses it: trainable set chosen, activation checkpointing as
+    asked, and for neo/lora on a GPU the frozen base in bf16 (the adapters stay fp32: the
+    optimizer's master copy)."""
+    student = make_trainable(student, args)
+    student.checkpoint_layers = args.grad_checkpoint
+    if args.method in ("neo", "lora") and device.type == "cuda" and frozen_dtype(args, device) != torch.float32:
+        for p in student.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(frozen_dtype(args, device))
+    return student
+
+
 def wrap(distiller, teacher, args, d: Dist):
     """Data parallel (DDP) or sharded (FSDP2) student; the teacher is never wrapped by DDP."""
     if args.zero >= 2:
@@ -424,17 +437,11 @@ def main(argv=None):
         base_path = str(out / "student_base")
         if d.master and not (out / "student_base" / "config.json").exists():
             student.save_pretrained(base_path)
-    student = make_trainable(student, args)
-    student.checkpoint_layers = args.grad_checkpoint
+    student = prepare_student(student, args, d.device)
     vocab_size = shared_vocab(student, teacher, tokenizer)
 
     def rebuild():  # the untrained student again (deterministic): FSDP2's full copy is loaded into it
         return make_trainable(build_student(args, teacher_path, calibration, d.device), args)
-    if args.method in ("neo", "lora") and d.device.type == "cuda" and frozen_dtype(args, d.device) != torch.float32:
-        # Frozen base weights in bf16; the adapters stay fp32 (the optimizer's master copy).
-        for p in student.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(frozen_dtype(args, d.device))
 
     # ---- data ----------------------------------------------------------------
     if not args.no_report and (not held_set or args.zero == 3):
