@@ -240,6 +240,7 @@ def test_report_scores_heldout_and_prints_answers(tiny_teacher_dir, tiny_chat_js
     assert kl1 < kl0  # three steps on the KL term alone move the student towards the teacher
     printed = capsys.readouterr().out
     assert f"student before training  {ce0:8.4f}   {kl0:8.4f}" in printed
+    assert f"student after  training  {ce1:8.4f}   {kl1:8.4f}" in printed
     for name in ("teacher", "student", "trained student"):
         assert f"[{name:>16}]" in printed
     assert printed.count("Q: ") == len(train.PROMPTS)
