@@ -1,4 +1,4 @@
-"""bench.py and experiment.py end to end at a toy size, so they cannot rot.
+"""benchmarks/bench.py and benchmarks/experiment.py end to end at a toy size, so they cannot rot.
 
 A 4-layer random teacher (conftest's tiny_teacher_dir) and 48 short conversations; every number is
 meaningless, only the plumbing is checked: each command runs and writes its table and JSON with
@@ -16,7 +16,7 @@ def toy_flags(tiny_teacher_dir, tiny_chat_jsonl):
 
 
 def test_bench_writes_table_and_targets(tmp_path, toy_flags):
-    import bench
+    from benchmarks import bench
     out = tmp_path / "bench.json"
     blob = bench.main(toy_flags + ["--methods", "neo,hf-peft-neo", "--max-len", "32", "--batch-size", "2",
                                    "--rank", "4", "--steps", "1", "--warmup", "0",
@@ -38,7 +38,7 @@ def test_bench_writes_table_and_targets(tmp_path, toy_flags):
 
 
 def test_experiment_run_and_sweep(tmp_path, toy_flags):
-    import experiment
+    from benchmarks import experiment
     common = toy_flags + ["--scale", "toy", "--runs-dir", str(tmp_path / "runs"),
                           "--results-dir", str(tmp_path / "results"), "--in-process"]
     blob = experiment.main(["run", "--methods", "neo", "--seeds", "0,1"] + common)

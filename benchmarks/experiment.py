@@ -1,9 +1,9 @@
 """The paper's Table I at small scale: train SFT, LoRA, KD, LLM-Neo and LLM-Neo-MoSLoRA the same way,
 then score teacher, pruned student and every trained student on the same benchmarks.
 
-    python experiment.py run --scale cpu      # ~90 min on 2 CPU cores (the budget is printed and saved)
-    python experiment.py run --scale gpu      # the longer run, for a GPU machine
-    python experiment.py sweep --scale cpu    # the guidelines figure: rank x learning rate for Neo
+    python -m benchmarks.experiment run --scale cpu      # ~90 min on 2 CPU cores (the budget is printed and saved)
+    python -m benchmarks.experiment run --scale gpu      # the longer run, for a GPU machine
+    python -m benchmarks.experiment sweep --scale cpu    # the guidelines figure: rank x learning rate for Neo
 
 `run` does, with one teacher, one student, one data set and one budget for every method:
  1. builds the student once: train.py's depth-pruned half of the teacher (block importance on the
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository root
 METHODS = ("sft", "lora", "kd", "neo", "neo-moslora")
 TRAIN_FLAGS = {"sft": ["--method", "sft"], "lora": ["--method", "lora"], "kd": ["--method", "kd"],
                "neo": ["--method", "neo"], "neo-moslora": ["--method", "neo", "--adapter", "moslora"]}
@@ -91,7 +91,7 @@ def parse_args(argv=None):
     p.add_argument("--sweep-steps", type=int, default=None, help="sweep: optimizer steps per run")
     # where
     p.add_argument("--runs-dir", default=None, help="training outputs (default: runs/experiment_<scale>)")
-    p.add_argument("--results-dir", default="results", help="tables, JSON and plots")
+    p.add_argument("--results-dir", default="benchmarks/results", help="tables, JSON and plots")
     p.add_argument("--eval-batch-size", type=int, default=16, help="lm-eval requests per forward pass")
     p.add_argument("--in-process", action="store_true",
                    help="call train.main here instead of one process per run (faster for tests; Mem then "
@@ -315,7 +315,7 @@ def write_table(rows, args, teacher, student, t_train, wall, done):
     stem = args.results_dir / f"experiment_{args.scale}"
     args.results_dir.mkdir(parents=True, exist_ok=True)
     plot_curves(rows, stem.with_name(stem.name + "_loss.png"))
-    header = (f"# Table I at small scale ({args.scale})\n\nCommand: `python experiment.py run --scale {args.scale}`"
+    header = (f"# Table I at small scale ({args.scale})\n\nCommand: `python -m benchmarks.experiment run --scale {args.scale}`"
               f"\n\nBudget: {json.dumps(budget(args))}\n\nCompleted {done}; wall time {wall / 60:.0f} min "
               f"(training {t_train / 60:.0f} min) on {os.cpu_count()} CPU cores"
               f"{' + ' + blob['machine']['gpu'] if blob['machine']['gpu'] else ''}.\n\n")

@@ -11,8 +11,8 @@ peak resident memory (getrusage ru_maxrss) during the first forward + backward, 
 exist; on CUDA it is torch.cuda.max_memory_allocated() above the inputs. Time is the best of
 --repeats further runs.
 
-    python bench_loss.py                                   # V = 49152 and 128256, T=512, B=4, D=576
-    python bench_loss.py --vocab 49152 --chunk-size 128 256 512
+    python -m benchmarks.bench_loss                                   # V = 49152 and 128256, T=512, B=4, D=576
+    python -m benchmarks.bench_loss --vocab 49152 --chunk-size 128 256 512
 """
 import argparse
 import json
@@ -20,9 +20,12 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository root: workers run as `python -m benchmarks.<name>`
 
 
 def naive_loss(hs, ws, ht, wt, labels, alpha=0.5, temperature=1.0):
@@ -115,8 +118,8 @@ def main():
         runs = [("naive", 0)] + [("chunked", c) for c in args.chunk_size]
         naive = None
         for method, chunk in runs:
-            cmd = [sys.executable, __file__, *common, "--child", f"{method}:{V}:{chunk}"]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            cmd = [sys.executable, "-m", "benchmarks.bench_loss", *common, "--child", f"{method}:{V}:{chunk}"]
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if out.returncode != 0:
                 print(f"{V:>7} {method:>14} failed: {out.stderr.strip().splitlines()[-1:]}")
                 continue

@@ -21,9 +21,9 @@ activations, the Python runtime) on CPU, torch.cuda.max_memory_allocated on GPU.
 fixed (batch_size, max_len) block packed from the same instruction data for every method. The
 time is the median over --steps timed steps after --warmup untimed ones.
 
-    python bench.py                                   # SmolLM2-135M teacher -> its pruned half, 512 x 4, r 128
-    python bench.py --steps 2 --warmup 1 --methods neo,kd,hf-peft-neo
-    python bench.py --device cuda --steps 10 --warmup 3 --output results/bench_gpu.json
+    python -m benchmarks.bench                                   # SmolLM2-135M teacher -> its pruned half, 512 x 4, r 128
+    python -m benchmarks.bench --steps 2 --warmup 1 --methods neo,kd,hf-peft-neo
+    python -m benchmarks.bench --device cuda --steps 10 --warmup 3 --output benchmarks/results/bench_gpu.json
 """
 import argparse
 import json
@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository root: workers run as `python -m benchmarks.<name>`
 
 METHODS = ("sft", "lora", "kd", "neo", "neo-moslora", "hf-peft-neo")
 # train.py flags that give each of our methods
@@ -70,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--work-dir", default="runs/bench", help="where the pruned student and the batch are kept")
-    p.add_argument("--output", default="results/bench_cpu.json", help="JSON results")
+    p.add_argument("--output", default="benchmarks/results/bench_cpu.json", help="JSON results")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one method, print JSON
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -269,7 +271,7 @@ def run_all(args):
           f"{args.steps} timed steps", flush=True)
     rows = {}
     for method in args.methods:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--teacher", teacher,
+        cmd = [sys.executable, "-m", "benchmarks.bench", "--worker", method, "--teacher", teacher,
                "--student", student, "--batch-file", str(batch_file), "--rank", str(args.rank),
                "--lora-alpha", str(args.lora_alpha), "--lora-dropout", str(args.lora_dropout),
                "--chunk-size", str(args.chunk_size), *(["--grad-checkpoint"] if args.grad_checkpoint else []),
@@ -277,7 +279,7 @@ def run_all(args):
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            proc = subprocess.run(cmd + ["--result", f.name], capture_output=True, text=True)
+            proc = subprocess.run(cmd + ["--result", f.name], capture_output=True, text=True, cwd=ROOT)
             if proc.returncode != 0:
                 sys.exit(f"{method} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
             rows[method] = json.loads(Path(f.name).read_text())
@@ -332,7 +334,7 @@ def report_markdown(blob) -> str:
              f"--warmup {c['warmup']} --device {c['device']} --lora-dropout {c.get('lora_dropout', 0.05)}"
              f" --chunk-size {c.get('chunk_size', 1024)}" + (" --grad-checkpoint" if c.get("grad_checkpoint") else ""))
     lines = [f"# One optimizer step per method ({c['device']})", "",
-             f"Command: `python bench.py {flags} --methods {','.join(c['methods'])} --output {c['output']}`", "",
+             f"Command: `python -m benchmarks.bench {flags} --methods {','.join(c['methods'])} --output {c['output']}`", "",
              f"Teacher `{blob['teacher']}`, student `{blob['student']}`; machine {json.dumps(blob['machine'])}.", "",
              blob["table_markdown"], "", "| target | value | met |", "|---|---:|---|"]
     lines += [f"| {k} {v['target']} | {v['value']:.2f} | {'yes' if v['met'] else 'no'} |"

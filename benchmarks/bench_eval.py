@@ -4,8 +4,8 @@ The requests are the real ones lm-eval builds for the first --docs documents of 
 (0-shot), scored by each model after a short warm-up, alternating, best of --repeats runs. Both get the same batch size, dtype and
 device; HFLM keeps its defaults otherwise (including its one-token logits cache).
 
-    python bench_eval.py                                  # SmolLM2-135M-Instruct, CPU, fp32
-    python bench_eval.py --model DIR --tasks arc_easy,hellaswag --docs 100 --batch-size 16
+    python -m benchmarks.bench_eval                                  # SmolLM2-135M-Instruct, CPU, fp32
+    python -m benchmarks.bench_eval --model DIR --tasks arc_easy,hellaswag --docs 100 --batch-size 16
 """
 import argparse
 import os
