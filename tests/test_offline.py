@@ -370,6 +370,12 @@ def test_offline_mmlu_has_all_subjects(offline_tasks):
                                                        "mmlu_humanities"}
 
 
+def test_missing_lm_eval_task_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.yaml is missing; install the version in requirements"):
+        offline._write_task(tmp_path / "x.yaml", tmp_path / "nope.yaml", "x", "arrow", {})
+    assert not (tmp_path / "x.yaml").exists()
+
+
 @pytest.mark.parametrize("task", ["arc_easy", "arc_challenge", "openbookqa"])
 def test_oe_eval_docs_rebuild_hf_rows(task):
     """Our conversion of oe-eval request files gives back the Hub rows, checked on validation,
