@@ -14,7 +14,8 @@
 #
 #   bash benchmarks/gpu.sh         # needs CUDA: without a CUDA device it stops at once and says so
 #   bash benchmarks/gpu.sh --cpu   # a smoke run of the same script on the CPU: the tests' CPU dry
-#                                  # runs, the benchmarks at --scale 32 (checks the plumbing, not speed)
+#                                  # runs, the benchmarks at --scale 32 and a smaller batch (checks the
+#                                  # plumbing, not speed)
 #
 # Nothing is downloaded: models are random, built from benchmarks/configs/*.json; the tests and
 # benchmarks need torch, transformers, PEFT and pytest (not lm-eval, not gguf).
@@ -64,9 +65,9 @@ if [ $mode = cuda ]; then
   part loss 90 "$OUT/loss.log" $PY -m benchmarks.bench_gpu --device cuda --parts loss --steps 5 --warmup 2 \
     --timeout 40 --output "$OUT/loss.json"
 else
-  part tests 300 "$OUT/tests.log" $PY -m pytest tests/test_gpu.py -v -rs -k "cpu" -p no:cacheprovider
+  part tests 300 "$OUT/tests.log" $PY -m pytest tests/test_gpu.py -v -rs -m "not gpu" -p no:cacheprovider
   part steps 400 "$OUT/steps.log" $PY -m benchmarks.bench_gpu --device cpu --scale 32 --parts steps --steps 1 \
-    --warmup 1 --output "$OUT/steps.json"
+    --warmup 1 --pairs llama3 --batch-size 2 --max-len 128 --output "$OUT/steps.json"
   part loss 200 "$OUT/loss.log" $PY -m benchmarks.bench_gpu --device cpu --scale 32 --parts loss --steps 1 \
     --warmup 1 --output "$OUT/loss.json"
 fi

@@ -48,8 +48,9 @@ def config(s, layers) -> dict:
 
 
 def random_llama(cfg: dict, seed: int) -> llama.Llama:
-    """Random fp32 weights on the CPU (the same on every machine), spread like a trained model's:
-    norms near 1, matrices N(0, 0.02) with a per-row scale so logits are far from uniform."""
+    """Random fp32 weights on the CPU (the same on every machine): norms near 1, each matrix row
+    N(0, 1/in) times a scale in [0.5, 1.5), so every layer keeps the activations' size at any width
+    and the logits are not uniform."""
     gen = torch.Generator().manual_seed(seed)
     m = llama.Llama(llama.LlamaConfig.from_hf(cfg))
     with torch.no_grad():
@@ -57,7 +58,8 @@ def random_llama(cfg: dict, seed: int) -> llama.Llama:
             if "norm" in name:
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
             else:
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.02 + 0.1 * torch.rand(p.shape[0], 1, generator=gen)))
+                row_scale = 0.5 + torch.rand(p.shape[0], 1, generator=gen)
+                p.copy_(torch.randn(p.shape, generator=gen) * row_scale / p.shape[1] ** 0.5)
     return m
 
 
@@ -223,8 +225,8 @@ def test_bf16_step_gradients_match_cpu_fp32(method, device, folders):
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_neo_steps_move_only_delta_w(device, folders):
     """Three AdamW steps of neo in bf16 (every parameter handed to AdamW with weight decay, so
-    only freezing keeps the base still): the frozen base stays bf16, gets no gradient and is bit
-    for bit unchanged; the teacher too; every adapter (fp32) moves."""
+    only freezing keeps the base still): the frozen base (bf16 on a GPU) gets no gradient and is
+    bit for bit unchanged; the teacher too; every adapter (fp32) moves."""
     s = SHAPES[device]
     args, teacher, distiller = build("neo", device, "bfloat16", folders(device), s)
     student = distiller.student
@@ -238,12 +240,13 @@ def test_bf16_neo_steps_move_only_delta_w(device, folders):
             assert (p.grad is not None) == (id(p) in adapters), n
         opt.step()
         opt.zero_grad(set_to_none=True)
-    frozen_dtype = train.frozen_dtype(args, torch.device(device))
     for n, p in student.named_parameters():
         if id(p) in adapters:
             assert p.dtype == torch.float32 and not torch.equal(p, before[n]), f"{n}: an adapter did not move"
         else:
-            assert p.dtype == frozen_dtype and torch.equal(p, before[n]), f"{n}: a frozen weight changed"
+            assert torch.equal(p, before[n]), f"{n}: a frozen weight changed"
+            if device == "cuda":  # train.py keeps the frozen base in bf16 on a GPU
+                assert p.dtype == torch.bfloat16, f"{n}: frozen base in {p.dtype}"
     for n, p in teacher.named_parameters():
         assert torch.equal(p, teacher_before[n]), f"teacher {n} changed"
 
@@ -290,7 +293,9 @@ def test_ddp_one_process_equals_no_ddp(device, folders, tmp_path):
 
 # The planner counts live tensor bytes on fake tensors with the CPU's autocast rules; the CUDA
 # allocator rounds each block to 512 bytes and also holds cuBLAS workspaces (tens of MiB) and
-# flash attention's small buffers. So: within 10% of the measured peak, plus 64 MiB.
+# flash attention's small buffers. So: within 10% of the measured peak, plus 64 MiB. (A known
+# difference to look at first if kd misses: AdamW on CUDA defaults to foreach, whose temporaries
+# are the size of the trainable weights; the planner replays the CPU's per-tensor AdamW.)
 PLAN_REL, PLAN_ABS = 0.10, 64 * 2**20
 
 
@@ -339,7 +344,8 @@ def test_planner_predicts_the_peak_of_one_step(method, device, folders):
     free(device)
     print(f"\n{method} on {device}: planner {predicted / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB "
           f"({predicted / measured:.3f}x)")
-    assert abs(predicted - measured) <= PLAN_REL * measured + PLAN_ABS
+    slack = PLAN_ABS if device == "cuda" else 0  # the CPU dry run compares two ledgers: no allocator extras
+    assert abs(predicted - measured) <= PLAN_REL * measured + slack
 
 
 # ----------------------------------------------------------------------------- what the GPU machine lacks
