@@ -446,40 +446,46 @@ def run_all(args, argv):
     t0 = time.time()
     print(f"bench_gpu: {args.device}, scale 1/{args.scale}, batch {args.batch_size} x {args.max_len}, rank "
           f"{args.rank}, --dtype {args.dtype}, {args.warmup} warm-up + {args.steps} timed steps", flush=True)
-    steps, losses = {}, {}
+    blob = {"config": {k: v for k, v in vars(args).items() if k not in ("worker", "result")},
+            "command": "python -m benchmarks.bench_gpu " + " ".join(argv), "machine": machine(args.device),
+            "steps": {}, "loss": {}, "targets": {}, "wall_s": 0.0}
     if "steps" in args.parts:
         for pair in args.pairs:
             t, s = (load_config(n, args) for n in PAIRS[pair])
             print(f"{pair}: teacher {PAIRS[pair][0]} ({t.num_hidden_layers} x {t.hidden_size}, vocab {t.vocab_size}) "
                   f"-> student {PAIRS[pair][1]} ({s.num_hidden_layers} x {s.hidden_size})", flush=True)
             for method in args.methods:
-                r = run_worker(f"step:{pair}:{method}", args, argv)
-                steps[f"{pair}/{method}"] = r
+                r = blob["steps"][f"{pair}/{method}"] = run_worker(f"step:{pair}:{method}", args, argv)
                 print("  " + (f"{method:<12} FAILED: {r['error']}" if "error" in r else
                               f"{method:<12} {r['step_s']:7.3f} s/step {r['tokens_per_s']:9.0f} tok/s "
                               f"MFU {100 * r['mfu']:5.1f}%  {r['peak_mem_gb']:7.2f} GB peak  "
                               f"{r['trainable_params']:>13,} trainable"), flush=True)
+                save(blob, args, t0)  # after every row: a run stopped by its time limit keeps what it measured
     if "loss" in args.parts:
         names = [f"neo_loss@{c}" for c in LOSS_CHUNKS] + ["reference"] + (["liger"] if liger_available() else [])
         print(f"chunked loss at the Liger shape / {args.scale} (JSD, forward + backward):", flush=True)
         for name in names:
-            r = run_worker(f"loss:{name}", args, argv)
-            losses[name] = r
+            r = blob["loss"][name] = run_worker(f"loss:{name}", args, argv)
             print("  " + (f"{name:<16} FAILED: {r['error']}" if "error" in r else
                           f"{name:<16} {1e3 * r['time_s']:9.1f} ms  {r['peak_mem_gb']:7.2f} GB peak "
                           f"(inputs {r['inputs_gb']:.2f} GB; hidden {r['hidden']}, vocab {r['vocab']}, "
                           f"{r['tokens']} tokens, {r['dtype']})"), flush=True)
-    checks = targets(steps, losses, args)
-    blob = {"config": {k: v for k, v in vars(args).items() if k not in ("worker", "result")},
-            "command": "python -m benchmarks.bench_gpu " + " ".join(argv), "machine": machine(args.device),
-            "steps": steps, "loss": losses, "targets": checks, "wall_s": time.time() - t0}
-    md = markdown(blob)
+            save(blob, args, t0)
+    md = save(blob, args, t0)
     print("\n" + md)
+    print(f"results written to {args.output} and {Path(args.output).with_suffix('.md')}")
+    return blob
+
+
+def save(blob, args, t0) -> str:
+    """Targets and tables from the rows so far, written to --output (JSON) and beside it (.md)."""
+    blob["targets"] = targets(blob["steps"], blob["loss"], args)
+    blob["wall_s"] = time.time() - t0
+    md = markdown(blob)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(blob, indent=2))
     Path(args.output).with_suffix(".md").write_text(md)
-    print(f"results written to {args.output} and {Path(args.output).with_suffix('.md')}")
-    return blob
+    return md
 
 
 def targets(steps, losses, args):
