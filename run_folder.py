@@ -43,7 +43,7 @@ class RunLock:
     """An exclusive flock on out/.train.lock, held until release() (or the process's end)."""
 
     def __init__(self, out: Path):
-        self.path = Path(out) / LOCK
+        self.path = Path(out).resolve() / LOCK
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # never truncate before holding it
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -57,6 +57,7 @@ class RunLock:
                            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
 
     def release(self):
+        _HELD.pop(self.path.parent, None)
         if self.fd is not None:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
@@ -69,15 +70,22 @@ class RunLock:
         self.release()
 
 
+_HELD: dict[Path, RunLock] = {}  # locks this process holds, by folder
+
+
 def claim(out: Path, resume: bool, overwrite: bool) -> RunLock:
     """Lock `out` for this run and check that it may write there (rank 0 only).
 
     The lock comes first, so a second run started at the same moment is told about the first one
-    rather than about files the first one has just written.
+    rather than about files the first one has just written. A process runs one training at a time,
+    so a lock this process still holds from an earlier run that stopped with an error (train.main
+    called in-process, as the tests do) is released and taken again.
     """
-    out = Path(out)
+    out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(out)
+    if out in _HELD:
+        _HELD.pop(out).release()
+    lock = _HELD[out] = RunLock(out)
     try:
         present = sorted(p.name for p in out.iterdir() if p.name != LOCK)
         if present and not resume:
@@ -133,10 +141,12 @@ def publish_checkpoint(ckpts: Path, step: int, write, keep: int = 2) -> Path:
     for old in ckpts.glob("step-*"):
         if old.name < final.name and old.name not in newest:
             shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpts.glob(".step-*.old-*"):  # left by an interrupted re-save; superseded now
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
-def find_checkpoint(out: Path, load):
+def find_checkpoint(out: Path, load, say=print):
     """(folder, load(folder)) for the newest checkpoint in out/checkpoints that loads.
 
     Tried in order: the one `latest` names, then every step-* folder newest first, then copies
@@ -162,8 +172,7 @@ def find_checkpoint(out: Path, load):
             damaged.append(f"{folder.name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
             continue
         if damaged:
-            print(f"--resume: skipped damaged checkpoint(s) {'; '.join(damaged)}; continuing from {folder.name}",
-                  flush=True)
+            say(f"--resume: skipped damaged checkpoint(s) {'; '.join(damaged)}; continuing from {folder.name}")
         return folder, state
     raise SystemExit(f"--resume: no checkpoint in {ckpts} could be read: {'; '.join(damaged)}. "
                      f"Start without --resume (and with --overwrite), or restore a checkpoint.")

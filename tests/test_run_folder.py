@@ -32,22 +32,24 @@ def test_a_folder_with_files_is_refused_unless_resume_or_overwrite(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [".train.lock", "notes.txt"]
 
 
-def test_a_second_run_is_refused_with_the_first_ones_pid(tmp_path):
-    with run_folder.claim(tmp_path, resume=False, overwrite=False):
-        with pytest.raises(SystemExit, match=rf"in use by another train.py run \(PID {os.getpid()} on "):
-            run_folder.claim(tmp_path, resume=True, overwrite=False)
-    run_folder.claim(tmp_path, resume=True, overwrite=False).release()  # released: free again
-
-
-def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
-    code = f"import run_folder, time; run_folder.RunLock({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)"
+def test_a_second_run_is_refused_with_the_first_ones_pid_and_a_killed_one_leaves_no_stale_lock(tmp_path):
+    code = f"import run_folder, time; run_folder.claim({str(tmp_path)!r}, False, False); print('locked', flush=True); time.sleep(60)"
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
-    with pytest.raises(SystemExit, match=rf"PID {holder.pid} "):
-        run_folder.RunLock(tmp_path)
+    with pytest.raises(SystemExit, match=rf"in use by another train.py run \(PID {holder.pid} on "):
+        run_folder.claim(tmp_path, resume=True, overwrite=False)
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    run_folder.RunLock(tmp_path).release()  # the kernel dropped the dead process's lock
+    run_folder.claim(tmp_path, resume=True, overwrite=False).release()  # the kernel dropped the dead process's lock
+
+
+def test_this_process_takes_over_its_own_unreleased_lock(tmp_path):
+    """train.main called in-process: a run that stopped with an error must not lock out the next one."""
+    run_folder.claim(tmp_path, resume=False, overwrite=False)  # never released
+    run_folder.claim(tmp_path, resume=True, overwrite=False).release()
+    with run_folder.RunLock(tmp_path):  # a second, independent holder is refused even in one process
+        with pytest.raises(SystemExit, match=rf"PID {os.getpid()} "):
+            run_folder.RunLock(tmp_path)
 
 
 def test_write_text_is_complete_or_not_at_all(tmp_path, monkeypatch):
@@ -93,6 +95,7 @@ def test_resave_of_the_latest_step_never_loses_it(tmp_path, monkeypatch):
     assert folder.name.startswith(".step-0000002.old-") and state == {"step": 2, "value": "two"}
     run_folder.publish_checkpoint(ckpts, 2, save(2, "two again"))  # the next save completes normally
     assert run_folder.find_checkpoint(tmp_path, load)[1]["value"] == "two again"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-0000001", "step-0000002"]  # aside copy gone
 
 
 def test_a_damaged_latest_falls_back_to_the_newest_that_loads(tmp_path, capsys):
