@@ -323,7 +323,8 @@ def save_checkpoint(out: Path, step, wrapped, optimizer, loader, args, d: Dist, 
         if args.method in ("neo", "lora"):  # the adapter so far, in PEFT's layout, usable on its own
             student = module_of(wrapped).student
             lora.save_adapter(student, folder / "adapter", base_path,
-                              state_dict={k.removeprefix("student."): v for k, v in model_sd.items()})
+                              state_dict={k.removeprefix("student."): v for k, v in model_sd.items()},
+                              base_fingerprint=args.bases["student"])  # None: from the student_base folder
 
     if d.master:  # into a temporary folder, then swapped in (see run_folder.publish_checkpoint); newest two kept
         run_folder.publish_checkpoint(out / "checkpoints", step, write, keep=2)
@@ -770,7 +771,8 @@ def final_student(wrapped, student, rebuild, args, d):
 def export(student, out: Path, args, base_path):
     """The adapter (PEFT layout) and a merged Hugging Face folder; or the full student for sft/kd."""
     if args.method in ("neo", "lora"):
-        lora.save_adapter(student, out / "adapter", base_model_name_or_path=base_path)
+        lora.save_adapter(student, out / "adapter", base_model_name_or_path=base_path,
+                          base_fingerprint=args.bases["student"])  # None: from the student_base folder
         lora.save_merged(student, out / "model")
     else:
         student.save_pretrained(out / "model")
