@@ -12,7 +12,10 @@ only on the assistant's replies. This file turns data as people have it into bat
    with jinja2 exactly as transformers' `apply_chat_template` does.
 2. Three data shapes are accepted, in JSONL, JSON or Parquet files, a folder of them, or a Hub
    data set id: OpenAI `messages` (role/content), ShareGPT `conversations` (from/value) and
-   Alpaca (instruction/input/output).
+   Alpaca (instruction/input/output). Every field is checked against its shape: a malformed
+   record stops the run with file:line (or file[index]) and what was expected, or is skipped and
+   counted (skip_bad_lines). Content is text, or OpenAI's list of {"type": "text"} parts; a
+   dict would otherwise be trained as its Python repr.
 3. Labels: the conversation is rendered once; each assistant reply's character span is found by
    rendering the prefix before it (with the generation prompt) and the prefix up to it, and the
    tokens inside that span, up to and including the end-of-turn token, keep their ids. Everything
