@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -106,7 +107,9 @@ def parse_args(argv=None):
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0,
                    help="0 DDP; 1 + sharded optimizer state; 2 FSDP2 keeping params gathered; 3 FSDP2 full")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="frozen weights' dtype (auto: bf16 on GPU, fp32 on CPU)")
+                   help="frozen weights' dtype and autocast (auto: bfloat16 where bf16 matmul is native: CUDA "
+                        "compute capability >= 8, CPUs with avx512_bf16/amx_bf16; else float32). "
+                        "Trainable weights and optimizer state stay float32")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, adapters and dropout")
     # output
     p.add_argument("--out", default="runs/neo", help="output folder")
@@ -280,10 +283,66 @@ def load_checkpoint(out: Path, args):
 # Models
 
 
+# -----------------------------------------------------------------------------
+# Precision. bf16 halves the bytes of every frozen weight and, where the hardware multiplies bf16
+# natively, runs the matmuls 2-4x faster. What stays fp32 is what accumulates small updates: the
+# trainable weights (the optimizer's master copy), their gradients and AdamW's moments. Under
+# autocast each matmul gets a bf16 copy of its fp32 weight, and neo.py upcasts every logit chunk
+# before its softmax, so the loss is fp32 too.
+
+
+class Precision(NamedTuple):
+    frozen: torch.dtype               # the teacher and the frozen student base (neo, lora)
+    compute: torch.dtype | None       # autocast dtype for the student's matmuls; None: plain fp32
+    why: str                          # one line, printed at start-up
+
+
+def bf16_native(device) -> tuple[bool, str]:
+    """Does `device` multiply bf16 in hardware? -> (yes/no, the evidence). Without it bf16 is
+    emulated, slower than fp32, so auto keeps fp32 there."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return major >= 8, f"CUDA compute capability {major}.{minor} (bf16 tensor cores from 8.0)"
+    if device.type == "cpu":
+        found = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+        return bool(found), (f"CPU flags {' '.join(found)}" if found else "no avx512_bf16/amx_bf16 CPU flag")
+    return False, f"device {device.type}"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports in /proc/cpuinfo (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def choose_dtype(requested: str, device) -> Precision:
+    """--dtype auto|float32|bfloat16 -> the Precision used on `device`: auto picks bf16 (frozen
+    weights and autocast) where bf16 matmul is native, fp32 elsewhere; an explicit dtype wins."""
+    fp32, bf16 = torch.float32, torch.bfloat16
+    if requested == "float32":
+        return Precision(fp32, None, "float32 (--dtype float32)")
+    native, evidence = bf16_native(device)
+    if requested == "bfloat16":
+        return Precision(bf16, bf16, f"bfloat16 (--dtype bfloat16; {evidence}"
+                                     f"{'' if native else ': emulated, expect it slower than float32'})")
+    if requested != "auto":
+        raise ValueError(f"--dtype {requested!r}: choose auto, float32 or bfloat16")
+    if native:
+        return Precision(bf16, bf16, f"bfloat16 (--dtype auto: {evidence})")
+    return Precision(fp32, None, f"float32 (--dtype auto: {evidence}; bf16 would be emulated)")
+
+
 def frozen_dtype(args, device):
-    if args.dtype != "auto":
-        return getattr(torch, args.dtype)
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return choose_dtype(args.dtype, device).frozen
+
+
+def autocast(device, args):
+    """bf16 autocast for the student's forward and loss when the precision asks for it."""
+    compute = choose_dtype(args.dtype, device).compute
+    return torch.autocast(device.type, dtype=compute) if compute else contextlib.nullcontext()
 
 
 def build_student(args, teacher_path, calibration, device):
@@ -315,14 +374,16 @@ def make_trainable(student, args):
 
 def prepare_student(student, args, device):
     """The student as the training step uses it: trainable set chosen, activation checkpointing as
-    asked, and for neo/lora on a GPU the frozen base in bf16 (the adapters stay fp32: the
-    optimizer's master copy)."""
+    asked, and for neo/lora the frozen base in the frozen dtype (bf16 under --dtype auto where
+    it is native; the adapters stay fp32: the optimizer's master copy). sft/kd keep every weight
+    fp32 and get bf16 only through autocast."""
     student = make_trainable(student, args)
     student.checkpoint_layers = args.grad_checkpoint
-    if args.method in ("neo", "lora") and device.type == "cuda" and frozen_dtype(args, device) != torch.float32:
+    dtype = frozen_dtype(args, device)
+    if args.method in ("neo", "lora") and dtype != torch.float32:
         for p in student.parameters():
             if not p.requires_grad:
-                p.data = p.data.to(frozen_dtype(args, device))
+                p.data = p.data.to(dtype)
     return student
 
 
@@ -413,6 +474,8 @@ def main(argv=None):
     args.world_size = d.world
     out = Path(args.out)
     torch.manual_seed(args.seed)  # the same on every rank: every rank builds the same adapters
+    precision = choose_dtype(args.dtype, d.device)
+    print0(f"precision: {precision.why}; trainable weights, gradients and AdamW state float32")
     if args.demo:
         budget = ", ".join(f"{k}={getattr(args, k)}" for k in DEMO)
         print0(f"offline demo on the CPU with a small budget: {budget} (the paper's budget applies with "
@@ -622,12 +685,6 @@ def shared_vocab(student, teacher, tokenizer):
     raise SystemExit(f"teacher and student vocabularies differ: teacher head {vt} rows, student head {vs} "
                      f"rows, tokenizer {tokenizer.vocab_size} tokens. Distillation needs one shared "
                      f"tokenizer; pick a student from the teacher's family (or --prune-to).")
-
-
-def autocast(device, args):
-    if device.type == "cuda" and frozen_dtype(args, device) == torch.bfloat16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def check_finite(loss, step, micro, d: Dist, out: Path):
