@@ -110,6 +110,9 @@ def parse_args(argv=None):
                    help="frozen weights' dtype and autocast (auto: bfloat16 where bf16 matmul is native: CUDA "
                         "compute capability >= 8, CPUs with avx512_bf16/amx_bf16; else float32). "
                         "Trainable weights and optimizer state stay float32")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every teacher and student block (fuses the elementwise work around "
+                        "the matmuls; the first steps pay the compilation)")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, adapters and dropout")
     # output
     p.add_argument("--out", default="runs/neo", help="output folder")
@@ -387,6 +390,18 @@ def prepare_student(student, args, device):
     return student
 
 
+def compile_blocks(*models):
+    """torch.compile each transformer block in place, as torchtune does: one block's graph is
+    compiled once and reused by every layer, and inductor fuses the elementwise work between the
+    matmuls (RMSNorm, RoPE, SiLU·up, the adapter's add) into a few kernels. The loss stays eager:
+    its chunk loop already runs at matmul speed. Blocks, not the whole model, keep compilation
+    short and leave activation checkpointing and FSDP2 (which wrap blocks) working as before."""
+    for m in models:
+        if m is not None:
+            for layer in m.model.layers:
+                layer.compile()
+
+
 def wrap(distiller, teacher, args, d: Dist):
     """Data parallel (DDP) or sharded (FSDP2) student; the teacher is never wrapped by DDP."""
     if args.zero >= 2:
@@ -535,6 +550,8 @@ def main(argv=None):
             report_path.write_text(json.dumps(report))
 
     # ---- optimizer ------------------------------------------------------------
+    if args.compile:
+        compile_blocks(student, teacher if use_teacher else None)
     distiller = Distiller(student, args.alpha, args.temperature, args.divergence, args.chunk_size, vocab_size)
     start_step, state = 0, None
     if args.resume:
@@ -621,6 +638,7 @@ def main(argv=None):
     save_checkpoint(out, total_steps, wrapped, optimizer, loader, args, d, base_path)
     final = final_student(wrapped, student, rebuild, args, d)
     if d.master:
+        torch.compiler.set_stance("force_eager")  # --compile: scoring and generating below need no graphs
         export(final, out, args, base_path)
         plot_losses(metrics_path, out / "loss_curve.png")
         print0(f"trained {total_steps - start_step} steps in {train_time:.0f} s; wrote {out}")
