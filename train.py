@@ -31,6 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -109,7 +110,12 @@ def parse_args(argv=None):
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0,
                    help="0 DDP; 1 + sharded optimizer state; 2 FSDP2 keeping params gathered; 3 FSDP2 full")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="frozen weights' dtype (auto: bf16 on GPU, fp32 on CPU)")
+                   help="frozen weights' dtype and autocast (auto: bfloat16 where bf16 matmul is native: CUDA "
+                        "compute capability >= 8, CPUs with avx512_bf16/amx_bf16; else float32). "
+                        "Trainable weights and optimizer state stay float32")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every teacher and student block (fuses the elementwise work around "
+                        "the matmuls; the first steps pay the compilation)")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, adapters and dropout")
     # output
     p.add_argument("--out", default="runs/neo", help="output folder")
@@ -269,6 +275,8 @@ def main(argv=None):
     out = Path(args.out)
     lock = run_folder.claim(out, args.resume, args.overwrite) if d.master else None  # ours, and only ours
     torch.manual_seed(args.seed)  # the same on every rank: every rank builds the same adapters
+    print0(f"precision: {choose_dtype(args.dtype, d.device).why}; trainable weights, gradients and AdamW "
+           f"state float32")
     if args.demo:
         budget = ", ".join(f"{k}={getattr(args, k)}" for k in DEMO)
         print0(f"offline demo on the CPU with a small budget: {budget} (the paper's budget applies with "
@@ -306,6 +314,8 @@ def main(argv=None):
         report.before(student, resume=args.resume)
 
     # ---- optimizer ------------------------------------------------------------
+    if args.compile:
+        compile_blocks(student, teacher if use_teacher else None)
     distiller = Distiller(student, args.alpha, args.temperature, args.divergence, args.chunk_size, vocab_size)
     start_step = 0
     if state is not None:
@@ -344,6 +354,7 @@ def main(argv=None):
     save_checkpoint(out, total_steps, wrapped, optimizer, loader, args, d, base_path)
     final = final_student(wrapped, student, args, d)
     if d.master:
+        torch.compiler.set_stance("force_eager")  # --compile: scoring and generating below need no graphs
         export(final, out, args, base_path)
         plot_losses(metrics_path, out / "loss_curve.png")
         print0(f"trained {total_steps - start_step} steps in {train_time:.0f} s; wrote {out}")
@@ -359,18 +370,74 @@ def main(argv=None):
 
 
 # -----------------------------------------------------------------------------
+# Precision. bf16 halves the bytes of every frozen weight and, where the hardware multiplies bf16
+# natively, runs the matmuls 2-4x faster. What stays fp32 is what accumulates small updates: the
+# trainable weights (the optimizer's master copy), their gradients and AdamW's moments. Under
+# autocast each matmul gets a bf16 copy of its fp32 weight, and neo.py upcasts every logit chunk
+# before its softmax, so the loss is fp32 too.
+
+
+class Precision(NamedTuple):
+    frozen: torch.dtype               # the teacher and the frozen student base (neo, lora)
+    compute: torch.dtype | None       # autocast dtype for the student's matmuls; None: plain fp32
+    why: str                          # one line, printed at start-up
+
+
+def bf16_native(device) -> tuple[bool, str]:
+    """Does `device` multiply bf16 in hardware? -> (yes/no, the evidence). Without it bf16 is
+    emulated, slower than fp32, so auto keeps fp32 there."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return major >= 8, f"CUDA compute capability {major}.{minor} (bf16 tensor cores from 8.0)"
+    if device.type == "cpu":
+        found = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+        return bool(found), (f"CPU flags {' '.join(found)}" if found else "no avx512_bf16/amx_bf16 CPU flag")
+    return False, f"device {device.type}"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports in /proc/cpuinfo (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def choose_dtype(requested: str, device) -> Precision:
+    """--dtype auto|float32|bfloat16 -> the Precision used on `device`: auto picks bf16 (frozen
+    weights and autocast) where bf16 matmul is native, fp32 elsewhere; an explicit dtype wins."""
+    fp32, bf16 = torch.float32, torch.bfloat16
+    if requested == "float32":
+        return Precision(fp32, None, "float32 (--dtype float32)")
+    native, evidence = bf16_native(device)
+    if requested == "bfloat16":
+        return Precision(bf16, bf16, f"bfloat16 (--dtype bfloat16; {evidence}"
+                                     f"{'' if native else ': emulated, expect it slower than float32'})")
+    if requested != "auto":
+        raise ValueError(f"--dtype {requested!r}: choose auto, float32 or bfloat16")
+    if native:
+        return Precision(bf16, bf16, f"bfloat16 (--dtype auto: {evidence})")
+    return Precision(fp32, None, f"float32 (--dtype auto: {evidence}; bf16 would be emulated)")
+
+
+def frozen_dtype(args, device):
+    return choose_dtype(args.dtype, device).frozen
+
+
+def autocast(device, args):
+    """bf16 autocast for the student's forward and loss when the precision asks for it."""
+    compute = choose_dtype(args.dtype, device).compute
+    return torch.autocast(device.type, dtype=compute) if compute else contextlib.nullcontext()
+
+
+# -----------------------------------------------------------------------------
 # Models: the teacher as it is; the student given, or pruned from the teacher; then made trainable.
 
 
 def offline_model():
     import offline
     return offline.smollm2_dir()
-
-
-def frozen_dtype(args, device):
-    if args.dtype != "auto":
-        return getattr(torch, args.dtype)
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def build_student(args, teacher_path, calibration, device):
@@ -415,15 +482,17 @@ def make_trainable(student, args, verbose=True):
 
 def prepare_student(student, args, device):
     """The student as the training step uses it: trainable set chosen, activation checkpointing as
-    asked, and for neo/lora on a GPU the frozen base in bf16 (the adapters stay fp32: the
-    optimizer's master copy)."""
+    asked, and for neo/lora the frozen base in the frozen dtype (bf16 under --dtype auto where
+    it is native; the adapters stay fp32: the optimizer's master copy). sft/kd keep every weight
+    fp32 and get bf16 only through autocast."""
     student = make_trainable(student, args)
     if args.grad_checkpoint:
         checkpoint_blocks(student)
-    if args.method in ("neo", "lora") and device.type == "cuda" and frozen_dtype(args, device) != torch.float32:
+    dtype = frozen_dtype(args, device)
+    if args.method in ("neo", "lora") and dtype != torch.float32:
         for p in student.parameters():
             if not p.requires_grad:
-                p.data = p.data.to(frozen_dtype(args, device))
+                p.data = p.data.to(dtype)
     return student
 
 
@@ -523,6 +592,18 @@ class Distiller(nn.Module):
         return neo.neo_loss(hidden, self.student.lm_head.weight, teacher_hidden, teacher_head, labels,
                             alpha=self.alpha, temperature=self.temperature, divergence=self.divergence,
                             chunk_size=self.chunk_size, normalizer=normalizer, vocab_size=self.vocab_size)
+
+
+def compile_blocks(*models):
+    """torch.compile each transformer block in place, as torchtune does: one block's graph is
+    compiled once and reused by every layer, and inductor fuses the elementwise work between the
+    matmuls (RMSNorm, RoPE, SiLU·up, the adapter's add) into a few kernels. The loss stays eager:
+    its chunk loop already runs at matmul speed. Blocks, not the whole model, keep compilation
+    short and leave activation checkpointing and FSDP2 (which wrap blocks) working as before."""
+    for m in models:
+        if m is not None:
+            for layer in m.model.layers:
+                layer.compile()
 
 
 def wrap(distiller, teacher, args, d: Dist):
@@ -631,12 +712,6 @@ def no_grad_sync(wrapped, args, last: bool):
         return contextlib.nullcontext()
     if isinstance(wrapped, DDP) and not last:
         return wrapped.no_sync()
-    return contextlib.nullcontext()
-
-
-def autocast(device, args):
-    if device.type == "cuda" and frozen_dtype(args, device) == torch.bfloat16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

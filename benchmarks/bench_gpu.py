@@ -16,19 +16,12 @@ Reported per row: seconds per step (median of --steps after --warmup), tokens/s,
 activations; peak RSS of the worker on the CPU) and model FLOPs utilisation (MFU):
 
     MFU = model FLOPs of the step / step time / peak FLOP/s
-    model FLOPs: matmuls only, per token of the batch (the same count as benchmarks/bench.py's
-      step_flops from issue 10):
-        every Linear (in -> out) of a block     forward 2·in·out
-          student backward                      + 2·in·out (input gradient, every layer, frozen or not)
-                                                + 2·in·out if the weight trains (sft, kd)
-        every adapter (A: r x in, B: out x r)   3 x 2·r·(in + out) (forward, input and weight gradient)
-        attention per layer                     forward 4·T·heads·head_dim (QKᵀ and AV over the full
-                                                T x T square, as PaLM's MFU; not halved for causality),
-                                                student backward 2x that
-        LM head, on the target rows only        teacher 2·V·D; student 2·V·D forward + 2·V·D input
-                                                gradient (+ 2·V·D weight gradient if it trains)
-      Not counted: embeddings, norms, RoPE, softmax and other elementwise work. The teacher runs
-      forward only. hf-peft-neo is credited with neo's FLOPs (the same useful work).
+    model FLOPs: benchmarks/bench.py's step_flops (issue 10), matmuls only, per token of the batch:
+      every block Linear 2·in·out forward, + 2·in·out input gradient in the student's backward,
+      + 2·in·out weight gradient where it trains; adapters 3 x 2·r·(in + out); attention
+      4·T·heads·head_dim per layer forward (the full T x T square, as PaLM's MFU), x3 in the
+      student; LM heads 2·V·D on the target rows only (student x2, x3 when it trains). The teacher
+      runs forward only; hf-peft-neo is credited with neo's FLOPs (the same useful work).
     peak FLOP/s: the GPU's datasheet dense bf16 rate where known (H100/H200 SXM: 989.4 TFLOP/s),
       else the best measured matmul in the step's dtype. The measured rate (8192³ on a GPU) is
       printed beside it either way.
@@ -252,9 +245,7 @@ def step_worker(pair, method, args, device):
     peak_gb = peak_memory(device, start)  # before the matmul probes below allocate anything
     step_s = statistics.median(times)
     tokens = batch["input_ids"].numel()
-    n_targets = int((batch["labels"][:, 1:] != -100).sum())
-    flops = model_flops("neo" if method == "hf-peft-neo" else method, tcfg, scfg, args.batch_size, args.max_len,
-                        n_targets, args.rank)
+    flops = step_flops("neo" if method == "hf-peft-neo" else method, tcfg, scfg, args.rank, batch)
     peak, peak_source = peak_flops(device)
     return {"pair": pair, "method": method, "teacher": PAIRS[pair][0], "student": PAIRS[pair][1],
             "precision": precision(args, device),
@@ -267,40 +258,20 @@ def step_worker(pair, method, args, device):
 
 def precision(args, device) -> str:
     import train
-    targs = train.parse_args(["--dtype", args.dtype, "--teacher", "random"])
-    with train.autocast(device, targs):
-        compute = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    return (f"--dtype {args.dtype}: frozen weights {str(train.frozen_dtype(targs, device)).removeprefix('torch.')}, "
-            f"autocast {str(compute).removeprefix('torch.') if compute else 'off'}; trainable weights and AdamW fp32")
+    return train.choose_dtype(args.dtype, device).why + "; trainable weights and AdamW state float32"
 
 
-def model_flops(method, t, s, B, T, n_targets, rank, targets=("q_proj", "k_proj", "v_proj", "o_proj",
-                                                                "gate_proj", "up_proj", "down_proj")) -> float:
-    """Model FLOPs of one optimizer step, counted as the module docstring says (matmuls only)."""
-    full = method in ("sft", "kd")
-    n_tok = B * T
-
-    def linears(c):  # (in, out) of every projection of one block
-        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-        return {"q_proj": (c.hidden_size, q), "k_proj": (c.hidden_size, kv), "v_proj": (c.hidden_size, kv),
-                "o_proj": (q, c.hidden_size), "gate_proj": (c.hidden_size, c.intermediate_size),
-                "up_proj": (c.hidden_size, c.intermediate_size), "down_proj": (c.intermediate_size, c.hidden_size)}
-
-    def matmuls(c):    # forward FLOPs per token of one block's linears
-        return sum(2 * i * o for i, o in linears(c).values())
-
-    def attention(c):  # forward FLOPs per token of QKᵀ and AV over the full T x T square
-        return 4 * T * c.num_attention_heads * c.head_dim
-
-    student = n_tok * s.num_hidden_layers * (matmuls(s) * (3 if full else 2) + attention(s) * 3)
-    if not full:
-        student += n_tok * s.num_hidden_layers * sum(3 * 2 * rank * (i + o) for name, (i, o) in linears(s).items()
-                                                     if name in targets)
-    student += n_targets * 2 * s.vocab_size * s.hidden_size * (3 if full else 2)
-    teacher = 0
-    if method in ("kd", "neo"):
-        teacher = n_tok * t.num_hidden_layers * (matmuls(t) + attention(t)) + n_targets * 2 * t.vocab_size * t.hidden_size
-    return float(student + teacher)
+def step_flops(method, tcfg, scfg, rank, batch) -> float:
+    """benchmarks/bench.py's count, which reads the models' config.json from folders: ours are
+    written to a temporary folder first (the --scale'd shapes included)."""
+    from types import SimpleNamespace
+    from benchmarks import bench
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, cfg in (("teacher", tcfg), ("student", scfg)):
+            (Path(tmp) / name).mkdir()
+            (Path(tmp) / name / "config.json").write_text(json.dumps(cfg.to_hf()))
+        return bench.step_flops(method, SimpleNamespace(teacher=Path(tmp) / "teacher", student=Path(tmp) / "student",
+                                                        rank=rank), batch)
 
 
 # -----------------------------------------------------------------------------

@@ -22,9 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def base_args(teacher, data, out, *extra):
+    """A tiny run in float32, so that the equalities below are exact on any CPU (a later --dtype in
+    `extra` wins: argparse keeps the last; test_precision.py reruns some of them in bfloat16)."""
     return ["--teacher", str(teacher), "--data", str(data), "--out", str(out), "--max-len", "48",
             "--batch-size", "2", "--grad-accum", "2", "--epochs", "1", "--rank", "4", "--prune-to", "2",
-            "--heldout", "4", "--no-report", "--lora-dropout", "0", "--lr", "1e-2", *extra]
+            "--heldout", "4", "--no-report", "--lora-dropout", "0", "--lr", "1e-2", "--dtype", "float32", *extra]
 
 
 def run_cli(args, nproc=1, timeout=300):
@@ -117,9 +119,12 @@ def test_two_processes_equal_one(flags, single_process_run, tiny_teacher_dir, ti
 
 # ----------------------------------------------------------------------------- kill and resume
 
-def test_killed_run_resumes_exactly(tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_killed_run_resumes_exactly(dtype, tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
+    # bfloat16: the bf16 frozen base is rebuilt from the same weights on resume, and bf16 arithmetic
+    # is as deterministic as fp32, so the resumed run must again match bit for bit.
     args = lambda out, *x: base_args(tiny_teacher_dir, tiny_chat_jsonl, out, "--epochs", "3",
-                                     "--save-every", "2", "--lora-dropout", "0.1", *x)
+                                     "--save-every", "2", "--lora-dropout", "0.1", "--dtype", dtype, *x)
     whole = run_cli(args(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]
     total = len((tmp_path / "whole" / "metrics.jsonl").read_text().splitlines())
