@@ -363,7 +363,7 @@ def test_gpu_modules_import_without_lm_eval_or_gguf():
     code = ("import sys; sys.modules['lm_eval'] = None; sys.modules['gguf'] = None\n"  # None: ImportError on import
             f"sys.path[:0] = [{str(root)!r}, {str(root / 'tests')!r}]\n"
             "import model, lora, neo, data, offline, train, test_gpu\n"
-            "from benchmarks import bench_gpu\n"
+            "from benchmarks import bench, bench_gpu\n"
             "try:\n    import eval\nexcept ImportError:\n    pass\nelse:\n    sys.exit('the blocker did not block')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
     assert r.returncode == 0, r.stderr[-2000:]
