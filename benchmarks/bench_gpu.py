@@ -23,8 +23,8 @@ activations; peak RSS of the worker on the CPU) and model FLOPs utilisation (MFU
       student; LM heads 2·V·D on the target rows only (student x2, x3 when it trains). The teacher
       runs forward only; hf-peft-neo is credited with neo's FLOPs (the same useful work).
     peak FLOP/s: the GPU's datasheet dense bf16 rate where known (H100/H200 SXM: 989.4 TFLOP/s),
-      else the best measured matmul in the step's dtype. The measured rate (8192³ on a GPU) is
-      printed beside it either way.
+      else the best measured matmul in the step's dtype (1024³ on the CPU). The measured rate
+      (8192³ bf16 on a GPU) is printed beside it either way.
 
 The chunked loss alone (--parts loss) at Liger-Kernel's benchmark shape: hidden 4096, vocabulary
 128,256, 8,192 target tokens, bf16 inputs, the JSD divergence (beta 0.5), forward + backward into
@@ -246,12 +246,12 @@ def step_worker(pair, method, args, device):
     step_s = statistics.median(times)
     tokens = batch["input_ids"].numel()
     flops = step_flops("neo" if method == "hf-peft-neo" else method, tcfg, scfg, args.rank, batch)
-    peak, peak_source = peak_flops(device)
+    peak, peak_source = peak_flops(device, compute_dtype(args, device))
     return {"pair": pair, "method": method, "teacher": PAIRS[pair][0], "student": PAIRS[pair][1],
             "precision": precision(args, device),
             "build_s": build_s, "step_s": step_s, "step_s_all": times, "tokens_per_step": tokens,
             "tokens_per_s": tokens / step_s, "step_flops": flops, "peak_flops": peak, "peak_flops_source": peak_source,
-            "mfu": flops / step_s / peak, "matmul_flops_measured": measured_matmul(device),
+            "mfu": flops / step_s / peak, "matmul_flops_measured": measured_matmul(device, compute_dtype(args, device)),
             "peak_mem_gb": peak_gb, "trainable_params": sum(p.numel() for p in params),
             "losses": losses}
 
@@ -370,10 +370,9 @@ def peak_memory(device, start) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - start
 
 
-def measured_matmul(device, n=None) -> float:
-    """FLOP/s of the best of 10 n x n x n matmuls in bf16 (GPU, n 8192) or fp32 (CPU, n 1024)."""
+def measured_matmul(device, dtype, n=None) -> float:
+    """FLOP/s of the best of 10 n x n x n matmuls in `dtype` (n 8192 on a GPU, 1024 on the CPU)."""
     n = n or (8192 if device.type == "cuda" else 1024)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = math.inf
     for _ in range(13):
@@ -385,15 +384,21 @@ def measured_matmul(device, n=None) -> float:
     return 2 * n**3 / best
 
 
-def peak_flops(device) -> tuple[float, str]:
+def compute_dtype(args, device):
+    """The dtype the step's matmuls run in: autocast's, or float32 without it."""
+    import train
+    return train.choose_dtype(args.dtype, device).compute or torch.float32
+
+
+def peak_flops(device, dtype) -> tuple[float, str]:
     """(FLOP/s, where it came from): the datasheet's dense bf16 rate for known GPUs, else measured."""
-    if device.type == "cuda":
+    if device.type == "cuda" and dtype == torch.bfloat16:
         name = torch.cuda.get_device_name(device)
         for key, rate in DATASHEET_BF16.items():
             if key in name:
                 return rate, f"{name}: datasheet dense bf16 {rate / 1e12:.1f} TFLOP/s"
-    rate = measured_matmul(device)
-    return rate, f"measured best matmul ({rate / 1e9:.0f} GFLOP/s)"
+    rate = measured_matmul(device, dtype)
+    return rate, f"measured best {str(dtype).removeprefix('torch.')} matmul ({rate / 1e9:.0f} GFLOP/s)"
 
 
 # -----------------------------------------------------------------------------
@@ -504,7 +509,7 @@ def markdown(blob) -> str:
                          f"{r['trainable_params']:,} |")
         first = next((r for r in blob["steps"].values() if "error" not in r), None)
         if first:
-            lines += ["", f"MFU's peak: {first['peak_flops_source']}; measured bf16/fp32 matmul "
+            lines += ["", f"MFU's peak: {first['peak_flops_source']}; measured matmul in the step's dtype "
                           f"{first['matmul_flops_measured'] / 1e12:.3g} TFLOP/s. Precision: {first['precision']}."]
     if blob["loss"]:
         lines += ["", "Chunked loss alone (JSD, forward + backward into the student's hidden states and head):", "",
