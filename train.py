@@ -184,8 +184,8 @@ class Distiller(nn.Module):
         self.alpha, self.temperature, self.divergence = alpha, temperature, divergence
         self.chunk_size, self.vocab_size = chunk_size, vocab_size
 
-    def forward(self, input_ids, attention_mask, labels, teacher_hidden, teacher_head, normalizer):
-        hidden = self.student(input_ids, attention_mask, return_hidden=True)  # (B, T, D)
+    def forward(self, input_ids, attention_mask, labels, teacher_hidden, teacher_head, normalizer, document_ids=None):
+        hidden = self.student(input_ids, attention_mask, document_ids=document_ids, return_hidden=True)  # (B, T, D)
         return neo.neo_loss(hidden, self.student.lm_head.weight, teacher_hidden, teacher_head, labels,
                             alpha=self.alpha, temperature=self.temperature, divergence=self.divergence,
                             chunk_size=self.chunk_size, normalizer=normalizer, vocab_size=self.vocab_size)
@@ -527,10 +527,11 @@ def main(argv=None):
                 teacher_hidden = None
                 if use_teacher:
                     with torch.no_grad():
-                        teacher_hidden = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
+                        teacher_hidden = teacher(b["input_ids"], b["attention_mask"],
+                                                 document_ids=b.get("document_ids"), return_hidden=True)
                 with no_grad_sync(wrapped, args, last=i == len(micro) - 1), autocast(d.device, args):
                     res = wrapped(b["input_ids"], b["attention_mask"], b["labels"], teacher_hidden, teacher_head,
-                                  normalizer)
+                                  normalizer, b.get("document_ids"))
                     check_finite(res.loss, step, i, d, out)
                     res.loss.backward()
                 sums += torch.stack([res.loss.detach() * normalizer, res.ce * res.n_tokens, res.kl * res.n_tokens])
