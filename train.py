@@ -44,6 +44,7 @@ import data
 import lora
 import model as llama
 import neo
+import tokenized
 
 # -----------------------------------------------------------------------------
 # Arguments. Paper values are the defaults; the offline demo (no --teacher, no GPU) swaps in a
@@ -83,6 +84,9 @@ def parse_args(argv=None):
     p.add_argument("--heldout", type=int, default=None, help="held-out conversations scored before/after")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed JSON lines")
     p.add_argument("--max-len", type=int, default=None, help="tokens per example; longer ones are cut and counted")
+    p.add_argument("--pack", action="store_true",
+                   help="pack several examples into each row of --max-len tokens (attention and RoPE positions "
+                        "stay inside each example; far less padding)")
     # loss
     p.add_argument("--alpha", type=float, default=0.5, help="weight of CE; KL gets 1 - alpha")
     p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature T")
@@ -128,7 +132,7 @@ def parse_args(argv=None):
 
 # Flags that must match when resuming: they decide the model, the data order or the objective.
 RESUME_FLAGS = ["method", "adapter", "rank", "lora_alpha", "targets", "teacher", "student", "prune_to",
-                "data", "max_samples", "max_len", "batch_size", "grad_accum", "epochs", "alpha",
+                "data", "max_samples", "max_len", "pack", "batch_size", "grad_accum", "epochs", "alpha",
                 "temperature", "divergence", "seed", "world_size"]
 
 # -----------------------------------------------------------------------------
@@ -428,7 +432,10 @@ def main(argv=None):
     if use_teacher or not args.no_report:
         teacher = llama.Llama.from_pretrained(teacher_path, dtype=frozen_dtype(args, d.device), device=d.device)
         teacher.eval().requires_grad_(False)
-    calibration = train_set[0]["input_ids"]
+    calibration = train_set[0]["input_ids"].tolist()
+    if args.pack:  # rows of several whole examples; the model keeps them apart by document_ids
+        n_examples, train_set = len(train_set), data.pack(train_set, args.max_len, args.seed)
+        print0(f"data: packed {n_examples} examples into {len(train_set)} rows of up to {args.max_len} tokens")
 
     student = build_student(args, teacher_path, calibration, d.device)
     base_path = args.student
@@ -582,20 +589,24 @@ def main(argv=None):
 
 
 def load_data(args, tokenizer):
-    """Tokenised training and held-out examples. The offline set has its own fixed held-out split;
-    for user data the held-out conversations are a seeded sample set aside before training."""
-    if args.data in (None, "offline"):
-        conversations, stats = data.load_conversations("offline", args.max_samples, args.seed)
-        held, _ = data.load_conversations("offline:heldout", args.heldout, args.seed)
+    """Training and held-out examples, read from the tokenised cache (tokenized.py: built by the
+    first run, rank 0, and shared). The offline set has its own fixed held-out split; for user
+    data the held-out conversations are a seeded sample set aside before training."""
+    offline_data = args.data in (None, "offline")
+    store = tokenized.load("offline" if offline_data else args.data, tokenizer, args.max_len,
+                           skip_bad_lines=args.skip_bad_lines)
+    stats = store.stats()
+    order = data.sample_indices(len(store), args.max_samples, args.seed)
+    if offline_data:
+        held_store = tokenized.load("offline:heldout", tokenizer, args.max_len)
+        held = data.sample_indices(len(held_store), args.heldout, args.seed)
     else:
-        conversations, stats = data.load_conversations(args.data, args.max_samples, args.seed,
-                                                       skip_bad_lines=args.skip_bad_lines)
-        random.Random(args.seed).shuffle(conversations)
-        n_held = min(args.heldout, len(conversations) // 10)
-        held, conversations = conversations[:n_held], conversations[n_held:]
-    train_set = data.tokenize_all(tokenizer, conversations, args.max_len, stats)
-    print0(f"data: {stats.summary()}")
-    held_set = data.tokenize_all(tokenizer, held, args.max_len) if held else []
+        random.Random(args.seed).shuffle(order)
+        n_held = min(args.heldout, len(order) // 10)
+        held_store, held, order = store, order[:n_held], order[n_held:]
+    train_set = store.select(order, stats)
+    print0(f"data: {stats.summary()} (tokenised in {store.folder})")
+    held_set = held_store.select(held) if held else []
     print0(f"data: {len(train_set)} training and {len(held_set)} held-out examples, max {args.max_len} tokens")
     return train_set, held_set
 
