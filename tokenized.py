@@ -71,8 +71,8 @@ def fingerprint(source, tok: data.Tokenizer, max_len: int, skip_bad_lines: bool)
         content = {"offline": split, "sha256": hashlib.sha256(records).hexdigest()}
     else:
         files = data._data_files(source)
-        content = {"files": [{"name": f.name, "sha256": _sha256_file(f)} for f in files]}
-    parts = {"format": FORMAT, "source": source, "data": content, "max_len": max_len,
+        content = {"files_sha256": [_sha256_file(f) for f in files]}  # in reading order
+    parts = {"format": FORMAT, "data": content, "max_len": max_len,
              "skip_bad_lines": skip_bad_lines,
              "tokenizer": hashlib.sha256(tok.tokenizer.to_str().encode()).hexdigest(),
              "chat_template": hashlib.sha256((tok.chat_template or "").encode()).hexdigest(),
@@ -184,7 +184,7 @@ def _load_or_build(source, tok, max_len, skip_bad_lines, root, workers) -> Token
             tmp = root / f".{key}.tmp-{os.getpid()}"
             tmp.mkdir()
             try:
-                build(source, tok, max_len, skip_bad_lines, tmp, {"key": parts}, workers)
+                build(source, tok, max_len, skip_bad_lines, tmp, {"source": str(source), "key": parts}, workers)
                 os.replace(tmp, folder)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
