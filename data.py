@@ -37,6 +37,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -370,40 +371,41 @@ def tokenize_conversation(tok: Tokenizer, messages: list[dict], max_len: int) ->
     return {"input_ids": ids[:max_len], "labels": labels[:max_len], "truncated": len(ids) > max_len}
 
 
-def trained_mask(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
-    """Vectorised label rule of tokenize_conversation: token i trains when [start, end) overlaps a span.
-
-    offsets (n, 2) character offsets from the tokenizer -> (n,) bool."""
-    start = offsets[:, 0]
-    end = np.maximum(offsets[:, 1], start + 1)  # a token whose offsets were trimmed to nothing sits at `start`
-    inside = np.zeros(len(offsets), dtype=bool)
-    for a, b in spans:
-        inside |= (start < b) & (end > a)
-    return inside
-
-
 def encode_conversations(tok: Tokenizer, conversations: list, max_len: int):
-    """Many conversations at once -> per conversation (ids int32 array, trained bool array, truncated).
+    """Many conversations at once -> (ids, trained, lengths, truncated), the rows back to back.
 
-    The templates are rendered in Python (assistant_spans), then all texts go through the
-    `tokenizers` library's batch encoder in one call (Rust, on all the threads it is given), and
-    the labels come from the character offsets in one vectorised test per reply. Same result as
-    calling tokenize_conversation on each, a few times faster (tests/test_data.py checks equality).
+    ids int32 (N,) and trained bool (N,) (True: the label is the token) hold every conversation cut
+    to max_len, one after the other; lengths (n,) and truncated (n,) are per conversation. The
+    templates are rendered in Python (assistant_spans), all texts go through the `tokenizers`
+    library's batch encoder in one call (Rust, on all threads it is allowed), and the label rule of
+    tokenize_conversation (a token trains when its character offsets overlap a reply) runs as one
+    vectorised test per reply. Same labels, a few times faster (tests/test_data.py checks equality).
     """
     rendered = [assistant_spans(tok, messages) for messages in conversations]
     encodings = tok.tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
-    out = []
-    for encoding, (_, spans) in zip(encodings, rendered):
-        ids = np.asarray(encoding.ids, dtype=np.int32)
-        trained = trained_mask(np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2), spans)
-        out.append((ids[:max_len], trained[:max_len], len(ids) > max_len))
-    return out
+    full = np.array([len(e) for e in encodings], dtype=np.int64)
+    lengths = np.minimum(full, max_len)
+    total = int(lengths.sum())
+    ids = np.fromiter(chain.from_iterable(e.ids[:max_len] for e in encodings), np.int32, count=total)
+    offsets = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets[:max_len]) for e in encodings),
+                          np.int64, count=2 * total).reshape(total, 2)
+    start = offsets[:, 0]
+    end = np.maximum(offsets[:, 1], start + 1)  # a token whose offsets were trimmed to nothing sits at `start`
+    trained = np.zeros(total, dtype=bool)
+    row_end = np.cumsum(lengths)
+    for (_, spans), i, j in zip(rendered, row_end - lengths, row_end):
+        for a, b in spans:
+            trained[i:j] |= (start[i:j] < b) & (end[i:j] > a)
+    return ids, trained, lengths, full > max_len
 
 
 def tokenize_batch(tok: Tokenizer, conversations: list, max_len: int) -> list[dict]:
     """tokenize_conversation for a list of conversations, through the batched encoder."""
-    return [{"input_ids": ids.tolist(), "labels": np.where(trained, ids, IGNORE_INDEX).tolist(), "truncated": cut}
-            for ids, trained, cut in encode_conversations(tok, conversations, max_len)]
+    ids, trained, lengths, truncated = encode_conversations(tok, conversations, max_len)
+    labels = np.where(trained, ids, IGNORE_INDEX)
+    bounds = np.cumsum(lengths)
+    return [{"input_ids": ids[j - n:j].tolist(), "labels": labels[j - n:j].tolist(), "truncated": bool(cut)}
+            for n, j, cut in zip(lengths, bounds, truncated)]
 
 
 def tokenize_all(tok: Tokenizer, conversations: list, max_len: int, stats: DataStats | None = None) -> list[dict]:

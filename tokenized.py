@@ -218,15 +218,6 @@ def build(source, tok, max_len, skip_bad_lines, folder: Path, meta: dict, worker
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
-def _encode_chunk(tok, conversations, max_len):
-    """One work item -> (ids int32, trained bool, lengths int64, truncated bool), rows back to back."""
-    rows = data.encode_conversations(tok, conversations, max_len)
-    n = np.array([len(ids) for ids, _, _ in rows], dtype=np.int64)
-    return (np.concatenate([ids for ids, _, _ in rows]) if rows else np.zeros(0, np.int32),
-            np.concatenate([mask for _, mask, _ in rows]) if rows else np.zeros(0, bool),
-            n, np.array([cut for _, _, cut in rows], dtype=bool))
-
-
 _worker_tok = None
 
 
@@ -237,7 +228,7 @@ def _worker_init(tok):
 
 
 def _worker_encode(conversations, max_len):
-    return _encode_chunk(_worker_tok, conversations, max_len)
+    return data.encode_conversations(_worker_tok, conversations, max_len)
 
 
 def _encoded_chunks(conversations, tok, max_len, workers):
@@ -249,7 +240,7 @@ def _encoded_chunks(conversations, tok, max_len, workers):
     first = list(islice(chunks, workers))
     if len(first) < workers or workers == 1:  # fits in a few chunks: not worth starting processes
         for chunk in [*first, *chunks]:
-            yield _encode_chunk(tok, chunk, max_len)
+            yield data.encode_conversations(tok, chunk, max_len)
         return
     # spawn, not fork: the parent may hold threads (torch, tokenizers, gloo) that fork would break
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
