@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 import data
+import offline
 from data import IGNORE_INDEX, DataStats
 
 FORMAT = 1    # bump when tokenisation or label rules change, so old caches are not reused
@@ -49,7 +50,6 @@ CHUNK = 2048  # conversations per work item
 
 
 def cache_root() -> Path:
-    import offline
     return offline.cache_dir() / "tokenized"
 
 
@@ -67,7 +67,7 @@ def fingerprint(source, tok: data.Tokenizer, max_len: int, skip_bad_lines: bool)
     source = str(source)
     if source in ("offline", "offline:train", "offline:heldout"):
         split = source.partition(":")[2] or "train"
-        records = json.dumps(data.offline_dataset(split), sort_keys=True).encode()
+        records = json.dumps(offline.chat_dataset(split), sort_keys=True).encode()
         content = {"offline": split, "sha256": hashlib.sha256(records).hexdigest()}
     else:
         files = data._data_files(source)
@@ -170,7 +170,6 @@ def load(source, tok: data.Tokenizer, max_len: int, *, skip_bad_lines: bool = Fa
 
 
 def _load_or_build(source, tok, max_len, skip_bad_lines, root, workers) -> TokenizedSet:
-    import offline
     root = Path(root) if root is not None else cache_root()
     key, parts = fingerprint(source, tok, max_len, skip_bad_lines)
     folder = root / key
@@ -291,7 +290,6 @@ if __name__ == "__main__":
     p.add_argument("--max-len", type=int, default=512, help="tokens per example")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed JSON lines")
     args = p.parse_args()
-    import offline
     t0 = time.time()
     store = load(args.data, data.Tokenizer.from_dir(args.tokenizer or offline.smollm2_dir()), args.max_len,
                  skip_bad_lines=args.skip_bad_lines)

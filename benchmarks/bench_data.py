@@ -46,7 +46,7 @@ def cpu_seconds() -> float:
 
 def write_conversations(path: Path, n: int):
     """The offline training set repeated to n conversations with varied lengths, streamed to JSONL."""
-    chats = [r["messages"] for r in data.offline_dataset("train")]
+    chats = [r["messages"] for r in offline.chat_dataset("train")]
     with open(path, "w") as f:
         for j in range(n):
             base = chats[j % len(chats)]
