@@ -135,6 +135,10 @@ class Examples:
     def __len__(self) -> int:
         return len(self.indices)
 
+    def max_token_id(self) -> int:
+        """The largest token id in the whole cache (so at least every label of these examples)."""
+        return int(self.store.tokens.max()) if len(self.store.tokens) else -1
+
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
