@@ -1,0 +1,95 @@
+"""Measured memory of one training step: the allocator's peak, beside plan.py's per-component ledger.
+
+Two independent counts of the same step:
+
+- the measured peak of live tensor bytes, from the allocator itself. On CUDA that is
+  torch.cuda.max_memory_allocated. The CPU allocator keeps no statistics, so there it is the
+  profiler's memory events (torch.profiler, profile_memory=True: every allocation and free the
+  c10 CPU allocator serves, kernel workspaces included), summed in time order on top of the
+  tensor bytes alive when the step starts (every tensor the garbage collector can see, counted
+  once per storage). Peak RSS is printed beside it: it also counts the Python runtime and what
+  glibc's heap kept after frees, which is why it barely moves between methods on the CPU.
+- plan.py's Ledger, which follows every storage the step's operators create, and says what was
+  alive at the peak (teacher weights, gradients, saved activations, ...). Its components must add
+  up to the allocator's peak within 5%; the planner predicts from the same ledger on fake tensors.
+
+    python -m benchmarks.memory                       # bench shape, every method, fp32 and bf16, vs the plan
+    python -m benchmarks.memory --dtype bfloat16 --methods kd,neo
+"""
+import argparse
+import gc
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import plan  # noqa: E402
+
+SHOWN = ("teacher weights", "frozen student weights", "trainable weights", "gradients", "optimizer state",
+         "saved activations", "loss-time transients", "teacher activations", "other transients")
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every CPU tensor storage the garbage collector can reach, each storage once."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    seen, total = set(), 0
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor) and not isinstance(o, FakeTensor) and o.device.type == "cpu" \
+                and not o.is_meta:
+            st = o.untyped_storage()
+            if st.data_ptr() not in seen and st.nbytes():
+                seen.add(st.data_ptr())
+                total += st.nbytes()
+    return total
+
+
+def allocator_peak(run, device) -> int:
+    """Peak bytes of live tensors while `run()` executes, as the allocator saw them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    from torch.profiler import ProfilerActivity, profile
+    gc.collect()
+    start = live_tensor_bytes()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    now = peak = 0
+    for _, nbytes in events:
+        now += nbytes
+        peak = max(peak, now)
+    return start + peak
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def measure(run, teacher, student, optimizer, device) -> dict:
+    """One step `run()`, counted twice: the allocator's peak and the ledger's components."""
+    with plan.Ledger(teacher, student, optimizer) as ledger:
+        measured = allocator_peak(run, device)
+    ledger_peak, parts, phase = ledger.peak()
+    return {"measured_peak_bytes": measured, "ledger_peak_bytes": ledger_peak, "peak_phase": phase,
+            "components_bytes": {c: parts[c] for c in SHOWN}, "peak_rss_bytes": peak_rss_bytes()}
+
+
+def breakdown_line(m: dict) -> str:
+    """'measured 2.41 GiB = teacher 0.50 + ... (sum 2.39, -0.8%)' for one method."""
+    parts = m["components_bytes"]
+    total = sum(parts.values())
+    short = {"teacher weights": "teacher", "frozen student weights": "frozen", "trainable weights": "trainable",
+             "gradients": "grads", "optimizer state": "AdamW", "saved activations": "saved acts",
+             "loss-time transients": "loss", "teacher activations": "teacher acts", "other transients": "other"}
+    body = " + ".join(f"{short[c]} {v / plan.GiB:.2f}" for c, v in parts.items() if v >= 0.005 * plan.GiB)
+    err = 100 * (total - m["measured_peak_bytes"]) / m["measured_peak_bytes"]
+    return (f"live peak {m['measured_peak_bytes'] / plan.GiB:.2f} GiB (at {m['peak_phase']}) = {body} "
+            f"[sum {total / plan.GiB:.2f}, {err:+.1f}%]; peak RSS {m['peak_rss_bytes'] / plan.GiB:.2f} GiB")
