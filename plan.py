@@ -88,9 +88,10 @@ class Ledger(TorchDispatchMode):
     the modules and the optimizer; everything else as the operators create it.
     """
 
-    def __init__(self, teacher, student, optimizer, fake: bool = False):
+    def __init__(self, teacher, student, optimizer, fake: bool = False, targets: int | None = None):
         super().__init__()
         self.teacher, self.student, self.optimizer, self.fake = teacher, student, optimizer, fake
+        self.targets = targets  # fake tensors: how many positions the target mask keeps (None: all)
         self.key_of = {}     # id(storage) -> key, while the storage lives
         self.size = {}       # key -> bytes
         self.kind = {}       # key -> category, for storages whose kind is known when first seen
@@ -99,6 +100,7 @@ class Ledger(TorchDispatchMode):
         self.phase = "start"
         self.saved = set()   # student-forward storages still alive when the loss starts
         self.grads, self.state = set(), set()
+        self.owner = {}      # key -> "teacher.<name>" / "student.<name>" for the weights alive at the start
         self._handles = []
 
     # -- bookkeeping --------------------------------------------------------------
@@ -143,10 +145,12 @@ class Ledger(TorchDispatchMode):
     def __enter__(self):
         # What is alive before the step: weights (by model and trainability) and optimizer state.
         if self.teacher is not None:
-            for t in [*self.teacher.parameters(), *self.teacher.buffers()]:
+            for name, t in [*self.teacher.named_parameters(), *self.teacher.named_buffers()]:
                 self._track(t, "teacher weights")
-        for p in self.student.parameters():
+                self.owner.setdefault(self._key(t), "teacher." + name)
+        for name, p in self.student.named_parameters():
             self._track(p, "trainable weights" if p.requires_grad else "frozen student weights")
+            self.owner.setdefault(self._key(p), "student." + name)
         for b in self.student.buffers():
             self._track(b, "frozen student weights")
         for s in self.optimizer.state.values():
@@ -176,7 +180,7 @@ class Ledger(TorchDispatchMode):
         kwargs = kwargs or {}
         if torch._C._current_autograd_node() is not None:
             self.phase = "backward"
-        out = _assume_full_batch(func, args, kwargs) if self.fake else None
+        out = _assume_full_batch(func, args, kwargs, self.targets) if self.fake else None
         if out is None:
             out = func(*args, **kwargs)
         for t in tree_flatten(out)[0]:
@@ -226,18 +230,20 @@ def _on_free(ledger_ref, sid, key):
         ledger._free(sid, key)
 
 
-def _assume_full_batch(func, args, kwargs):
+def _assume_full_batch(func, args, kwargs, targets=None):
     """Fake tensors hold no values: answer the few data-dependent questions as a full batch would.
 
-    Every position is a token and a target, so boolean masks are all True (masked selection keeps
-    every element), `.item()` on a comparison is False and on a count is 1.
+    Every position is a token and a target, so the target mask keeps every position (or
+    `targets` of them, when the caller knows its batch), `.item()` on a comparison is False and
+    on a count is 1.
     """
     if func is aten._local_scalar_dense.default:
         t = args[0]
         return False if t.dtype == torch.bool else 1 if not t.is_floating_point() else 1.0
     if func is aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1]):
         self, (mask,) = args[0], [i for i in args[1] if i is not None]
-        return self.new_empty((mask.numel(),) + tuple(self.shape[mask.dim():]))
+        kept = mask.numel() if targets is None else targets
+        return self.new_empty((kept,) + tuple(self.shape[mask.dim():]))
     if func in (aten.index_put_.default, aten._index_put_impl_.default) and \
             any(i is not None and i.dtype == torch.bool for i in args[1]):
         return args[0]
@@ -265,6 +271,7 @@ class Setup:
     frozen_dtype: torch.dtype = torch.float32  # teacher and the frozen student base
     autocast: bool = False              # bf16 autocast around the student's forward and backward
     targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    n_targets: int | None = None        # valid target tokens per micro-batch (None: every position)
     extra_flags: list = field(default_factory=list)
 
     def train_args(self):
@@ -323,9 +330,9 @@ def ledger_of_step(setup: Setup, teacher_cfg, student_cfg, fake: bool = True) ->
     teacher, distiller, optimizer, batch = build(setup, teacher_cfg, student_cfg, fake)
     # Fake tensors: factory calls inside the step (torch.zeros in neo_loss) must make fake ones too.
     with next(distiller.parameters()).fake_mode if fake else contextlib.nullcontext():
-        with _answers(fake):
+        with _answers(fake, setup.n_targets):
             training_step(teacher, distiller, optimizer, batch, setup.autocast)  # AdamW state now exists
-        with Ledger(teacher, distiller.student, optimizer, fake=fake) as ledger:
+        with Ledger(teacher, distiller.student, optimizer, fake=fake, targets=setup.n_targets) as ledger:
             training_step(teacher, distiller, optimizer, batch, setup.autocast)
     return ledger
 
@@ -333,10 +340,292 @@ def ledger_of_step(setup: Setup, teacher_cfg, student_cfg, fake: bool = True) ->
 class _Answers(TorchDispatchMode):
     """`_assume_full_batch` without the counting: for the untracked first step on fake tensors."""
 
+    def __init__(self, targets=None):
+        super().__init__()
+        self.targets = targets
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = _assume_full_batch(func, args, kwargs or {})
+        out = _assume_full_batch(func, args, kwargs or {}, self.targets)
         return func(*args, **(kwargs or {})) if out is None else out
 
 
-def _answers(fake):
-    return _Answers() if fake else contextlib.nullcontext()
+def _answers(fake, targets=None):
+    return _Answers(targets) if fake else contextlib.nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# From one process to a GPU of many: sharding applied to the ledger's timeline.
+
+
+def per_gpu(ledger: Ledger, world: int, zero: int):
+    """(peak bytes on one GPU, {category: bytes at that peak}, phase) for `world` processes at --zero.
+
+    Replays the one-process ledger, scaling each storage by the share one GPU keeps and adding
+    what the engines hold on top (see the module docstring for the engines' rules).
+    """
+    def size(prefix, trainable=None):
+        return sum(ledger.size[k] for k, name in ledger.owner.items() if name.startswith(prefix)
+                   and (trainable is None or (ledger.kind[k] == "trainable weights") == trainable))
+
+    student_params = size("student.")
+    trainable = size("student.", trainable=True)
+    layer = max((size(f"student.model.layers.{i}.") for i in range(_n_layers(ledger, "student"))), default=0)
+    teacher_layer = max((size(f"teacher.model.layers.{i}.") for i in range(_n_layers(ledger, "teacher"))),
+                        default=0)
+    root = student_params - layer * _n_layers(ledger, "student")  # embeddings, final norm, LM head
+
+    def factor(key, category):
+        owner = ledger.owner.get(key, "")
+        if zero >= 2 and owner.startswith("student."):
+            return 1 / world                                  # FSDP2 keeps a shard of every student weight
+        if zero == 3 and owner.startswith("teacher.model.layers."):
+            return 1 / world                                  # ... and of the teacher's layers at --zero 3
+        if category == "gradients" and zero >= 2:
+            return 1 / world                                  # reduce-scattered
+        if category == "optimizer state" or (zero >= 1 and ledger.born_in[key] == "optimizer"):
+            return 1 / world if zero >= 1 else 1.0            # ZeRO-1 and up: each rank steps its shard
+        return 1.0
+
+    gathered = 1 - 1 / world
+    grad_buckets = trainable if world > 1 and zero <= 1 else 0  # DDP's flat gradient buckets
+
+    def extra(phase):
+        add = grad_buckets
+        if zero == 2 and phase in ("student forward", "loss", "backward"):
+            add += student_params * gathered                  # gathered for forward, kept until backward ends
+        if zero == 3 and phase in ("student forward", "loss", "backward"):
+            add += (root + 2 * layer) * gathered              # the root's weights + a layer and the next
+        if zero == 3 and phase == "teacher forward":
+            add += 2 * teacher_layer * gathered
+        return add
+
+    return ledger.peak(factor if world > 1 else None, extra if world > 1 else None)
+
+
+def _n_layers(ledger, who):
+    names = {n.split(".")[3] for n in ledger.owner.values() if n.startswith(f"{who}.model.layers.")}
+    return len(names)
+
+
+# -----------------------------------------------------------------------------
+# Configs, the plan for one run, and what would make it fit.
+
+
+def load_config(path_or_hub_id) -> llama.LlamaConfig:
+    """A config.json file, a model folder's config.json, or a Hub id's config.json (downloaded alone)."""
+    path = Path(str(path_or_hub_id)).expanduser()
+    if path.is_file():
+        return llama.LlamaConfig.from_json(path)
+    if path.is_dir():
+        return llama.LlamaConfig.from_json(path / "config.json")
+    if str(path_or_hub_id).count("/") == 1:
+        from huggingface_hub import hf_hub_download
+        try:
+            return llama.LlamaConfig.from_json(hf_hub_download(str(path_or_hub_id), "config.json"))
+        except Exception as e:
+            raise OSError(f"{path_or_hub_id}: no local config, and downloading its config.json failed ({e})") from e
+    raise FileNotFoundError(f"{path_or_hub_id}: not a config.json, a model folder nor a Hub id (owner/name)")
+
+
+def student_config(teacher_cfg, student=None, prune_to=None) -> llama.LlamaConfig:
+    """The given student's config, or train.py's default: the teacher keeping prune_to (or half) layers."""
+    if student is not None:
+        return load_config(student)
+    return llama.LlamaConfig(**{**teacher_cfg.__dict__,
+                                "num_hidden_layers": prune_to or teacher_cfg.num_hidden_layers // 2})
+
+
+CUDA_CONTEXT = 0.5 * GiB  # per process, outside max_memory_allocated
+HEADROOM = 0.90           # share of the rest the caching allocator can fill before fragmentation bites
+
+
+def usable(gpu_gib: float) -> float:
+    """Bytes of live tensors a GPU of `gpu_gib` GiB can hold in practice."""
+    return HEADROOM * (gpu_gib * GiB - CUDA_CONTEXT)
+
+
+@dataclass
+class Plan:
+    setup: Setup
+    world: int
+    zero: int
+    peak: float               # bytes on one GPU
+    parts: dict               # category -> bytes on one GPU at its peak
+    phase: str
+
+    @property
+    def total(self):
+        return self.peak * self.world
+
+
+class Planner:
+    """Plans for one teacher/student pair, caching a ledger per (method, shape, checkpointing, precision)."""
+
+    def __init__(self, teacher_cfg, student_cfg):
+        self.teacher_cfg, self.student_cfg = teacher_cfg, student_cfg
+        self._ledgers = {}
+
+    def ledger(self, setup: Setup) -> Ledger:
+        key = repr(setup)
+        if key not in self._ledgers:
+            self._ledgers[key] = ledger_of_step(setup, self.teacher_cfg, self.student_cfg, fake=True)
+        return self._ledgers[key]
+
+    def plan(self, setup: Setup, world=1, zero=0) -> Plan:
+        return Plan(setup, world, zero, *per_gpu(self.ledger(setup), world, zero))
+
+    def make_it_fit(self, setup: Setup, world: int, zero: int, gpu_gib: float):
+        """The first of: --grad-checkpoint, a higher --zero, both, a smaller micro-batch, that fits."""
+        from dataclasses import replace
+        tries = []
+        ckpts = [setup.grad_checkpoint] if setup.grad_checkpoint else [False, True]
+        zeros = [zero] + ([z for z in (1, 2, 3) if z > zero] if world > 1 else [])
+        batches = [setup.batch_size]
+        while batches[-1] > 1:
+            batches.append(batches[-1] // 2)
+        for b in batches:
+            for ck in ckpts:
+                for z in zeros:
+                    tries.append((replace(setup, grad_checkpoint=ck, batch_size=b), z))
+        for s, z in tries[1:]:
+            p = self.plan(s, world, z)
+            if p.peak <= usable(gpu_gib):
+                return p
+        return None
+
+
+def flags_of(p: Plan, base: Plan) -> str:
+    """The train.py flags that turn `base` into `p`."""
+    out = []
+    if p.setup.grad_checkpoint and not base.setup.grad_checkpoint:
+        out.append("--grad-checkpoint")
+    if p.zero != base.zero:
+        out.append(f"--zero {p.zero}")
+    if p.setup.batch_size != base.setup.batch_size:
+        k = base.setup.batch_size // p.setup.batch_size
+        out.append(f"--batch-size {p.setup.batch_size} (and --grad-accum x{k} for the same step)")
+    return " ".join(out)
+
+
+def describe(p: Plan) -> str:
+    s = p.setup
+    dtype = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}[s.frozen_dtype]
+    return (f"{s.method}{'-moslora' if s.adapter == 'moslora' and s.method in ('neo', 'lora') else ''}, "
+            f"{_layout(p)}, "
+            f"batch {s.batch_size} x {s.max_len}, rank {s.rank}, frozen {dtype}"
+            f"{' + autocast' if s.autocast else ''}{', --grad-checkpoint' if s.grad_checkpoint else ''}")
+
+
+def _layout(p: Plan) -> str:
+    if p.world == 1 and p.zero == 0:
+        return "1 process"
+    return f"{p.world} GPUs {'DDP' if p.zero == 0 else f'--zero {p.zero}'}"
+
+
+def print_plan(planner: Planner, p: Plan, gpu_gib=None):
+    print(f"plan: {describe(p)}")
+    print(f"  per GPU: {p.peak / GiB:.2f} GiB of live tensors at the peak (during {p.phase}); "
+          f"all {p.world}: {p.total / GiB:.1f} GiB")
+    for c in CATEGORIES:
+        if p.parts.get(c, 0) >= 0.005 * GiB:
+            print(f"    {c:<24} {p.parts[c] / GiB:8.2f} GiB")
+    print("  not counted: the CUDA context (~0.5 GiB per process), the caching allocator's unused reserve "
+          "(nvidia-smi shows reserved memory), NCCL buffers")
+    if gpu_gib is None:
+        return
+    room = usable(gpu_gib)
+    if p.peak <= room:
+        print(f"  fits a {gpu_gib:g} GiB GPU ({room / GiB:.1f} GiB usable for tensors after the CUDA context "
+              f"and {100 - 100 * HEADROOM:.0f}% allocator headroom)")
+        return
+    print(f"  does NOT fit a {gpu_gib:g} GiB GPU ({room / GiB:.1f} GiB usable for tensors)")
+    fix = planner.make_it_fit(p.setup, p.world, p.zero, gpu_gib)
+    if fix is None:
+        print("  nothing tried fits (checkpointing, ZeRO 1-3, micro-batch down to 1): more GPUs, or a smaller model")
+    else:
+        print(f"  would fit with: {flags_of(fix, p)}  ->  {fix.peak / GiB:.2f} GiB per GPU")
+
+
+def setup_from_train_args(args) -> Setup:
+    """train.py's flags as a Setup. --dtype auto plans for a GPU, where it means bf16 + autocast."""
+    bf16 = args.dtype in ("auto", "bfloat16")
+    return Setup(method=args.method, adapter=args.adapter, rank=args.rank, batch_size=args.batch_size,
+                 max_len=args.max_len, chunk_size=args.chunk_size, grad_checkpoint=args.grad_checkpoint,
+                 frozen_dtype=torch.bfloat16 if bf16 else torch.float32, autocast=bf16, targets=args.targets)
+
+
+def plan_from_train_args(args, teacher_path):
+    """`python train.py --plan [N] ...`: the plan per GPU for N processes, from config.json alone."""
+    teacher_cfg = load_config(teacher_path)
+    planner = Planner(teacher_cfg, student_config(teacher_cfg, args.student, args.prune_to))
+    print_plan(planner, planner.plan(setup_from_train_args(args), args.plan, args.zero), args.gpu_memory)
+
+
+# -----------------------------------------------------------------------------
+# The paper's settings (6 x A100 40G, batch 4 x 512, bf16, rank 128) beside its Mem column.
+
+CONFIGS = Path(__file__).resolve().parent.parent / "shared" / "configs"
+PAPER = [  # (table, teacher, student, method, zero, the paper's Mem in GB over 6 GPUs or None for OOM)
+    ("I", "llama-3.1-8b", "llama-3.2-1b", "sft", 0, 63), ("I", "llama-3.1-8b", "llama-3.2-1b", "lora", 0, 68),
+    ("I", "llama-3.1-8b", "llama-3.2-1b", "kd", 0, 231), ("I", "llama-3.1-8b", "llama-3.2-1b", "neo", 0, 177),
+    ("I", "llama-2-7b", "tinyllama-1.1b", "sft", 0, 66), ("I", "llama-2-7b", "tinyllama-1.1b", "lora", 0, 42),
+    ("I", "llama-2-7b", "tinyllama-1.1b", "kd", 0, 167), ("I", "llama-2-7b", "tinyllama-1.1b", "neo", 0, 136),
+    ("II", "llama-3.1-8b", "llama-3.1-minitron-4b-width", "sft", 0, 219),
+    ("II", "llama-3.1-8b", "llama-3.1-minitron-4b-width", "lora", 0, 103),
+    ("II", "llama-3.1-8b", "llama-3.1-minitron-4b-width", "kd", 0, None),
+    ("II", "llama-3.1-8b", "llama-3.1-minitron-4b-width", "neo", 1, 224),
+    ("II", "llama-3.1-8b", "llama-3.1-minitron-4b-width", "neo", 2, 212),
+]
+
+
+def paper_table(configs=CONFIGS, world=6, gpu_gib=40) -> str:
+    lines = ["| table | teacher -> student | method | per GPU (GiB) | 6 GPUs (GiB) | paper Mem (GB, 6 GPUs) | "
+             "fits 40G | largest part per GPU |", "|---|---|---|---:|---:|---:|---|---|"]
+    planners = {}
+    for table, t, s, method, zero, paper in PAPER:
+        if (t, s) not in planners:
+            planners[t, s] = Planner(load_config(configs / f"{t}.json"), load_config(configs / f"{s}.json"))
+        setup = Setup(method=method, frozen_dtype=torch.bfloat16, autocast=True)
+        p = planners[t, s].plan(setup, world, zero)
+        top = max(p.parts, key=p.parts.get)
+        name = method + (f" + ZeRO-{zero}" if zero else "")
+        lines.append(f"| {table} | {t} -> {s} | {name} | {p.peak / GiB:.1f} | {p.total / GiB:.0f} | "
+                     f"{paper if paper is not None else 'OOM'} | {'yes' if p.peak <= usable(gpu_gib) else 'no'} | "
+                     f"{top} {p.parts[top] / GiB:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--paper", action="store_true", help="the paper's Table I/II settings beside its Mem column")
+    p.add_argument("--configs", default=str(CONFIGS), help="folder with the paper's config.json files (--paper)")
+    p.add_argument("--teacher", help="teacher config.json, model folder or Hub id")
+    p.add_argument("--student", default=None, help="student config (default: the teacher pruned to --prune-to)")
+    p.add_argument("--prune-to", type=int, default=None, help="student layers when pruning (default: half)")
+    p.add_argument("--method", choices=["sft", "lora", "kd", "neo"], default="neo", help="train.py's --method")
+    p.add_argument("--adapter", choices=["lora", "moslora"], default="lora", help="train.py's --adapter")
+    p.add_argument("--rank", type=int, default=128, help="adapter rank")
+    p.add_argument("--batch-size", type=int, default=4, help="micro-batch per GPU")
+    p.add_argument("--max-len", type=int, default=512, help="tokens per row")
+    p.add_argument("--chunk-size", type=int, default=256, help="neo_loss chunk")
+    p.add_argument("--grad-checkpoint", action="store_true", help="train.py's --grad-checkpoint")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="frozen weights (auto: bf16 + autocast, as on a GPU)")
+    p.add_argument("--world-size", type=int, default=1, help="GPUs (processes)")
+    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0, help="train.py's --zero")
+    p.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU: say whether it fits")
+    args = p.parse_args(argv)
+    if args.paper:
+        print(paper_table(Path(args.configs)))
+        return
+    if args.teacher is None:
+        p.error("--teacher is required (or --paper)")
+    args.targets = Setup().targets
+    teacher_cfg = load_config(args.teacher)
+    planner = Planner(teacher_cfg, student_config(teacher_cfg, args.student, args.prune_to))
+    print_plan(planner, planner.plan(setup_from_train_args(args), args.world_size, args.zero), args.gpu_memory)
+
+
+if __name__ == "__main__":
+    main()

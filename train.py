@@ -113,6 +113,12 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--no-report", action="store_true", help="skip the before/after held-out scores and answers")
+    # plan only
+    p.add_argument("--plan", type=int, nargs="?", const=1, default=None, metavar="GPUS",
+                   help="print the peak memory per GPU for GPUS processes (default 1) with these flags, from "
+                        "the models' config.json alone (plan.py), and exit without loading weights")
+    p.add_argument("--gpu-memory", type=float, default=None,
+                   help="with --plan: GiB per GPU; say whether the run fits, and which flag would make it fit")
     args = p.parse_args(argv)
 
     args.demo = args.teacher is None and not torch.cuda.is_available()
@@ -409,6 +415,9 @@ def print_answers(table):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plan:  # dry run: memory from config.json files, no weights, no data
+        import plan
+        return plan.plan_from_train_args(args, args.teacher or offline_model())
     d = setup_distributed()
     args.world_size = d.world
     out = Path(args.out)

@@ -93,3 +93,72 @@ def breakdown_line(m: dict) -> str:
     err = 100 * (total - m["measured_peak_bytes"]) / m["measured_peak_bytes"]
     return (f"live peak {m['measured_peak_bytes'] / plan.GiB:.2f} GiB (at {m['peak_phase']}) = {body} "
             f"[sum {total / plan.GiB:.2f}, {err:+.1f}%]; peak RSS {m['peak_rss_bytes'] / plan.GiB:.2f} GiB")
+
+
+# -----------------------------------------------------------------------------
+# Predictions at the bench's shape, from the config.json files alone (plan.py on fake tensors).
+
+
+def bench_setup(method, args, device, n_targets=None) -> "plan.Setup":
+    """The plan.Setup of bench.py's step for one of our methods (bench.TRAIN_FLAGS)."""
+    gpu = device.type == "cuda"  # bench follows train.py's --dtype auto: bf16 frozen weights + autocast on a GPU
+    return plan.Setup(method="neo" if method == "neo-moslora" else method,
+                      adapter="moslora" if method == "neo-moslora" else "lora", rank=args.rank,
+                      batch_size=args.batch_size, max_len=args.max_len, chunk_size=args.chunk_size,
+                      grad_checkpoint=args.grad_checkpoint, autocast=gpu,
+                      frozen_dtype=torch.bfloat16 if gpu else torch.float32, n_targets=n_targets)
+
+
+def predict(method, args, teacher_dir, student_dir, device, n_targets=None) -> dict:
+    """{'predicted_peak_bytes', 'predicted_components_bytes'} for one bench method, weights never loaded.
+
+    n_targets: the bench batch's valid target tokens (its prompts are not targets), for the loss's rows."""
+    if method == "hf-peft-neo":
+        ledger = hf_ledger(args, teacher_dir, student_dir, device)
+    else:
+        setup = bench_setup(method, args, device, n_targets)
+        ledger = plan.ledger_of_step(setup, plan.load_config(teacher_dir), plan.load_config(student_dir))
+    peak, parts, _ = ledger.peak()
+    return {"predicted_peak_bytes": peak, "predicted_components_bytes": {c: parts[c] for c in SHOWN}}
+
+
+def hf_ledger(args, teacher_dir, student_dir, device) -> "plan.Ledger":
+    """bench.py's transformers + PEFT step, built from the two config.json files on fake tensors."""
+    import contextlib
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from benchmarks import bench
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # Built on the meta device (Module.to(), which PEFT calls, cannot swap fake parameters), then
+    # every meta tensor is replaced by a fake CPU one of the same shape and dtype, ties kept.
+    with torch.device("meta"), contextlib.redirect_stdout(None):
+        teacher = LlamaForCausalLM(LlamaConfig.from_pretrained(teacher_dir)).to(dtype).eval().requires_grad_(False)
+        student = LlamaForCausalLM(LlamaConfig.from_pretrained(student_dir)).to(dtype)
+        step, params, (teacher, student, optimizer) = bench.hf_peft_step(args, teacher, student)
+    mode = FakeTensorMode()
+    _meta_to_fake([teacher, student], mode)
+    params[:] = [p for p in student.parameters() if p.requires_grad]  # the list the step clips and steps
+    optimizer.param_groups[0]["params"] = params
+    with mode:
+        ids = torch.randint(0, student.config.vocab_size, (args.batch_size, args.max_len))
+        batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+        with plan._answers(True):
+            step(batch)  # AdamW's state now exists
+        with plan.Ledger(teacher, student, optimizer, fake=True) as ledger:
+            step(batch)
+    return ledger
+
+
+def _meta_to_fake(modules, mode):
+    """Swap every meta parameter and buffer for a fake CPU tensor (tied weights stay tied)."""
+    memo = {}
+    with mode:
+        for module in modules:
+            for m in module.modules():
+                for slots, make in ((m._parameters, lambda t: torch.nn.Parameter(
+                        torch.empty(t.shape, dtype=t.dtype), requires_grad=t.requires_grad)),
+                                    (m._buffers, lambda t: torch.empty(t.shape, dtype=t.dtype))):
+                    for name, t in list(slots.items()):
+                        if t is not None:
+                            memo.setdefault(id(t), make(t))
+                            slots[name] = memo[id(t)]

@@ -35,6 +35,12 @@ def test_bench_writes_table_and_targets(tmp_path, toy_flags):
     assert {"neo_tok_s / hf_peft_tok_s", "neo_mem / hf_peft_mem"} <= set(saved["targets"])
     assert (tmp_path / "bench.md").read_text().count("| neo") >= 1
     assert "| neo |" in blob["table_markdown"]
+    # issue 10: a counted step per method, its components adding up to the allocator's peak, the plan beside it
+    for r in res.values():
+        parts = sum(r["components_bytes"].values())
+        assert abs(parts - r["measured_peak_bytes"]) <= 0.05 * r["measured_peak_bytes"]
+        assert abs(r["predicted_peak_bytes"] - r["measured_peak_bytes"]) <= 0.10 * r["measured_peak_bytes"]
+    assert "live peak (GiB)" in blob["table_markdown"]
 
 
 def test_experiment_run_and_sweep(tmp_path, toy_flags):
