@@ -21,6 +21,12 @@ activations, the Python runtime) on CPU, torch.cuda.max_memory_allocated on GPU.
 fixed (batch_size, max_len) block packed from the same instruction data for every method. The
 time is the median over --steps timed steps after --warmup untimed ones.
 
+After the timed steps each method takes one more step, counted (benchmarks/memory.py): its peak
+of live tensor bytes as the allocator saw it, and plan.py's ledger of what was alive at that peak
+(teacher weights, frozen and trainable weights, gradients, AdamW state, saved activations, loss
+and other transients), which must add up to it; beside it, the peak plan.py predicts from the
+two config.json files on fake tensors, without loading weights.
+
     python -m benchmarks.bench                                   # SmolLM2-135M teacher -> its pruned half, 512 x 4, r 128
     python -m benchmarks.bench --steps 2 --warmup 1 --methods neo,kd,hf-peft-neo
     python -m benchmarks.bench --device cuda --steps 10 --warmup 3 --output benchmarks/results/bench_gpu.json

@@ -162,3 +162,55 @@ def _meta_to_fake(modules, mode):
                         if t is not None:
                             memo.setdefault(id(t), make(t))
                             slots[name] = memo[id(t)]
+
+
+# -----------------------------------------------------------------------------
+# `python -m benchmarks.memory`: plan.py's own step at the bench shape, measured and planned, in fp32
+# and in bf16 (frozen weights bf16 + autocast, trainable weights and AdamW fp32), random weights.
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", default=None, help="teacher folder (default: the offline SmolLM2-135M-Instruct)")
+    p.add_argument("--methods", default="sft,lora,kd,neo,neo-moslora", help="comma-separated")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="frozen weights' dtype (bfloat16 adds autocast)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--rank", type=int, default=128)
+    args = p.parse_args(argv)
+    if args.teacher is None:
+        import offline
+        args.teacher = offline.smollm2_dir()
+    teacher_cfg = plan.load_config(args.teacher)
+    student_cfg = plan.student_config(teacher_cfg)
+    print(f"teacher {args.teacher} -> its {student_cfg.num_hidden_layers}-layer half, batch {args.batch_size} x "
+          f"{args.max_len}, rank {args.rank}, every position a target, random weights, CPU")
+    print("| method | dtype | measured live peak (GiB) | planned (GiB) | plan vs measured | components (GiB) |")
+    print("|---|---|---:|---:|---:|---|")
+    peaks = {}
+    for dtype in args.dtypes.split(","):
+        for method in args.methods.split(","):
+            bf16 = dtype == "bfloat16"
+            setup = plan.Setup(method="neo" if method == "neo-moslora" else method,
+                               adapter="moslora" if method == "neo-moslora" else "lora", rank=args.rank,
+                               batch_size=args.batch_size, max_len=args.max_len, autocast=bf16,
+                               frozen_dtype=torch.bfloat16 if bf16 else torch.float32)
+            teacher, distiller, optimizer, batch = plan.build(setup, teacher_cfg, student_cfg, fake=False)
+
+            def run():
+                plan.training_step(teacher, distiller, optimizer, batch, setup.autocast)
+            run()
+            m = measure(run, teacher, distiller.student, optimizer, torch.device("cpu"))
+            del teacher, distiller, optimizer
+            predicted = plan.ledger_of_step(setup, teacher_cfg, student_cfg, fake=True).peak()[0]
+            peak = peaks[method, dtype] = m["measured_peak_bytes"]
+            print(f"| {method} | {dtype} | {peak / plan.GiB:.2f} | {predicted / plan.GiB:.2f} | "
+                  f"{100 * (predicted / peak - 1):+.1f}% | {breakdown_line(m)} |", flush=True)
+    for dtype in args.dtypes.split(","):
+        if ("neo", dtype) in peaks and ("kd", dtype) in peaks:
+            r = peaks["neo", dtype] / peaks["kd", dtype]
+            print(f"neo / kd live peak, {dtype}: {r:.2f} (target <= 0.65 with bf16; paper 0.77)")
+
+
+if __name__ == "__main__":
+    main()
