@@ -101,12 +101,13 @@ def breakdown_line(m: dict) -> str:
 
 def bench_setup(method, args, device, n_targets=None) -> "plan.Setup":
     """The plan.Setup of bench.py's step for one of our methods (bench.TRAIN_FLAGS)."""
-    gpu = device.type == "cuda"  # bench follows train.py's --dtype auto: bf16 frozen weights + autocast on a GPU
+    import train
+    precision = train.choose_dtype(args.dtype, device)  # the bench row's precision, chosen as train.py does
     return plan.Setup(method="neo" if method == "neo-moslora" else method,
                       adapter="moslora" if method == "neo-moslora" else "lora", rank=args.rank,
                       batch_size=args.batch_size, max_len=args.max_len, chunk_size=args.chunk_size,
-                      grad_checkpoint=args.grad_checkpoint, autocast=gpu,
-                      frozen_dtype=torch.bfloat16 if gpu else torch.float32, n_targets=n_targets)
+                      grad_checkpoint=args.grad_checkpoint, autocast=precision.compute is not None,
+                      frozen_dtype=precision.frozen, n_targets=n_targets)
 
 
 def predict(method, args, teacher_dir, student_dir, device, n_targets=None) -> dict:
@@ -128,13 +129,17 @@ def hf_ledger(args, teacher_dir, student_dir, device) -> "plan.Ledger":
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import LlamaConfig, LlamaForCausalLM
     from benchmarks import bench
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    import train
+    precision = train.choose_dtype(args.dtype, device)
+    dtype = precision.frozen
     # Built on the meta device (Module.to(), which PEFT calls, cannot swap fake parameters), then
     # every meta tensor is replaced by a fake CPU one of the same shape and dtype, ties kept.
     with torch.device("meta"), contextlib.redirect_stdout(None):
         teacher = LlamaForCausalLM(LlamaConfig.from_pretrained(teacher_dir)).to(dtype).eval().requires_grad_(False)
         student = LlamaForCausalLM(LlamaConfig.from_pretrained(student_dir)).to(dtype)
-        step, params, (teacher, student, optimizer) = bench.hf_peft_step(args, teacher, student)
+        no_compile = argparse.Namespace(**{**vars(args), "compile": False})
+        step, params, (teacher, student, optimizer) = bench.hf_peft_step(no_compile, teacher, student, precision,
+                                                                         torch.device("cpu"))
     mode = FakeTensorMode()
     _meta_to_fake([teacher, student], mode)
     params[:] = [p for p in student.parameters() if p.requires_grad]  # the list the step clips and steps
