@@ -67,7 +67,7 @@ def test_step_flops_match_torch_flop_counter(method, tiny_teacher_dir, tmp_path)
     labels = torch.full_like(ids, -100)
     labels[:, -4:] = ids[:, -4:]  # a long prompt, 3 targets a row: the blocks' FLOPs outweigh the head's
     batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
-    step, _ = bench.ours(method, args, args.teacher, args.student, torch.device("cpu"))
+    step, _, _ = bench.ours(method, args, args.teacher, args.student, torch.device("cpu"))
     # The math attention kernel runs QKᵀ and AV as matmuls the counter sees (the fused CPU kernel
     # is invisible to it); it computes the full T x T square, as step_flops counts.
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
