@@ -73,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--teacher", default=None,
                    help="teacher folder or Hub id (default: the offline SmolLM2-135M-Instruct)")
     p.add_argument("--student", default=None, help="student folder or Hub id (default: prune the teacher)")
+    p.add_argument("--teacher-cache", default=None,
+                   help="train from a top-k teacher cache written by teacher_cache.py instead of running the "
+                        "teacher (kd/neo use the sparse KL; the held-out report reads the cache too)")
     p.add_argument("--prune-to", type=int, default=None,
                    help="build the student by keeping this many of the teacher's most important layers "
                         "(default when no --student: half of them)")
@@ -129,7 +132,7 @@ def parse_args(argv=None):
 # Flags that must match when resuming: they decide the model, the data order or the objective.
 RESUME_FLAGS = ["method", "adapter", "rank", "lora_alpha", "targets", "teacher", "student", "prune_to",
                 "data", "max_samples", "max_len", "batch_size", "grad_accum", "epochs", "alpha",
-                "temperature", "divergence", "seed", "world_size"]
+                "temperature", "divergence", "seed", "world_size", "teacher_cache"]
 
 # -----------------------------------------------------------------------------
 # Distributed set-up: torchrun sets RANK/WORLD_SIZE; plain `python train.py` is a world of one.
@@ -184,8 +187,12 @@ class Distiller(nn.Module):
         self.alpha, self.temperature, self.divergence = alpha, temperature, divergence
         self.chunk_size, self.vocab_size = chunk_size, vocab_size
 
-    def forward(self, input_ids, attention_mask, labels, teacher_hidden, teacher_head, normalizer):
+    def forward(self, input_ids, attention_mask, labels, teacher_hidden, teacher_head, normalizer, teacher_topk=None):
         hidden = self.student(input_ids, attention_mask, return_hidden=True)  # (B, T, D)
+        if teacher_topk is not None:  # the teacher's cached top-k rows (teacher_cache.py)
+            return neo.sparse_neo_loss(hidden, self.student.lm_head.weight, teacher_topk, labels, alpha=self.alpha,
+                                       temperature=self.temperature, chunk_size=self.chunk_size,
+                                       normalizer=normalizer, vocab_size=self.vocab_size)
         return neo.neo_loss(hidden, self.student.lm_head.weight, teacher_hidden, teacher_head, labels,
                             alpha=self.alpha, temperature=self.temperature, divergence=self.divergence,
                             chunk_size=self.chunk_size, normalizer=normalizer, vocab_size=self.vocab_size)
@@ -364,18 +371,24 @@ PROMPTS = ["What is the capital of France?",
 
 
 @torch.no_grad()
-def heldout_scores(student, teacher, batches, device, chunk_size, vocab_size):
-    """Per-token CE on the labels and forward KL(teacher ‖ student) on the held-out set."""
+def heldout_scores(student, teacher, batches, device, chunk_size, vocab_size, cache=None, temperature=1.0):
+    """Per-token CE on the labels and forward KL(teacher ‖ student) on the held-out set; with a teacher
+    cache (teacher None) the KL is its top-k + tail form D_K, a lower bound of the full KL (neo.py)."""
     was_training = student.training
     student.eval()
     ce = kl = n = 0.0
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
-        th = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
         sh = student(b["input_ids"], b["attention_mask"], return_hidden=True)
-        out = neo.neo_loss(sh.float(), student.lm_head.weight.float(), th.float(),
-                           teacher.lm_head.weight.float(), b["labels"], alpha=0.5,
-                           chunk_size=chunk_size, normalizer=1.0, vocab_size=vocab_size)
+        if cache is not None:
+            top = neo.TeacherTopK(*(t.to(device) for t in cache.rows("heldout", b["example_ids"])))
+            out = neo.sparse_neo_loss(sh.float(), student.lm_head.weight.float(), top, b["labels"], alpha=0.5,
+                                      temperature=temperature, chunk_size=chunk_size, normalizer=1.0)
+        else:
+            th = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
+            out = neo.neo_loss(sh.float(), student.lm_head.weight.float(), th.float(),
+                               teacher.lm_head.weight.float(), b["labels"], alpha=0.5, temperature=temperature,
+                               chunk_size=chunk_size, normalizer=1.0, vocab_size=vocab_size)
         ce += out.ce.item() * out.n_tokens.item()
         kl += out.kl.item() * out.n_tokens.item()
         n += out.n_tokens.item()
@@ -424,8 +437,9 @@ def main(argv=None):
     train_set, held_set = load_data(args, tokenizer)
 
     use_teacher = args.method in ("neo", "kd")
+    cache = open_teacher_cache(args, teacher_path, tokenizer, train_set, held_set) if args.teacher_cache else None
     teacher = None
-    if use_teacher or not args.no_report:
+    if (use_teacher or not args.no_report) and cache is None:
         teacher = llama.Llama.from_pretrained(teacher_path, dtype=frozen_dtype(args, d.device), device=d.device)
         teacher.eval().requires_grad_(False)
     calibration = train_set[0]["input_ids"]
@@ -450,7 +464,8 @@ def main(argv=None):
         args.no_report = True
     loader = data.Batches(train_set, args.batch_size, pad_id=tokenizer.pad_token_id, rank=d.rank,
                           world_size=d.world, seed=args.seed)
-    held_batches = [] if args.no_report else [loader.collate(held_set[i:i + args.batch_size])
+    held_batches = [] if args.no_report else [{**loader.collate(held_set[i:i + args.batch_size]),
+                                               "example_ids": torch.arange(i, min(i + args.batch_size, len(held_set)))}
                                               for i in range(0, len(held_set), args.batch_size)]
     # Micro-batches run on across epoch boundaries; a step is always grad_accum of them.
     total_steps = args.epochs * len(loader) // args.grad_accum
@@ -466,8 +481,10 @@ def main(argv=None):
         if args.resume and report_path.exists():
             report = json.loads(report_path.read_text())
         else:
-            report["before"] = heldout_scores(student, teacher, held_batches, d.device, args.chunk_size, vocab_size)
-            report["answers_before"] = answers({"teacher": teacher, "student": student}, tokenizer, d.device)
+            report["before"] = heldout_scores(student, teacher, held_batches, d.device, args.chunk_size, vocab_size,
+                                              cache, args.temperature)
+            models = {"teacher": teacher, "student": student} if teacher is not None else {"student": student}
+            report["answers_before"] = answers(models, tokenizer, d.device)
             out.mkdir(parents=True, exist_ok=True)
             report_path.write_text(json.dumps(report))
 
@@ -505,7 +522,7 @@ def main(argv=None):
         # A resumed run continues the curve from its checkpoint; steps logged after it are redone.
         metrics_path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= start_step))
     wrapped.train()  # adapter dropout on; the teacher stays in eval()
-    teacher_head = teacher.lm_head.weight if use_teacher else None
+    teacher_head = teacher.lm_head.weight if use_teacher and cache is None else None
     batches = endless(loader)
     t_start = time.time()
     with tqdm_bar(total_steps, start_step, d) as bar:  # closed even when a bad loss stops the run
@@ -524,13 +541,15 @@ def main(argv=None):
             sums = torch.zeros(3, device=d.device)  # loss·n, ce·n, kl·n for logging
             for i, b in enumerate(micro):
                 b = {k: v.to(d.device) for k, v in b.items()}
-                teacher_hidden = None
-                if use_teacher:
+                teacher_hidden = teacher_topk = None
+                if use_teacher and cache is not None:  # rows looked up by example id, not batch position
+                    teacher_topk = neo.TeacherTopK(*(t.to(d.device) for t in cache.rows("train", b["example_ids"])))
+                elif use_teacher:
                     with torch.no_grad():
                         teacher_hidden = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
                 with no_grad_sync(wrapped, args, last=i == len(micro) - 1), autocast(d.device, args):
                     res = wrapped(b["input_ids"], b["attention_mask"], b["labels"], teacher_hidden, teacher_head,
-                                  normalizer)
+                                  normalizer, teacher_topk)
                     check_finite(res.loss, step, i, d, out)
                     res.loss.backward()
                 sums += torch.stack([res.loss.detach() * normalizer, res.ce * res.n_tokens, res.kl * res.n_tokens])
@@ -563,10 +582,12 @@ def main(argv=None):
         print0(f"trained {total_steps - start_step} steps in {train_time:.0f} s; wrote {out}")
         if not args.no_report:
             final.eval()
-            report["after"] = heldout_scores(final, teacher, held_batches, d.device, args.chunk_size, vocab_size)
+            report["after"] = heldout_scores(final, teacher, held_batches, d.device, args.chunk_size, vocab_size,
+                                             cache, args.temperature)
             table = {**report["answers_before"], **answers({"trained student": final}, tokenizer, d.device)}
             (ce0, kl0), (ce1, kl1) = report["before"], report["after"]
-            print0(f"\nheld-out ({len(held_set)} conversations)      CE      KL(teacher||student)")
+            kl_name = "KL(teacher||student)" if cache is None else f"top-{cache.k} KL (cache, T={args.temperature:g})"
+            print0(f"\nheld-out ({len(held_set)} conversations)      CE      {kl_name}")
             print0(f"  student before training  {ce0:8.4f}   {kl0:8.4f}")
             print0(f"  student after  training  {ce1:8.4f}   {kl1:8.4f}")
             print_answers(table)
@@ -597,6 +618,19 @@ def load_data(args, tokenizer):
     held_set = data.tokenize_all(tokenizer, held, args.max_len) if held else []
     print0(f"data: {len(train_set)} training and {len(held_set)} held-out examples, max {args.max_len} tokens")
     return train_set, held_set
+
+
+def open_teacher_cache(args, teacher_path, tokenizer, train_set, held_set):
+    """The teacher cache for this run, refused (naming the field) if it was made for other tokens,
+    another teacher, tokenizer, template, max length or temperature, or if a shard is missing."""
+    import teacher_cache
+    if args.divergence != "forward_kl":
+        raise SystemExit(f"--teacher-cache holds the teacher's top-k, which gives the forward KL only; "
+                         f"drop --divergence {args.divergence} or train with the live teacher")
+    expected = teacher_cache.identity(args, teacher_path, tokenizer, {"train": train_set, "heldout": held_set})
+    cache = teacher_cache.TeacherCache(args.teacher_cache, expected)
+    print0(f"teacher: not loaded; its top-{cache.k} rows come from {args.teacher_cache}")
+    return cache
 
 
 def endless(loader):
