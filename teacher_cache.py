@@ -199,14 +199,25 @@ def write_shard(path: Path, entry: dict, examples: list, teacher, manifest: dict
         mask = b["labels"][:, 1:] != neo.IGNORE_INDEX                                 # (B, T-1)
         top = neo.teacher_topk(hidden[:, :-1][mask], teacher.lm_head.weight[:manifest["vocab_size"]],
                                manifest["k"], args.temperature, args.chunk_size)
-        ids.append(top.ids.to(getattr(torch, manifest["ids_dtype"])).cpu())
-        logp.append(top.logp.half().cpu())
-        tail.append(top.tail_logp.float().cpu())
+        top = stored(top, manifest["ids_dtype"])
+        ids.append(top.ids.cpu())
+        logp.append(top.logp.cpu())
+        tail.append(top.tail_logp.cpu())
         if bar is not None:
             bar.update(int(mask.sum()))
-    counts = torch.tensor([0] + targets_per_example(examples))
-    tensors = {"ids": torch.cat(ids), "logp": torch.cat(logp), "tail": torch.cat(tail),
-               "offsets": counts.cumsum(0)}
+    top = neo.TeacherTopK(torch.cat(ids), torch.cat(logp), torch.cat(tail))
+    save_shard(path, entry, top, targets_per_example(examples), manifest)
+
+
+def stored(top: neo.TeacherTopK, ids_dtype: str) -> neo.TeacherTopK:
+    """The rows in the dtypes on disk: 16-bit ids when the vocabulary fits, fp16 log-probs, fp32 tail."""
+    return neo.TeacherTopK(top.ids.to(getattr(torch, ids_dtype)), top.logp.half(), top.tail_logp.float())
+
+
+def save_shard(path: Path, entry: dict, top: neo.TeacherTopK, rows_per_example: list, manifest: dict):
+    """One shard's rows (already in the stored dtypes) to a temporary file, made durable, then renamed."""
+    tensors = {"ids": top.ids, "logp": top.logp, "tail": top.tail_logp,
+               "offsets": torch.tensor([0] + rows_per_example).cumsum(0)}
     if tensors["ids"].shape[0] != entry["rows"]:
         raise RuntimeError(f"{path.name}: {tensors['ids'].shape[0]} rows, the manifest expects {entry['rows']}")
     tmp = path.with_name(f".{path.name}.tmp")

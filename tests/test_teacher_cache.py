@@ -72,6 +72,23 @@ def test_training_from_the_cache_never_loads_the_teacher(cache_dir, tiny_teacher
     rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["kl"] > 0 for r in rows)
     assert all(".lora_" in n for n in res["optimized"])
+    # Step 1's KL is the sparse KL of the untrained student against the live teacher's top-k on the
+    # same two shuffled micro-batches: the run read the rows of its own examples.
+    args = train.parse_args(flags(tiny_teacher_dir, tiny_chat_jsonl))
+    tok = data.Tokenizer.from_dir(tiny_teacher_dir)
+    train_set, _ = train.load_data(args, tok)
+    teacher, base = (real(llama.Llama, p).eval() for p in (tiny_teacher_dir, student))
+    kl = n = 0.0
+    for _, b in zip(range(2), data.Batches(train_set, 2, pad_id=tok.pad_token_id, seed=0)):
+        with torch.no_grad():
+            mask = b["labels"][:, 1:] != -100
+            th = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)[:, :-1][mask]
+            top = neo.teacher_topk(th, teacher.lm_head.weight, 16)
+            top = neo.TeacherTopK(top.ids, top.logp.half(), top.tail_logp)
+            out = neo.sparse_neo_loss(base(b["input_ids"], b["attention_mask"], return_hidden=True),
+                                      base.lm_head.weight, top, b["labels"])
+        kl, n = kl + out.kl * out.n_tokens, n + out.n_tokens
+    assert abs(rows[0]["kl"] - kl / n) <= 1e-5 * kl / n
 
 
 @pytest.mark.parametrize("change, field", [(["--max-len", "40"], "max_len"), (["--temperature", "2"], "temperature"),
