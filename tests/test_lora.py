@@ -7,12 +7,15 @@ transformers Llama with our logits.
 import json
 import math
 
+import peft
 import pytest
 import torch
 import torch.nn as nn
+import transformers
 from safetensors.torch import load_file
 
 import lora
+import model
 from lora import LoRALinear, apply_lora, load_adapter, lora_parameters, merge_lora, save_adapter, unmerge_lora
 from neo import count_targets, neo_loss
 
@@ -123,8 +126,6 @@ def test_merge_in_bf16_computes_in_fp32():
 
 # ----------------------------------------------------------------------------- tiny Llamas
 
-model = pytest.importorskip("model")
-
 STUDENT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
                max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
@@ -224,15 +225,22 @@ def test_zero_b_means_first_gradient_reaches_b_only(variant):
 
 
 def test_adamw_moves_adapters_and_leaves_every_base_weight_bit_identical():
+    """Every parameter goes to AdamW with weight decay, as a careless training script would do.
+
+    So the base weights stay put only because apply_lora froze them (no gradient, so AdamW skips
+    them, decay included) and nothing writes to them in place.
+    """
     teacher, student = tiny(TEACHER, 1), student_with_lora("moslora")
-    base = {n: p.detach().clone() for n, p in student.named_parameters() if not p.requires_grad}
+    adapters = {id(p) for p in lora_parameters(student)}
+    base = {n: p.detach().clone() for n, p in student.named_parameters() if id(p) not in adapters}
     teacher_before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
     adapters_before = [p.detach().clone() for p in lora_parameters(student)]
-    opt = torch.optim.AdamW(lora_parameters(student), lr=1e-2, weight_decay=0.1)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2, weight_decay=0.1)
     for step in range(3):
         neo_step_loss(student, teacher, *batch(seed=step)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    assert len(base) == len(list(student.parameters())) - len(adapters)
     for n, p in student.named_parameters():
         if n in base:
             assert torch.equal(p, base[n]), n
@@ -338,8 +346,6 @@ def test_load_adapter_names_the_module_that_does_not_fit(tmp_path):
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_peft_loads_our_adapter_onto_transformers_llama_with_our_logits(tmp_path, rslora):
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
     base = tiny(STUDENT, 0)
     base.save_pretrained(tmp_path / "base")
     student = apply_lora(base, rank=RANK, alpha=3 * RANK, rslora=rslora)

