@@ -20,9 +20,11 @@ prompt and padding). The paper's reference code masks the KL with the unshifted 
 skips the first response token and scores the token after the last one; here both terms use the
 same shifted mask.
 
-The file has two halves. `reference_loss` is the equation written the plain way, on full logits
+The file has three parts. `reference_loss` is the equation written the plain way, on full logits
 with F.cross_entropy and F.kl_div: read it first; the tests and benchmarks measure against it.
-`neo_loss` computes the same numbers without the B×T×V logits, which is what training uses:
+`neo_loss` computes the same numbers without the B×T×V logits, which is what training uses.
+A last section, `sparse_neo_loss`, is the same chunked loss against a teacher cached offline as its
+top-k tokens plus a tail bucket (teacher_cache.py), with the exact bound on what that loses.
 
 Memory: the full B×T×V fp32 logits of student and teacher are where distillation memory goes.
 neo_loss never builds them. It keeps only the valid target positions, then projects the final
