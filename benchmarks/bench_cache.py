@@ -32,7 +32,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("command", choices=["sizes", "demo"])
     p.add_argument("--ks", default="8,32,64,128", help="sizes: the k values to measure")
-    p.add_argument("--heldout", type=int, default=32, help="sizes: held-out conversations (the demo's 32)")
+    p.add_argument("--heldout", type=int, default=32, help="held-out conversations (the demo's 32)")
     p.add_argument("--max-len", type=int, default=256, help="tokens per conversation (the demo's 256)")
     p.add_argument("--max-samples", type=int, default=None, help="demo: training conversations (default: the demo's)")
     p.add_argument("--work-dir", default="runs/bench_cache", help="caches and runs")
@@ -126,14 +126,16 @@ def demo(args):
     import model as llama
     import train
     work = Path(args.work_dir)
-    budget = ["--max-samples", str(args.max_samples)] if args.max_samples else []
-    cache = work / f"demo_cache{'_' + str(args.max_samples) if args.max_samples else ''}"
+    budget = ["--max-len", str(args.max_len), "--heldout", str(args.heldout)]
+    budget += ["--max-samples", str(args.max_samples)] if args.max_samples else []
+    tag = "_".join(budget[1::2])
+    cache = work / f"demo_cache_{tag}"
     t0 = time.time()
     run([sys.executable, "teacher_cache.py", "--cache", str(cache)] + budget, work / "demo_cache.log")
     t_cache = time.time() - t0
     times = {}
     for name, extra in (("live", []), ("cache", ["--teacher-cache", str(cache)])):
-        out = work / f"demo_{name}{'_' + str(args.max_samples) if args.max_samples else ''}"
+        out = work / f"demo_{name}_{tag}"
         t0 = time.time()
         run([sys.executable, "train.py", "--out", str(out), "--no-report"] + budget + extra, out.with_suffix(".log"))
         times[name] = time.time() - t0
@@ -147,7 +149,7 @@ def demo(args):
     teacher = llama.Llama.from_pretrained(teacher_dir).eval()
     scores = {}
     for name in ("live", "cache"):
-        out = work / f"demo_{name}{'_' + str(args.max_samples) if args.max_samples else ''}"
+        out = work / f"demo_{name}_{tag}"
         m = llama.Llama.from_pretrained(str(out / "model")).eval()
         ce, kl = train.heldout_scores(m, teacher, batches, torch.device("cpu"), 256, None)
         scores[name] = {"heldout_ce": ce, "heldout_kl": kl, "wall_s": times[name]}
