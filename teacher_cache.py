@@ -271,7 +271,7 @@ class TeacherCache:
         shards = self.shards[split]
         firsts = [e["first"] for e in shards]
         ids, logp, tail = [], [], []
-        for i in (int(x) for x in example_ids):
+        for i in torch.as_tensor(example_ids).tolist():  # one device-to-host copy, not one per id
             entry = shards[bisect.bisect_right(firsts, i) - 1]
             f, offsets = self._handle(entry)
             a, b = offsets[i - entry["first"]], offsets[i - entry["first"] + 1]
