@@ -43,9 +43,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import save_torch_state_dict
 from safetensors import safe_open
-from torch.utils.checkpoint import checkpoint
-from safetensors.torch import save_file
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -276,7 +275,6 @@ class Llama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.source_dir: str | None = None  # folder loaded from; save_pretrained copies its tokenizer
-        self.checkpoint_layers = False      # activation checkpointing per block while training (train.py)
         self.init_rope()
 
     def init_rope(self, device=None):
@@ -316,11 +314,7 @@ class Llama(nn.Module):
         sin = self.rope_sin[pos].to(dtype).unsqueeze(1)
         x = self.model.embed_tokens(input_ids)           # (B, T, D)
         for layer in self.model.layers:
-            if self.checkpoint_layers and torch.is_grad_enabled():
-                # Keep only each block's input; recompute its activations during backward.
-                x = checkpoint(layer, x, cos, sin, mask, cache, start_pos, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache, start_pos)
+            x = layer(x, cos, sin, mask, cache, start_pos)
         x = self.model.norm(x)
         return x if return_hidden else self.lm_head(x).float()
 
@@ -415,7 +409,10 @@ class Llama(nn.Module):
             if foreign:  # e.g. LoRA adapters: nothing could load such a folder
                 raise ValueError(f"cannot save tensors a Llama checkpoint does not have: {foreign[:3]} "
                                  "(merge or remove adapters first, e.g. lora.save_merged)")
-            write_safetensors(state, tmp, parse_size(max_shard_size))
+            # model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+            # when over max_shard_size ("5GB", decimal units), tagged {"format": "pt"}: the files
+            # transformers' own save_pretrained writes, with the same shard splitting.
+            save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
             src = Path(self.source_dir) if self.source_dir else None
             if src and (src / "generation_config.json").is_file():
                 shutil.copy(src / "generation_config.json", tmp)
@@ -498,39 +495,6 @@ def build(config: LlamaConfig, state: dict[str, tuple[torch.Tensor, str]], devic
         model.lm_head.weight = model.model.embed_tokens.weight
     model.init_rope(torch.device(device))
     return model
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from 123, "500MB" or "5GB" (decimal units, as transformers uses)."""
-    if isinstance(size, int):
-        return size
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    s = size.strip().upper()
-    return int(float(s[:-2]) * units[s[-2:]]) if s[-2:] in units else int(s)
-
-
-def write_safetensors(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int):
-    """model.safetensors, or model-0000i-of-0000n.safetensors + an index when over max_shard_size."""
-    shards, current, size = [], {}, 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_size:
-            shards.append(current)
-            current, size = {}, 0
-        current[name], size = t, size + nbytes
-    shards.append(current)
-    meta = {"format": "pt"}  # transformers expects this tag
-    if len(shards) == 1:
-        save_file(shards[0], folder / WEIGHT_FILES[0], metadata=meta)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / name, metadata=meta)
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / WEIGHT_FILES[1]).write_text(json.dumps(index, indent=2))
 
 
 # ----------------------------------------------------------------------------- depth pruning

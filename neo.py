@@ -258,7 +258,9 @@ def neo_loss(student_hidden, student_head_weight, teacher_hidden, teacher_head_w
     targets = labels[:, 1:]                                        # (B, T-1)
     mask = targets != ignore_index
     y = targets[mask]                                              # (N,)
-    if y.numel() and (y.min() < 0 or y.max() >= ws.shape[0]):
+    # A range check reads y back to the host: free on the CPU, a sync per call on a GPU, where
+    # train.py checks the labels once on the host instead (train.check_labels).
+    if y.device.type == "cpu" and y.numel() and (y.min() < 0 or y.max() >= ws.shape[0]):
         raise ValueError(f"label ids must lie in [0, {ws.shape[0]}) or equal {ignore_index}")
     hs = student_hidden[:, :-1][mask]                              # (N, D)
     ht = teacher_hidden[:, :-1][mask].detach() if teacher_hidden is not None else None  # (N, Dt)
@@ -417,14 +419,14 @@ def sparse_neo_loss(student_hidden, student_head_weight, teacher: TeacherTopK, l
     targets = labels[:, 1:]                                        # (B, T-1)
     mask = targets != ignore_index
     y = targets[mask]                                              # (N,)
-    if y.numel() and (y.min() < 0 or y.max() >= ws.shape[0]):
+    if y.device.type == "cpu" and y.numel() and (y.min() < 0 or y.max() >= ws.shape[0]):  # as in neo_loss
         raise ValueError(f"label ids must lie in [0, {ws.shape[0]}) or equal {ignore_index}")
     if teacher.ids.shape[0] != y.shape[0] or teacher.logp.shape != teacher.ids.shape \
             or teacher.tail_logp.shape != teacher.ids.shape[:1]:
         raise ValueError(f"the cached teacher has {teacher.ids.shape[0]} rows (ids {tuple(teacher.ids.shape)}, "
                          f"logp {tuple(teacher.logp.shape)}, tail {tuple(teacher.tail_logp.shape)}) but the "
                          f"batch has {y.shape[0]} valid targets: the cache does not belong to this batch")
-    if teacher.ids.numel() and teacher.ids.max() >= ws.shape[0]:
+    if teacher.ids.device.type == "cpu" and teacher.ids.numel() and teacher.ids.max() >= ws.shape[0]:
         raise ValueError(f"cached token ids reach {int(teacher.ids.max())}, beyond the student's {ws.shape[0]} rows")
     hs = student_hidden[:, :-1][mask]                              # (N, D)
     if not torch.is_grad_enabled():

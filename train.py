@@ -16,10 +16,13 @@ Run it
     torchrun --nproc_per_node 6 train.py --zero 1    # + optimizer state sharded (ZeroRedundancyOptimizer)
     torchrun --nproc_per_node 6 train.py --zero 3    # + student and teacher layers sharded (FSDP2)
 
-The file reads top to bottom: arguments, set-up, models, data, optimizer, loop, save.
+The file reads top to bottom: arguments, set-up, then main() and the helpers it calls in the
+order it calls them (models, data, optimizer, loop, checkpoints, save); the before/after report
+is the last section.
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -27,10 +30,9 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -39,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 
 import data
 import lora
@@ -176,6 +179,267 @@ def print0(*a, **k):
 
 
 # -----------------------------------------------------------------------------
+# The run, from arguments to the saved student. Every helper it calls follows, in the order called.
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    d = setup_distributed()
+    args.world_size = d.world
+    out = Path(args.out)
+    torch.manual_seed(args.seed)  # the same on every rank: every rank builds the same adapters
+    if args.demo:
+        budget = ", ".join(f"{k}={getattr(args, k)}" for k in DEMO)
+        print0(f"offline demo on the CPU with a small budget: {budget} (the paper's budget applies with "
+               f"--teacher or on a GPU; any flag overrides)")
+
+    # ---- models ------------------------------------------------------------
+    teacher_path = str(llama.resolve_folder(args.teacher or offline_model()))
+    tokenizer = data.Tokenizer.from_dir(teacher_path)
+    train_set, held_set = load_data(args, tokenizer)
+    use_teacher = args.method in ("neo", "kd")
+    cache = open_teacher_cache(args, teacher_path, tokenizer, train_set, held_set) if args.teacher_cache else None
+    teacher = None
+    if (use_teacher or not args.no_report) and cache is None:
+        teacher = llama.Llama.from_pretrained(teacher_path, dtype=frozen_dtype(args, d.device), device=d.device)
+        teacher.eval().requires_grad_(False)
+    student = build_student(args, teacher_path, train_set[0]["input_ids"], d.device)
+    base_path = save_student_base(student, args, out, d)
+    student = prepare_student(student, args, d.device)
+    vocab_size = shared_vocab(student, teacher, tokenizer)
+    check_labels(train_set + held_set, vocab_size or student.lm_head.weight.shape[0])
+
+    # ---- data ----------------------------------------------------------------
+    if not args.no_report and (not held_set or args.zero == 3):
+        why = "no held-out examples" if not held_set else "--zero 3 shards the teacher across ranks"
+        print0(f"{why}: skipping the before/after report")
+        args.no_report = True
+    loader = data.Batches(train_set, args.batch_size, pad_id=tokenizer.pad_token_id, rank=d.rank,
+                          world_size=d.world, seed=args.seed)
+    total_steps = count_steps(args, loader, len(train_set), d)
+    report = None
+    if not args.no_report and d.master:  # scored now, before the first step changes the student
+        held = [{**loader.collate(held_set[i:i + args.batch_size]),  # ids: the cache's rows of each example
+                 "example_ids": torch.arange(i, min(i + args.batch_size, len(held_set)))}
+                for i in range(0, len(held_set), args.batch_size)]
+        report = Report(teacher, tokenizer, held, d.device, args.chunk_size, vocab_size, out, cache, args.temperature)
+        report.before(student, resume=args.resume)
+
+    # ---- optimizer ------------------------------------------------------------
+    distiller = Distiller(student, args.alpha, args.temperature, args.divergence, args.chunk_size, vocab_size)
+    start_step, state = 0, None
+    if args.resume:
+        state = load_checkpoint(out, args)
+        distiller.load_state_dict(state["trainable"], strict=False)  # trainable weights only
+        start_step = state["step"]
+        loader.load_state_dict(state["data"])
+    wrapped = wrap(distiller, teacher, args, d)
+    torch.manual_seed(args.seed + 1 + d.rank)  # from here on each rank draws its own dropout masks
+    params, optimizer = make_optimizer(wrapped, args)
+    if state is not None:
+        restore_optimizer(wrapped, optimizer, state, args, d)
+    warmup = max(1, int(args.warmup * total_steps))
+
+    # ---- loop ------------------------------------------------------------------
+    metrics_path = start_metrics(out, args, start_step, d)
+    wrapped.train()  # adapter dropout on; the teacher stays in eval()
+    batches = endless(loader)
+    t_start = time.time()
+    with tqdm_bar(total_steps, start_step, d) as bar:  # closed even when a bad loss stops the run
+        for step in range(start_step, total_steps):
+            t0 = time.time()
+            lr = lr_at(step, total_steps, warmup, args.lr, args.min_lr)
+            micro = [next(batches) for _ in range(args.grad_accum)]
+            s = train_step(wrapped, teacher if use_teacher else None, optimizer, params, micro, lr, step, args, d, out,
+                           cache if use_teacher else None)
+            dt = time.time() - t0
+            row = {"step": step + 1, "loss": s["loss"], "ce": s["ce"], "kl": s["kl"], "lr": lr,
+                   "grad_norm": s["grad_norm"], "tokens_per_s": s["tokens"] / dt, "step_s": dt,
+                   "mem_gb": memory_gb(d.device)}
+            if d.master:
+                log_step(row, metrics_path, bar)
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+                save_checkpoint(out, step + 1, wrapped, optimizer, loader, args, d, base_path)
+    train_time = time.time() - t_start
+
+    # ---- save ------------------------------------------------------------------
+    save_checkpoint(out, total_steps, wrapped, optimizer, loader, args, d, base_path)
+    final = final_student(wrapped, student, args, d)
+    if d.master:
+        export(final, out, args, base_path)
+        plot_losses(metrics_path, out / "loss_curve.png")
+        print0(f"trained {total_steps - start_step} steps in {train_time:.0f} s; wrote {out}")
+        if report is not None:
+            report.after(final)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    optimized = [n.removeprefix("module.").removeprefix("student.") for n, p in wrapped.named_parameters()
+                 if p.requires_grad]
+    return {"student": final, "optimized": optimized, "out": out}
+
+
+# -----------------------------------------------------------------------------
+# Models: the teacher as it is; the student given, or pruned from the teacher; then made trainable.
+
+
+def offline_model():
+    import offline
+    return offline.smollm2_dir()
+
+
+def frozen_dtype(args, device):
+    if args.dtype != "auto":
+        return getattr(torch, args.dtype)
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def build_student(args, teacher_path, calibration, device):
+    """The student in fp32: a given model, or the teacher with its least important layers removed."""
+    if args.student is not None:
+        return llama.Llama.from_pretrained(args.student, dtype=torch.float32, device=device)
+    full = llama.Llama.from_pretrained(teacher_path, dtype=torch.float32, device=device)
+    n_layers = full.config.num_hidden_layers
+    keep_n = args.prune_to or n_layers // 2
+    if not 0 < keep_n <= n_layers:
+        raise SystemExit(f"--prune-to {keep_n}: the teacher has {n_layers} layers; choose 1..{n_layers}")
+    ids = torch.tensor([calibration], device=device)
+    keep = llama.most_important_layers(llama.block_importance(full, ids), keep_n)
+    print0(f"student: the teacher's {keep_n} most important of {n_layers} layers {keep} "
+           f"(block importance on {ids.shape[1]} calibration tokens)")
+    return llama.prune_layers(full, keep)
+
+
+def save_student_base(student, args, out: Path, d: Dist) -> str:
+    """The adapter's base model: --student, or the pruned student saved as a folder (also a baseline
+    to evaluate). Returns its path."""
+    if args.student is not None:
+        return args.student
+    folder = out / "student_base"
+    if d.master and not (folder / "config.json").exists():
+        student.save_pretrained(folder)
+    return str(folder)
+
+
+def make_trainable(student, args, verbose=True):
+    """sft/kd: every weight trains. neo/lora: adapters on the target linears, everything else frozen."""
+    if args.method in ("sft", "kd"):
+        student.requires_grad_(True)
+        n = sum(p.numel() for p in student.parameters())
+        if verbose:
+            print0(f"trainable parameters: {n:,} / {n:,} (100%)")
+        return student
+    return lora.apply_lora(student, targets=tuple(args.targets.split(",")), rank=args.rank,
+                           alpha=args.lora_alpha, dropout=args.lora_dropout, variant=args.adapter,
+                           verbose=verbose)
+
+
+def prepare_student(student, args, device):
+    """The student as the training step uses it: trainable set chosen, activation checkpointing as
+    asked, and for neo/lora on a GPU the frozen base in bf16 (the adapters stay fp32: the
+    optimizer's master copy)."""
+    student = make_trainable(student, args)
+    if args.grad_checkpoint:
+        checkpoint_blocks(student)
+    if args.method in ("neo", "lora") and device.type == "cuda" and frozen_dtype(args, device) != torch.float32:
+        for p in student.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(frozen_dtype(args, device))
+    return student
+
+
+def checkpoint_blocks(student):
+    """Activation checkpointing: each decoder block keeps only its input for backward and recomputes
+    its activations there (torch.utils.checkpoint; dropout masks are replayed from the saved RNG
+    state). Each block's forward is wrapped in place rather than the block put inside a new module,
+    so every parameter keeps its Hugging Face name (adapter files, checkpoints, FSDP2's state dict)
+    and FSDP2 shards the block as before: its hooks stay on the block, around the wrapped forward."""
+    for block in student.model.layers:
+        block.forward = functools.partial(_recomputed_in_backward, block.forward)
+
+
+def _recomputed_in_backward(forward, *inputs):
+    if not torch.is_grad_enabled():  # evaluation and generation store nothing for backward anyway
+        return forward(*inputs)
+    return checkpoint(forward, *inputs, use_reentrant=False)
+
+
+def shared_vocab(student, teacher, tokenizer):
+    """None when the LM heads match; the tokenizer's size when they differ only by padding rows."""
+    vs = student.lm_head.weight.shape[0]
+    vt = teacher.lm_head.weight.shape[0] if teacher is not None else vs
+    if vs == vt:
+        return None
+    if tokenizer.vocab_size <= min(vs, vt):
+        print0(f"vocab: teacher {vt} and student {vs} rows; comparing the tokenizer's {tokenizer.vocab_size}")
+        return tokenizer.vocab_size
+    raise SystemExit(f"teacher and student vocabularies differ: teacher head {vt} rows, student head {vs} "
+                     f"rows, tokenizer {tokenizer.vocab_size} tokens. Distillation needs one shared "
+                     f"tokenizer; pick a student from the teacher's family (or --prune-to).")
+
+
+# -----------------------------------------------------------------------------
+# Data: tokenised conversations, checked once on the host, then micro-batches forever.
+
+
+def load_data(args, tokenizer):
+    """Tokenised training and held-out examples. The offline set has its own fixed held-out split;
+    for user data the held-out conversations are a seeded sample set aside before training."""
+    if args.data in (None, "offline"):
+        conversations, stats = data.load_conversations("offline", args.max_samples, args.seed)
+        held, _ = data.load_conversations("offline:heldout", args.heldout, args.seed)
+    else:
+        conversations, stats = data.load_conversations(args.data, args.max_samples, args.seed,
+                                                       skip_bad_lines=args.skip_bad_lines)
+        random.Random(args.seed).shuffle(conversations)
+        n_held = min(args.heldout, len(conversations) // 10)
+        held, conversations = conversations[:n_held], conversations[n_held:]
+    train_set = data.tokenize_all(tokenizer, conversations, args.max_len, stats)
+    print0(f"data: {stats.summary()}")
+    held_set = data.tokenize_all(tokenizer, held, args.max_len) if held else []
+    print0(f"data: {len(train_set)} training and {len(held_set)} held-out examples, max {args.max_len} tokens")
+    return train_set, held_set
+
+
+def check_labels(examples, n_rows: int):
+    """Every label is a row of the LM head (or -100). Checked once here, on the lists data.py made,
+    so that no training step has to ask the GPU."""
+    top = max(max(e["labels"]) for e in examples)
+    if top >= n_rows:
+        raise ValueError(f"data: token id {top} is outside the model's vocabulary of {n_rows} rows; the "
+                         f"tokenizer does not belong to this model (use the teacher's own tokenizer)")
+
+
+def count_steps(args, loader, n_examples, d: Dist) -> int:
+    """Optimizer steps in the run. Micro-batches run on across epoch boundaries; a step is always
+    grad_accum of them."""
+    total_steps = args.epochs * len(loader) // args.grad_accum
+    if total_steps == 0:
+        raise SystemExit(f"data: {n_examples} examples make {len(loader)} micro-batches of "
+                         f"{args.batch_size} x {d.world} processes per epoch, fewer than --grad-accum "
+                         f"{args.grad_accum}. Use more data or a smaller --batch-size/--grad-accum.")
+    return min(total_steps, args.max_steps) if args.max_steps else total_steps
+
+
+def open_teacher_cache(args, teacher_path, tokenizer, train_set, held_set):
+    """The teacher cache for this run, refused (naming the field) if it was made for other tokens,
+    another teacher, tokenizer, template, max length or temperature, or if a shard is missing."""
+    import teacher_cache
+    if args.divergence != "forward_kl":
+        raise SystemExit(f"--teacher-cache holds the teacher's top-k, which gives the forward KL only; "
+                         f"drop --divergence {args.divergence} or train with the live teacher")
+    expected = teacher_cache.identity(args, teacher_path, tokenizer, {"train": train_set, "heldout": held_set})
+    cache = teacher_cache.TeacherCache(args.teacher_cache, expected)
+    print0(f"teacher: not loaded; its top-{cache.k} rows come from {args.teacher_cache}")
+    return cache
+
+
+def endless(loader):
+    """Micro-batches forever: the loader resumes from its saved position and moves to the next epoch."""
+    while True:
+        yield from loader
+
+
+# -----------------------------------------------------------------------------
 # The trained module: the student plus the objective. Wrapping the loss inside forward() lets DDP
 # and FSDP2 see one module: FSDP2 gathers the student's LM head for the chunked projection.
 
@@ -198,6 +462,35 @@ class Distiller(nn.Module):
                             chunk_size=self.chunk_size, normalizer=normalizer, vocab_size=self.vocab_size)
 
 
+def wrap(distiller, teacher, args, d: Dist):
+    """Data parallel (DDP) or sharded (FSDP2) student; the teacher is never wrapped by DDP."""
+    if args.zero >= 2:
+        reshard = args.zero == 3
+        for layer in distiller.student.model.layers:
+            fully_shard(layer, reshard_after_forward=reshard)
+        fully_shard(distiller, reshard_after_forward=reshard)
+        if args.zero == 3 and teacher is not None:
+            # Teacher layers are sharded too; its LM head stays whole for the chunked loss.
+            for layer in teacher.model.layers:
+                fully_shard(layer)
+            fully_shard(teacher, ignored_params={teacher.lm_head.weight, teacher.model.embed_tokens.weight})
+        return distiller
+    if d.world > 1:
+        return DDP(distiller, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    return distiller
+
+
+def make_optimizer(wrapped, args):
+    """AdamW over the trainable parameters; with --zero 1 each rank keeps the state of its share."""
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    print0(f"method {args.method}: optimising {sum(p.numel() for p in params):,} parameters "
+           f"({'ZeroRedundancyOptimizer' if args.zero == 1 else 'FSDP2' if args.zero >= 2 else 'AdamW'})")
+    adamw = dict(lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    if args.zero == 1:
+        return params, ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **adamw)
+    return params, torch.optim.AdamW(params, **adamw)
+
+
 def lr_at(step, total, warmup, peak, floor):
     """Linear warm-up to `peak`, then cosine decay to `floor` at the last step."""
     if step < warmup:
@@ -207,35 +500,123 @@ def lr_at(step, total, warmup, peak, floor):
 
 
 # -----------------------------------------------------------------------------
+# The loop
+
+
+def start_metrics(out: Path, args, start_step, d: Dist) -> Path:
+    """metrics.jsonl, one row per step. A resumed run continues the curve from its checkpoint; steps
+    logged after it are redone."""
+    metrics_path = out / "metrics.jsonl"
+    if d.master:
+        out.mkdir(parents=True, exist_ok=True)
+        rows = metrics_path.read_text().splitlines() if args.resume and metrics_path.exists() else []
+        metrics_path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= start_step))
+    return metrics_path
+
+
+def tqdm_bar(total, start, d: Dist):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, disable=not d.master, desc="train", dynamic_ncols=True)
+
+
+def train_step(wrapped, teacher, optimizer, params, micro, lr, step, args, d: Dist, out: Path, cache=None) -> dict:
+    """One optimizer step over the micro-batches `micro` (CPU tensors); teacher None for sft/lora,
+    and for kd/neo from a teacher cache (then its rows are looked up by example id, not position).
+
+    The host never waits for the GPU between micro-batches: what it needs (the loss terms to log,
+    whether every loss was finite, the gradient norm) comes back in one transfer per step, before
+    the optimizer step, so a non-finite loss still stops the run with the weights untouched."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    # Normalise by the valid target tokens of the whole step, over micro-batches and ranks, so
+    # that 16 accumulated micro-batches on 6 processes equal one batch of 16 x 6 x 4. Counted on
+    # the host from the CPU batches, summed over ranks on the device.
+    n_local = sum(neo.count_targets(b["labels"]) for b in micro)
+    n_tokens = sum(b["attention_mask"].sum() for b in micro)
+    n_global, tokens = all_reduce_sum(torch.tensor([float(n_local), float(n_tokens)], device=d.device))
+    # DDP and FSDP average gradients over ranks; the loss is already a global mean, so undo that.
+    normalizer = n_global.clamp(min=1) / d.world
+    teacher_head = teacher.lm_head.weight if teacher is not None else None
+    sums = torch.zeros(3, device=d.device)            # loss·n, ce·n, kl·n for logging
+    bad = torch.zeros(len(micro), device=d.device)    # 1 where a micro-batch's loss is not finite
+    for i, b in enumerate(micro):
+        teacher_topk = None
+        if cache is not None:
+            teacher_topk = neo.TeacherTopK(*(t.to(d.device) for t in cache.rows("train", b["example_ids"])))
+        b = {k: v.to(d.device) for k, v in b.items()}
+        teacher_hidden = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_hidden = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
+        with no_grad_sync(wrapped, args, last=i == len(micro) - 1), autocast(d.device, args):
+            res = wrapped(b["input_ids"], b["attention_mask"], b["labels"], teacher_hidden, teacher_head,
+                          normalizer, teacher_topk)
+            res.loss.backward()
+        bad[i] = (~torch.isfinite(res.loss.detach())).float()
+        sums += torch.stack([res.loss.detach() * normalizer, res.ce * res.n_tokens, res.kl * res.n_tokens])
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: DTensor
+    sums = all_reduce_sum(sums) / n_global.clamp(min=1)
+    bad = all_reduce_sum(bad)
+    host = torch.cat([sums, grad_norm.reshape(1), tokens.reshape(1), bad]).tolist()  # the step's one sync
+    if any(host[5:]):
+        stop_non_finite(step, next(i for i, x in enumerate(host[5:]) if x), out)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return dict(zip(("loss", "ce", "kl", "grad_norm", "tokens"), host[:5]))
+
+
+def no_grad_sync(wrapped, args, last: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+    if args.zero >= 2:
+        wrapped.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    if isinstance(wrapped, DDP) and not last:
+        return wrapped.no_sync()
+    return contextlib.nullcontext()
+
+
+def autocast(device, args):
+    if device.type == "cuda" and frozen_dtype(args, device) == torch.bfloat16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def stop_non_finite(step, micro, out: Path):
+    latest = out / "checkpoints" / "latest"
+    kept = f"the last good checkpoint is {latest.read_text().strip()}" if latest.exists() else \
+        "no checkpoint was written yet"
+    raise SystemExit(f"non-finite loss at step {step + 1}, micro-batch {micro} (on at least one rank); "
+                     f"stopped before the optimizer step, {kept} in {out / 'checkpoints'}. "
+                     f"Lower --lr, or check the data of that batch.")
+
+
+def memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def log_step(row: dict, metrics_path: Path, bar):
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", kl=f"{row['kl']:.3f}",
+                    lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['mem_gb']:.1f}G")
+    bar.update(1)
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints: written to a temporary folder, renamed, then `latest` is switched atomically, so a
 # crash mid-save leaves the previous checkpoint whole.
 
 
-def trainable_state(wrapped, optimizer, d: Dist, zero: int):
-    """Full (unsharded) trainable weights and optimizer state, on rank 0 (None elsewhere)."""
-    if zero >= 2:  # FSDP2: gather the shards with PyTorch's distributed state-dict API
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd, optim_sd = get_state_dict(wrapped, optimizer, options=opts)
-    else:  # DDP keeps whole copies; ZeRO-1 first gathers its optimizer shards on rank 0
-        if zero == 1:
-            optimizer.consolidate_state_dict(to=0)
-        model_sd = module_of(wrapped).state_dict()
-        optim_sd = optimizer.state_dict() if d.master else None
-    names = {n for n, p in module_of(wrapped).named_parameters() if p.requires_grad}
-    model_sd = {k: v.detach().cpu().clone() for k, v in model_sd.items() if k in names}
-    return (model_sd, optim_sd) if d.master else (None, None)
-
-
-def module_of(wrapped):
-    return wrapped.module if isinstance(wrapped, DDP) else wrapped
-
-
 def save_checkpoint(out: Path, step, wrapped, optimizer, loader, args, d: Dist, base_path):
-    """Trainable weights, optimizer state, data position and every rank's RNG (the learning rate is a
-    pure function of the step, so there is no scheduler state)."""
+    """Trainable weights, optimizer state, data position and every rank's dropout RNG (the learning
+    rate is a pure function of the step, so there is no scheduler state)."""
     model_sd, optim_sd = trainable_state(wrapped, optimizer, d, args.zero)
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-           "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None}
+    # Adapter dropout is the only random draw of training; it draws from the device's generator.
+    rng = torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else torch.get_rng_state()
     rngs = [None] * d.world
     if dist.is_initialized():
         dist.all_gather_object(rngs, rng)
@@ -265,6 +646,25 @@ def save_checkpoint(out: Path, step, wrapped, optimizer, loader, args, d: Dist, 
         dist.barrier()
 
 
+def trainable_state(wrapped, optimizer, d: Dist, zero: int):
+    """Full (unsharded) trainable weights and optimizer state, on rank 0 (None elsewhere)."""
+    if zero >= 2:  # FSDP2: gather the shards with PyTorch's distributed state-dict API
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd, optim_sd = get_state_dict(wrapped, optimizer, options=opts)
+    else:  # DDP keeps whole copies; ZeRO-1 first gathers its optimizer shards on rank 0
+        if zero == 1:
+            optimizer.consolidate_state_dict(to=0)
+        model_sd = module_of(wrapped).state_dict()
+        optim_sd = optimizer.state_dict() if d.master else None
+    names = {n for n, p in module_of(wrapped).named_parameters() if p.requires_grad}
+    model_sd = {k: v.detach().cpu().clone() for k, v in model_sd.items() if k in names}
+    return (model_sd, optim_sd) if d.master else (None, None)
+
+
+def module_of(wrapped):
+    return wrapped.module if isinstance(wrapped, DDP) else wrapped
+
+
 def _newest(ckpts: Path, n: int):
     return sorted(p.name for p in ckpts.glob("step-*"))[-n:]
 
@@ -283,91 +683,121 @@ def load_checkpoint(out: Path, args):
     return state
 
 
-# -----------------------------------------------------------------------------
-# Models
-
-
-def frozen_dtype(args, device):
-    if args.dtype != "auto":
-        return getattr(torch, args.dtype)
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def build_student(args, teacher_path, calibration, device):
-    """The student in fp32: a given model, or the teacher with its least important layers removed."""
-    if args.student is not None:
-        return llama.Llama.from_pretrained(args.student, dtype=torch.float32, device=device)
-    full = llama.Llama.from_pretrained(teacher_path, dtype=torch.float32, device=device)
-    n_layers = full.config.num_hidden_layers
-    keep_n = args.prune_to or n_layers // 2
-    if not 0 < keep_n <= n_layers:
-        raise SystemExit(f"--prune-to {keep_n}: the teacher has {n_layers} layers; choose 1..{n_layers}")
-    ids = torch.tensor([calibration], device=device)
-    keep = llama.most_important_layers(llama.block_importance(full, ids), keep_n)
-    print0(f"student: the teacher's {keep_n} most important of {n_layers} layers {keep} "
-           f"(block importance on {ids.shape[1]} calibration tokens)")
-    return llama.prune_layers(full, keep)
-
-
-def make_trainable(student, args):
-    """sft/kd: every weight trains. neo/lora: adapters on the target linears, everything else frozen."""
-    if args.method in ("sft", "kd"):
-        student.requires_grad_(True)
-        n = sum(p.numel() for p in student.parameters())
-        print0(f"trainable parameters: {n:,} / {n:,} (100%)")
-        return student
-    return lora.apply_lora(student, targets=tuple(args.targets.split(",")), rank=args.rank,
-                           alpha=args.lora_alpha, dropout=args.lora_dropout, variant=args.adapter)
-
-
-def prepare_student(student, args, device):
-    """The student as the training step uses it: trainable set chosen, activation checkpointing as
-    asked, and for neo/lora on a GPU the frozen base in bf16 (the adapters stay fp32: the
-    optimizer's master copy)."""
-    student = make_trainable(student, args)
-    student.checkpoint_layers = args.grad_checkpoint
-    if args.method in ("neo", "lora") and device.type == "cuda" and frozen_dtype(args, device) != torch.float32:
-        for p in student.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(frozen_dtype(args, device))
-    return student
-
-
-def wrap(distiller, teacher, args, d: Dist):
-    """Data parallel (DDP) or sharded (FSDP2) student; the teacher is never wrapped by DDP."""
+def restore_optimizer(wrapped, optimizer, state, args, d):
+    """Optimizer state and this rank's dropout RNG, from a checkpoint."""
     if args.zero >= 2:
-        reshard = args.zero == 3
-        for layer in distiller.student.model.layers:
-            fully_shard(layer, reshard_after_forward=reshard)
-        fully_shard(distiller, reshard_after_forward=reshard)
-        if args.zero == 3 and teacher is not None:
-            # Teacher layers are sharded too; its LM head stays whole for the chunked loss.
-            for layer in teacher.model.layers:
-                fully_shard(layer)
-            fully_shard(teacher, ignored_params={teacher.lm_head.weight, teacher.model.embed_tokens.weight})
-        return distiller
-    if d.world > 1:
-        return DDP(distiller, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    return distiller
-
-
-def no_grad_sync(wrapped, args, last: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
-    if args.zero >= 2:
-        wrapped.set_requires_gradient_sync(last)
-        return contextlib.nullcontext()
-    if isinstance(wrapped, DDP) and not last:
-        return wrapped.no_sync()
-    return contextlib.nullcontext()
+        set_optimizer_state_dict(wrapped, optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:  # ZeroRedundancyOptimizer takes the consolidated dict and keeps its own shard
+        optimizer.load_state_dict(state["optimizer"])
+    rng = state["rng"][d.rank]
+    if d.device.type == "cuda":
+        torch.cuda.set_rng_state(rng, d.device)
+    else:
+        torch.set_rng_state(rng)
 
 
 # -----------------------------------------------------------------------------
-# Held-out scores and side-by-side answers (rank 0)
+# Save: the trained student as an adapter and as an ordinary model folder.
+
+
+def final_student(wrapped, student, args, d):
+    """A plain, unsharded copy of the trained student on rank 0 (None elsewhere)."""
+    if args.zero < 2:
+        return student if d.master else None
+    full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not d.master:
+        return None
+    # FSDP2 sharded `student` in place; an empty fp32 skeleton of the same shape (config and
+    # adapters, built on the meta device without weights) receives the gathered full state.
+    with torch.device("meta"):
+        plain = make_trainable(llama.Llama(student.config), args, verbose=False)
+    plain.to_empty(device=d.device)
+    if student.config.tie_word_embeddings:  # to_empty gave the head and the embedding a tensor each
+        plain.lm_head.weight = plain.model.embed_tokens.weight
+    plain.init_rope(d.device)
+    plain.load_state_dict({k.removeprefix("student."): v for k, v in full.items()})
+    plain.source_dir = student.source_dir
+    return plain
+
+
+def export(student, out: Path, args, base_path):
+    """The adapter (PEFT layout) and a merged Hugging Face folder; or the full student for sft/kd."""
+    if args.method in ("neo", "lora"):
+        lora.save_adapter(student, out / "adapter", base_model_name_or_path=base_path)
+        lora.save_merged(student, out / "model")
+    else:
+        student.save_pretrained(out / "model")
+
+
+# -----------------------------------------------------------------------------
+# The report (rank 0): the loss curve, and held-out scores and answers of the student before and
+# after training, side by side with the teacher's.
 
 PROMPTS = ["What is the capital of France?",
            "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
            "How many clips did Natalia sell altogether in April and May?",
            "Name three primary colors."]
+
+
+def plot_losses(metrics_path: Path, png: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in ("loss", "ce", "kl"):
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("nats / token")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+@dataclass
+class Report:
+    """Scores the student on the held-out batches and asks it PROMPTS, before and after training.
+    The 'before' half is kept in report_before.json, so that a resumed run still compares against
+    the untrained student; report.json holds both halves."""
+    teacher: nn.Module | None  # None with a teacher cache: its top-k rows give the KL (neo.sparse_neo_loss)
+    tokenizer: data.Tokenizer
+    batches: list            # held-out micro-batches (CPU tensors)
+    device: torch.device
+    chunk_size: int
+    vocab_size: int | None
+    out: Path
+    cache: object = None       # teacher_cache.TeacherCache
+    temperature: float = 1.0   # the cache's T
+    scores: dict = field(default_factory=dict)
+
+    def before(self, student, resume: bool):
+        path = self.out / "report_before.json"
+        if resume and path.exists():
+            self.scores = json.loads(path.read_text())
+            return
+        self.scores["before"] = heldout_scores(student, self.teacher, self.batches, self.device,
+                                               self.chunk_size, self.vocab_size, self.cache, self.temperature)
+        models = {"teacher": self.teacher, "student": student} if self.teacher is not None else {"student": student}
+        self.scores["answers_before"] = answers(models, self.tokenizer, self.device)
+        self.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.scores))
+
+    def after(self, trained):
+        trained.eval()
+        self.scores["after"] = heldout_scores(trained, self.teacher, self.batches, self.device, self.chunk_size,
+                                              self.vocab_size, self.cache, self.temperature)
+        table = {**self.scores["answers_before"], **answers({"trained student": trained}, self.tokenizer,
+                                                            self.device)}
+        (ce0, kl0), (ce1, kl1) = self.scores["before"], self.scores["after"]
+        n = sum(len(b["input_ids"]) for b in self.batches)
+        kl_name = "KL(teacher||student)" if self.cache is None else f"top-{self.cache.k} KL (cache, T={self.temperature:g})"
+        print0(f"\nheld-out ({n} conversations)      CE      {kl_name}")
+        print0(f"  student before training  {ce0:8.4f}   {kl0:8.4f}")
+        print0(f"  student after  training  {ce1:8.4f}   {kl1:8.4f}")
+        print_answers(table)
+        (self.out / "report.json").write_text(json.dumps(self.scores, indent=2))
 
 
 @torch.no_grad()
@@ -378,10 +808,11 @@ def heldout_scores(student, teacher, batches, device, chunk_size, vocab_size, ca
     student.eval()
     ce = kl = n = 0.0
     for b in batches:
+        top = cache.rows("heldout", b["example_ids"]) if cache is not None else None
         b = {k: v.to(device) for k, v in b.items()}
         sh = student(b["input_ids"], b["attention_mask"], return_hidden=True)
-        if cache is not None:
-            top = neo.TeacherTopK(*(t.to(device) for t in cache.rows("heldout", b["example_ids"])))
+        if top is not None:
+            top = neo.TeacherTopK(*(t.to(device) for t in top))
             out = neo.sparse_neo_loss(sh.float(), student.lm_head.weight.float(), top, b["labels"], alpha=0.5,
                                       temperature=temperature, chunk_size=chunk_size, normalizer=1.0)
         else:
@@ -415,327 +846,6 @@ def print_answers(table):
         print0(f"\nQ: {q}")
         for name, outs in table.items():
             print0(f"  [{name:>16}] {outs[i]!r}")
-
-
-# -----------------------------------------------------------------------------
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    d = setup_distributed()
-    args.world_size = d.world
-    out = Path(args.out)
-    torch.manual_seed(args.seed)  # the same on every rank: every rank builds the same adapters
-    if args.demo:
-        budget = ", ".join(f"{k}={getattr(args, k)}" for k in DEMO)
-        print0(f"offline demo on the CPU with a small budget: {budget} (the paper's budget applies with "
-               f"--teacher or on a GPU; any flag overrides)")
-
-    # ---- models ------------------------------------------------------------
-    teacher_path = str(llama.resolve_folder(args.teacher or offline_model()))
-    tokenizer = data.Tokenizer.from_dir(teacher_path)
-    train_set, held_set = load_data(args, tokenizer)
-
-    use_teacher = args.method in ("neo", "kd")
-    cache = open_teacher_cache(args, teacher_path, tokenizer, train_set, held_set) if args.teacher_cache else None
-    teacher = None
-    if (use_teacher or not args.no_report) and cache is None:
-        teacher = llama.Llama.from_pretrained(teacher_path, dtype=frozen_dtype(args, d.device), device=d.device)
-        teacher.eval().requires_grad_(False)
-    calibration = train_set[0]["input_ids"]
-
-    student = build_student(args, teacher_path, calibration, d.device)
-    base_path = args.student
-    if args.student is None:
-        # The pruned student as a folder: the adapter's base model, and a baseline to evaluate.
-        base_path = str(out / "student_base")
-        if d.master and not (out / "student_base" / "config.json").exists():
-            student.save_pretrained(base_path)
-    student = prepare_student(student, args, d.device)
-    vocab_size = shared_vocab(student, teacher, tokenizer)
-
-    def rebuild():  # the untrained student again (deterministic): FSDP2's full copy is loaded into it
-        return make_trainable(build_student(args, teacher_path, calibration, d.device), args)
-
-    # ---- data ----------------------------------------------------------------
-    if not args.no_report and (not held_set or args.zero == 3):
-        why = "no held-out examples" if not held_set else "--zero 3 shards the teacher across ranks"
-        print0(f"{why}: skipping the before/after report")
-        args.no_report = True
-    loader = data.Batches(train_set, args.batch_size, pad_id=tokenizer.pad_token_id, rank=d.rank,
-                          world_size=d.world, seed=args.seed)
-    held_batches = [] if args.no_report else [{**loader.collate(held_set[i:i + args.batch_size]),
-                                               "example_ids": torch.arange(i, min(i + args.batch_size, len(held_set)))}
-                                              for i in range(0, len(held_set), args.batch_size)]
-    # Micro-batches run on across epoch boundaries; a step is always grad_accum of them.
-    total_steps = args.epochs * len(loader) // args.grad_accum
-    if total_steps == 0:
-        raise SystemExit(f"data: {len(train_set)} examples make {len(loader)} micro-batches of "
-                         f"{args.batch_size} x {d.world} processes per epoch, fewer than --grad-accum "
-                         f"{args.grad_accum}. Use more data or a smaller --batch-size/--grad-accum.")
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
-
-    report, report_path = {}, out / "report_before.json"
-    if not args.no_report and d.master:
-        if args.resume and report_path.exists():
-            report = json.loads(report_path.read_text())
-        else:
-            report["before"] = heldout_scores(student, teacher, held_batches, d.device, args.chunk_size, vocab_size,
-                                              cache, args.temperature)
-            models = {"teacher": teacher, "student": student} if teacher is not None else {"student": student}
-            report["answers_before"] = answers(models, tokenizer, d.device)
-            out.mkdir(parents=True, exist_ok=True)
-            report_path.write_text(json.dumps(report))
-
-    # ---- optimizer ------------------------------------------------------------
-    distiller = Distiller(student, args.alpha, args.temperature, args.divergence, args.chunk_size, vocab_size)
-    start_step, state = 0, None
-    if args.resume:
-        state = load_checkpoint(out, args)
-        distiller.load_state_dict(state["trainable"], strict=False)  # trainable weights only
-        start_step = state["step"]
-        loader.load_state_dict(state["data"])
-    wrapped = wrap(distiller, teacher, args, d)
-    torch.manual_seed(args.seed + 1 + d.rank)  # from here on each rank draws its own dropout masks
-    random.seed(args.seed + d.rank)
-    np.random.seed(args.seed + d.rank)
-    params = [p for p in wrapped.parameters() if p.requires_grad]
-    optimized = [n.removeprefix("module.").removeprefix("student.") for n, p in wrapped.named_parameters()
-                 if p.requires_grad]
-    print0(f"method {args.method}: optimising {sum(p.numel() for p in params):,} parameters "
-           f"({'ZeroRedundancyOptimizer' if args.zero == 1 else 'FSDP2' if args.zero >= 2 else 'AdamW'})")
-    adamw = dict(lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    if args.zero == 1:
-        optimizer = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **adamw)
-    else:
-        optimizer = torch.optim.AdamW(params, **adamw)
-    if state is not None:
-        restore_optimizer(wrapped, optimizer, state, args, d)
-    warmup = max(1, int(args.warmup * total_steps))
-
-    # ---- loop ------------------------------------------------------------------
-    metrics_path = out / "metrics.jsonl"
-    if d.master:
-        out.mkdir(parents=True, exist_ok=True)
-        rows = metrics_path.read_text().splitlines() if args.resume and metrics_path.exists() else []
-        # A resumed run continues the curve from its checkpoint; steps logged after it are redone.
-        metrics_path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= start_step))
-    wrapped.train()  # adapter dropout on; the teacher stays in eval()
-    teacher_head = teacher.lm_head.weight if use_teacher and cache is None else None
-    batches = endless(loader)
-    t_start = time.time()
-    with tqdm_bar(total_steps, start_step, d) as bar:  # closed even when a bad loss stops the run
-        for step in range(start_step, total_steps):
-            t0 = time.time()
-            lr = lr_at(step, total_steps, warmup, args.lr, args.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro = [next(batches) for _ in range(args.grad_accum)]
-            # Normalise by the valid target tokens of the whole step, over micro-batches and ranks, so
-            # that 16 accumulated micro-batches on 6 processes equal one batch of 16 x 6 x 4.
-            n_local = sum(neo.count_targets(b["labels"]) for b in micro)
-            n_global = all_reduce_sum(torch.tensor(float(n_local), device=d.device))
-            # DDP and FSDP average gradients over ranks; the loss is already a global mean, so undo that.
-            normalizer = n_global.clamp(min=1) / d.world
-            sums = torch.zeros(3, device=d.device)  # loss·n, ce·n, kl·n for logging
-            for i, b in enumerate(micro):
-                b = {k: v.to(d.device) for k, v in b.items()}
-                teacher_hidden = teacher_topk = None
-                if use_teacher and cache is not None:  # rows looked up by example id, not batch position
-                    teacher_topk = neo.TeacherTopK(*(t.to(d.device) for t in cache.rows("train", b["example_ids"])))
-                elif use_teacher:
-                    with torch.no_grad():
-                        teacher_hidden = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
-                with no_grad_sync(wrapped, args, last=i == len(micro) - 1), autocast(d.device, args):
-                    res = wrapped(b["input_ids"], b["attention_mask"], b["labels"], teacher_hidden, teacher_head,
-                                  normalizer, teacher_topk)
-                    check_finite(res.loss, step, i, d, out)
-                    res.loss.backward()
-                sums += torch.stack([res.loss.detach() * normalizer, res.ce * res.n_tokens, res.kl * res.n_tokens])
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: DTensor
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            sums = all_reduce_sum(sums) / n_global.clamp(min=1)
-            tokens = all_reduce_sum(torch.tensor(float(sum(b["attention_mask"].sum() for b in micro))))
-            dt = time.time() - t0
-            row = {"step": step + 1, "loss": sums[0].item(), "ce": sums[1].item(), "kl": sums[2].item(), "lr": lr,
-                   "grad_norm": grad_norm.item(), "tokens_per_s": tokens.item() / dt, "step_s": dt, "mem_gb": memory_gb(d.device)}
-            if d.master:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", kl=f"{row['kl']:.3f}",
-                                lr=f"{lr:.1e}", tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['mem_gb']:.1f}G")
-                bar.update(1)
-            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-                save_checkpoint(out, step + 1, wrapped, optimizer, loader, args, d, base_path)
-    train_time = time.time() - t_start
-
-    # ---- save ------------------------------------------------------------------
-    save_checkpoint(out, total_steps, wrapped, optimizer, loader, args, d, base_path)
-    final = final_student(wrapped, student, rebuild, args, d)
-    if d.master:
-        export(final, out, args, base_path)
-        plot_losses(metrics_path, out / "loss_curve.png")
-        print0(f"trained {total_steps - start_step} steps in {train_time:.0f} s; wrote {out}")
-        if not args.no_report:
-            final.eval()
-            report["after"] = heldout_scores(final, teacher, held_batches, d.device, args.chunk_size, vocab_size,
-                                             cache, args.temperature)
-            table = {**report["answers_before"], **answers({"trained student": final}, tokenizer, d.device)}
-            (ce0, kl0), (ce1, kl1) = report["before"], report["after"]
-            kl_name = "KL(teacher||student)" if cache is None else f"top-{cache.k} KL (cache, T={args.temperature:g})"
-            print0(f"\nheld-out ({len(held_set)} conversations)      CE      {kl_name}")
-            print0(f"  student before training  {ce0:8.4f}   {kl0:8.4f}")
-            print0(f"  student after  training  {ce1:8.4f}   {kl1:8.4f}")
-            print_answers(table)
-            (out / "report.json").write_text(json.dumps(report, indent=2))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return {"student": final, "optimized": optimized, "out": out}
-
-
-# -----------------------------------------------------------------------------
-# Small helpers used by the loop
-
-
-def load_data(args, tokenizer):
-    """Tokenised training and held-out examples. The offline set has its own fixed held-out split;
-    for user data the held-out conversations are a seeded sample set aside before training."""
-    if args.data in (None, "offline"):
-        conversations, stats = data.load_conversations("offline", args.max_samples, args.seed)
-        held, _ = data.load_conversations("offline:heldout", args.heldout, args.seed)
-    else:
-        conversations, stats = data.load_conversations(args.data, args.max_samples, args.seed,
-                                                       skip_bad_lines=args.skip_bad_lines)
-        random.Random(args.seed).shuffle(conversations)
-        n_held = min(args.heldout, len(conversations) // 10)
-        held, conversations = conversations[:n_held], conversations[n_held:]
-    train_set = data.tokenize_all(tokenizer, conversations, args.max_len, stats)
-    print0(f"data: {stats.summary()}")
-    held_set = data.tokenize_all(tokenizer, held, args.max_len) if held else []
-    print0(f"data: {len(train_set)} training and {len(held_set)} held-out examples, max {args.max_len} tokens")
-    return train_set, held_set
-
-
-def open_teacher_cache(args, teacher_path, tokenizer, train_set, held_set):
-    """The teacher cache for this run, refused (naming the field) if it was made for other tokens,
-    another teacher, tokenizer, template, max length or temperature, or if a shard is missing."""
-    import teacher_cache
-    if args.divergence != "forward_kl":
-        raise SystemExit(f"--teacher-cache holds the teacher's top-k, which gives the forward KL only; "
-                         f"drop --divergence {args.divergence} or train with the live teacher")
-    expected = teacher_cache.identity(args, teacher_path, tokenizer, {"train": train_set, "heldout": held_set})
-    cache = teacher_cache.TeacherCache(args.teacher_cache, expected)
-    print0(f"teacher: not loaded; its top-{cache.k} rows come from {args.teacher_cache}")
-    return cache
-
-
-def endless(loader):
-    """Micro-batches forever: the loader resumes from its saved position and moves to the next epoch."""
-    while True:
-        yield from loader
-
-
-def offline_model():
-    import offline
-    return offline.smollm2_dir()
-
-
-def shared_vocab(student, teacher, tokenizer):
-    """None when the LM heads match; the tokenizer's size when they differ only by padding rows."""
-    vs = student.lm_head.weight.shape[0]
-    vt = teacher.lm_head.weight.shape[0] if teacher is not None else vs
-    if vs == vt:
-        return None
-    if tokenizer.vocab_size <= min(vs, vt):
-        print0(f"vocab: teacher {vt} and student {vs} rows; comparing the tokenizer's {tokenizer.vocab_size}")
-        return tokenizer.vocab_size
-    raise SystemExit(f"teacher and student vocabularies differ: teacher head {vt} rows, student head {vs} "
-                     f"rows, tokenizer {tokenizer.vocab_size} tokens. Distillation needs one shared "
-                     f"tokenizer; pick a student from the teacher's family (or --prune-to).")
-
-
-def autocast(device, args):
-    if device.type == "cuda" and frozen_dtype(args, device) == torch.bfloat16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def check_finite(loss, step, micro, d: Dist, out: Path):
-    bad = all_reduce_sum(torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=loss.device))
-    if bad.item() > 0:
-        latest = out / "checkpoints" / "latest"
-        kept = f"the last good checkpoint is {latest.read_text().strip()}" if latest.exists() else \
-            "no checkpoint was written yet"
-        raise SystemExit(f"non-finite loss at step {step + 1}, micro-batch {micro} (on at least one rank); "
-                         f"stopped before the optimizer step, {kept} in {out / 'checkpoints'}. "
-                         f"Lower --lr, or check the data of that batch.")
-
-
-def memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def tqdm_bar(total, start, d: Dist):
-    from tqdm import tqdm
-    return tqdm(total=total, initial=start, disable=not d.master, desc="train", dynamic_ncols=True)
-
-
-def restore_optimizer(wrapped, optimizer, state, args, d):
-    if args.zero >= 2:
-        set_optimizer_state_dict(wrapped, optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
-    else:  # ZeroRedundancyOptimizer takes the consolidated dict and keeps its own shard
-        optimizer.load_state_dict(state["optimizer"])
-    rng = state["rng"][d.rank]
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    if rng["cuda"] is not None:
-        torch.cuda.set_rng_state(rng["cuda"], d.device)
-
-
-def final_student(wrapped, student, rebuild, args, d):
-    """A plain, unsharded copy of the trained student on rank 0 (None elsewhere)."""
-    if args.zero < 2:
-        return student if d.master else None
-    full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not d.master:
-        return None
-    plain = rebuild()
-    plain.load_state_dict({k.removeprefix("student."): v for k, v in full.items()})
-    return plain
-
-
-def export(student, out: Path, args, base_path):
-    """The adapter (PEFT layout) and a merged Hugging Face folder; or the full student for sft/kd."""
-    if args.method in ("neo", "lora"):
-        lora.save_adapter(student, out / "adapter", base_model_name_or_path=base_path)
-        lora.save_merged(student, out / "model")
-    else:
-        student.save_pretrained(out / "model")
-
-
-def plot_losses(metrics_path: Path, png: Path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in ("loss", "ce", "kl"):
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("nats / token")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

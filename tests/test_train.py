@@ -244,3 +244,39 @@ def test_report_scores_heldout_and_prints_answers(tiny_teacher_dir, tiny_chat_js
     for name in ("teacher", "student", "trained student"):
         assert f"[{name:>16}]" in printed
     assert printed.count("Q: ") == len(train.PROMPTS)
+
+
+# ----------------------------------------------------------------------------- activation checkpointing
+
+def test_checkpointed_blocks_give_the_same_gradients_with_less_saved():
+    torch.manual_seed(0)
+    config = llama.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    m = llama.Llama(config).train()
+    ids = torch.randint(3, 96, (2, 24), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, 20:] = 0  # padding goes through the recomputation too
+
+    def grads_and_saved_bytes():
+        m.zero_grad(set_to_none=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            loss = m(ids, mask).logsumexp(-1).mean()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters()}, sum(saved)
+
+    plain, plain_bytes = grads_and_saved_bytes()
+    names = [n for n, _ in m.named_parameters()]
+    train.checkpoint_blocks(m)
+    assert [n for n, _ in m.named_parameters()] == names  # Hugging Face names kept
+    recomputed, recomputed_bytes = grads_and_saved_bytes()
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=0, atol=1e-6, msg=name)
+    assert recomputed_bytes < plain_bytes / 2
+
+
+def test_label_outside_the_vocabulary_is_refused_before_training():
+    train.check_labels([{"labels": [-100, 3, 99]}], n_rows=100)  # the last row is fine
+    with pytest.raises(ValueError, match="token id 100 is outside the model's vocabulary of 100 rows"):
+        train.check_labels([{"labels": [-100, 3]}, {"labels": [-100, 100]}], n_rows=100)
