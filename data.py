@@ -12,7 +12,10 @@ only on the assistant's replies. This file turns data as people have it into bat
    with jinja2 exactly as transformers' `apply_chat_template` does.
 2. Three data shapes are accepted, in JSONL, JSON or Parquet files, a folder of them, or a Hub
    data set id: OpenAI `messages` (role/content), ShareGPT `conversations` (from/value) and
-   Alpaca (instruction/input/output).
+   Alpaca (instruction/input/output). Every field is checked against its shape: a malformed
+   record stops the run with file:line (or file[index]) and what was expected, or is skipped and
+   counted (skip_bad_lines). Content is text, or OpenAI's list of {"type": "text"} parts; a
+   dict would otherwise be trained as its Python repr.
 3. Labels: the conversation is rendered once; each assistant reply's character span is found by
    rendering the prefix before it (with the generation prompt) and the prefix up to it, and the
    tokens inside that span, up to and including the end-of-turn token, keep their ids. Everything
@@ -32,6 +35,7 @@ import gzip
 import json
 import random
 import re
+import zlib
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -162,7 +166,7 @@ class DataStats:
     """What happened to the data on its way to batches; train.py prints `summary()`."""
     files: int = 0
     records: int = 0         # records read
-    bad_lines: int = 0       # malformed JSON lines skipped (skip_bad_lines=True)
+    bad_lines: int = 0       # malformed JSON lines and records skipped (skip_bad_lines=True)
     no_assistant: int = 0    # conversations without an assistant reply, skipped
     conversations: int = 0   # kept after filtering and max_samples
     truncated: int = 0       # examples cut to max_len
@@ -171,7 +175,7 @@ class DataStats:
 
     def summary(self) -> str:
         files = f" from {self.files} file(s)" if self.files else ""
-        return (f"{self.records} records{files}; skipped {self.bad_lines} malformed lines and "
+        return (f"{self.records} records{files}; skipped {self.bad_lines} malformed lines or records and "
                 f"{self.no_assistant} conversations without an assistant reply; kept {self.conversations}; "
                 f"{self.truncated} truncated to max-len, {self.dropped} dropped (nothing left to train on); "
                 f"{self.examples} examples")
@@ -200,26 +204,48 @@ def _data_files(source: str) -> list[Path]:
 
 
 def _read_file(path: Path, skip_bad_lines: bool, stats: DataStats):
-    """Yield (where, record) for every record of one file; `where` names the file and line or index."""
+    """Yield (where, record) for every record of one file; `where` names the file and line or index.
+
+    Files are read as bytes and decoded line by line, so a line that is not UTF-8 is one malformed
+    line (named, or skipped under skip_bad_lines) rather than the end of the file. A file that cannot
+    be read at all (a truncated gzip, a damaged Parquet file) stops with one line naming it.
+    """
     if path.name.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
         except ImportError as e:
             raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from e
-        for i, record in enumerate(pq.read_table(path).to_pylist()):
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises ArrowInvalid / OSError for damaged files
+            raise ValueError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+        for i, record in enumerate(table.to_pylist()):
             yield f"{path}[{i}]", record
         return
+    try:
+        yield from _read_json(path, skip_bad_lines, stats)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: not a complete gzip file ({e}); re-compress or download it again") from None
+
+
+def _read_json(path: Path, skip_bad_lines: bool, stats: DataStats):
+    """The records of a JSON Lines or JSON file (either may be gzip-compressed)."""
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    with opener(path, "rb") as f:
         lines = f  # JSON Lines are streamed, so large files never sit in memory as one string
         if path.name.endswith((".json", ".json.gz")):
-            text = f.read()
+            raw = f.read()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line = raw[:e.start].count(b"\n") + 1
+                raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
             try:
                 data = json.loads(text)
             except json.JSONDecodeError as e:
                 if e.msg != "Extra data":  # "Extra data": a .json file that really is JSON Lines
                     raise ValueError(f"{path}: malformed JSON (line {e.lineno}: {e.msg})") from e
-                lines = text.split("\n")
+                lines = raw.split(b"\n")
             else:
                 data = data.get("data", data) if isinstance(data, dict) else data
                 if not isinstance(data, list):
@@ -230,7 +256,7 @@ def _read_file(path: Path, skip_bad_lines: bool, stats: DataStats):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.decode("utf-8"))  # UnicodeDecodeError is a ValueError too
                 if not isinstance(record, dict):
                     raise ValueError(f"expected a JSON object, got {type(record).__name__}")
             except ValueError as e:  # JSONDecodeError is a ValueError
@@ -242,34 +268,103 @@ def _read_file(path: Path, skip_bad_lines: bool, stats: DataStats):
             yield f"{path}:{lineno}", record
 
 
-def _text(content) -> str:
-    """Message content as text; OpenAI also allows a list of parts like {"type": "text", "text": ...}."""
+# Roles of OpenAI-style `messages`. ShareGPT's speaker names (human, gpt) are refused here, by name:
+# a file that mixes the two conventions was converted wrongly, and guessing would hide that.
+MESSAGE_ROLES = ("system", "user", "assistant", "tool")
+TEXT_PART = '{"type": "text", "text": "..."}'
+
+
+def _show(value, width: int = 60) -> str:
+    """A short repr of a bad value for an error message."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _text(content, where: str) -> str:
+    """Message content as text: a string, None (empty), or OpenAI's list of content parts
+    [{"type": "text", "text": ...}, ...] joined. Anything else (a dict, a number, an image part)
+    would be trained as its Python repr, so it is refused."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
     if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return "" if content is None else str(content)
+        texts = []
+        for j, part in enumerate(content):
+            # Parquet fills absent struct fields with None, so a part may carry e.g. "image_url": None.
+            if not (isinstance(part, dict) and part.get("type") in ("text", None) and isinstance(part.get("text"), str)):
+                raise ValueError(f"{where}: content part {j} is {_show(part)}; expected {TEXT_PART} "
+                                 f"(text-only models)")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise ValueError(f"{where}: content is a {type(content).__name__} ({_show(content)}); expected a string "
+                     f"or a list of {TEXT_PART} parts")
+
+
+def _string(record: dict, key: str, where: str, optional: bool = False) -> str:
+    value = record.get(key)
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: '{key}' is {_show(value)}; expected a string")
+    return value
 
 
 def to_messages(record: dict, where: str = "record") -> list[dict]:
-    """One record in any of the three shapes -> [{"role": "system"|"user"|"assistant", "content": str}]."""
+    """One record in any of the three shapes -> [{"role": "system"|"user"|"assistant"|"tool", "content": str}].
+
+    Every field is checked against its shape; a ValueError names `where`, the field and what was expected.
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a record (JSON object), got {type(record).__name__} {_show(record)}")
+    record = {k: v for k, v in record.items() if v is not None}  # Parquet gives absent columns as None
     if "messages" in record:
-        if not all(isinstance(m, dict) and "role" in m for m in record["messages"]):
-            raise ValueError(f"{where}: every entry of 'messages' needs a 'role' and a 'content'")
-        return [{"role": m["role"], "content": _text(m.get("content"))} for m in record["messages"]]
-    if "conversations" in record:
+        turns = record["messages"]
+        if not isinstance(turns, list):
+            raise ValueError(f"{where}: 'messages' is {_show(turns)}; expected a list of "
+                             f"{{\"role\": ..., \"content\": ...}} objects")
         messages = []
-        for turn in record["conversations"]:
-            speaker = turn.get("from", turn.get("role"))
+        for j, m in enumerate(turns):
+            if not isinstance(m, dict) or "role" not in m:
+                raise ValueError(f"{where}: messages[{j}] is {_show(m)}; expected {{\"role\": ..., \"content\": ...}}")
+            if m["role"] not in MESSAGE_ROLES:
+                hint = (f" ({m['role']!r} is a ShareGPT speaker name: write role {SHAREGPT_ROLES[m['role']]!r}, "
+                        f"or use 'conversations' with from/value)" if m["role"] in SHAREGPT_ROLES else "")
+                raise ValueError(f"{where}: messages[{j}] has unknown role {m['role']!r}; expected one of "
+                                 f"{', '.join(MESSAGE_ROLES)}{hint}")
+            messages.append({"role": m["role"], "content": _text(m.get("content"), f"{where}: messages[{j}]")})
+        return messages
+    if "conversations" in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list):
+            raise ValueError(f"{where}: 'conversations' is {_show(turns)}; expected a list of "
+                             f"{{\"from\": ..., \"value\": ...}} objects")
+        messages = []
+        for j, turn in enumerate(turns):
+            if not isinstance(turn, dict):
+                raise ValueError(f"{where}: conversations[{j}] is {_show(turn)}; expected {{\"from\": ..., \"value\": ...}}")
+            speaker = turn.get("from") if turn.get("from") is not None else turn.get("role")
             if speaker not in SHAREGPT_ROLES:
-                raise ValueError(f"{where}: unknown ShareGPT speaker {speaker!r} "
+                raise ValueError(f"{where}: unknown ShareGPT speaker {speaker!r} in conversations[{j}] "
                                  f"(expected one of {sorted(SHAREGPT_ROLES)})")
-            messages.append({"role": SHAREGPT_ROLES[speaker], "content": _text(turn.get("value", turn.get("content")))})
+            value = turn.get("value") if turn.get("value") is not None else turn.get("content")
+            messages.append({"role": SHAREGPT_ROLES[speaker], "content": _text(value, f"{where}: conversations[{j}]")})
         return messages
     if "instruction" in record and "output" in record:
-        messages = [{"role": "system", "content": record["system"]}] if record.get("system") else []
-        for query, answer in record.get("history") or []:  # LLaMA-Factory's multi-turn Alpaca
-            messages += [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
-        prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-        return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(record["output"])}]
+        system = _string(record, "system", where, optional=True)
+        messages = [{"role": "system", "content": system}] if system else []
+        history = record.get("history") or []  # LLaMA-Factory's multi-turn Alpaca: [[query, answer], ...]
+        if not isinstance(history, list):
+            raise ValueError(f"{where}: 'history' is {_show(history)}; expected a list of [query, answer] pairs")
+        for j, pair in enumerate(history):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
+                raise ValueError(f"{where}: history[{j}] is {_show(pair)}; expected a [query, answer] pair of strings")
+            messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+        prompt = _string(record, "instruction", where)
+        extra = _string(record, "input", where, optional=True)
+        prompt += f"\n\n{extra}" if extra else ""
+        return messages + [{"role": "user", "content": prompt},
+                           {"role": "assistant", "content": _text(record["output"], f"{where}: 'output'")}]
     raise ValueError(f"{where}: unknown data shape; accepted shapes are {SHAPES}; found keys {sorted(record)}")
 
 
@@ -291,7 +386,14 @@ def load_conversations(source, max_samples: int | None = None, seed: int = 0,
     conversations = []
     for where, record in records:
         stats.records += 1
-        messages = to_messages(record, where)
+        try:
+            messages = to_messages(record, where)
+        except ValueError as e:
+            if not skip_bad_lines:
+                raise ValueError(f"{e}. Fix the record, or pass skip_bad_lines=True (--skip-bad-lines) to "
+                                 f"skip and count such records") from None
+            stats.bad_lines += 1
+            continue
         while messages and messages[-1]["role"] != "assistant":  # trailing prompts teach nothing
             messages.pop()
         if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):

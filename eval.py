@@ -138,15 +138,22 @@ class NeoLM(TemplateLM):
                                         f"(tokenizer.json, tokenizer_config.json) there or pass tokenizer=FOLDER")
             tokenizer = data.Tokenizer.from_dir(tokenizer)
         self.tokenizer = tokenizer
+        if adapter:  # before the weights are read: a wrong adapter folder or base fails in a second
+            import lora
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                if not (Path(adapter) / name).is_file():
+                    raise FileNotFoundError(f"adapter folder {adapter} has no {name} (an adapter folder holds "
+                                            f"adapter_config.json and adapter_model.safetensors)")
+            if not is_model:
+                lora.check_base(adapter, folder)  # ValueError naming both when the base fingerprint differs
         self.model = pretrained if is_model else model_lib.Llama.from_pretrained(folder, dtype=dtype, device=self._device)
         self.model.eval()
         if tokenizer.vocab_size > self.model.config.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                              f"{self.model.config.vocab_size} embeddings: wrong tokenizer for {folder}?")
         if adapter:
-            import lora
-            base = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            if base and folder and Path(base).name != Path(folder).name:
+            base, recorded = lora.adapter_base(adapter)
+            if recorded is None and base and folder and Path(base).name != Path(folder).name:  # an older adapter
                 print(f"eval.py: warning: {adapter} was trained on {base}, applying it to {folder}", file=sys.stderr)
             lora.load_adapter(self.model, adapter)  # a ValueError names any module whose shapes do not fit
             if merge_adapter:
@@ -399,10 +406,19 @@ def main(argv=None):
     p.add_argument("--log-samples", action="store_true", help="keep per-document outputs in the JSON")
     args = p.parse_args(argv)
 
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--max-length", args.max_length)):
+        if value is not None and value <= 0:
+            p.error(f"{flag} {value}: must be above 0")
+    for path in args.model:  # a local folder, or a Hub id owner/name
+        if not Path(path).is_dir() and (Path(path).exists() or path.count("/") != 1 or path.startswith((".", "/", "~"))):
+            p.error(f"--model {path}: no such model folder (nor a Hub id owner/name)")
     adapters = args.adapter or ["none"] * len(args.model)
     if len(adapters) != len(args.model):
         p.error(f"--adapter needs one entry per --model ({len(args.model)}), 'none' for no adapter")
     adapters = [None if a.lower() == "none" else a for a in adapters]
+    for adapter in filter(None, adapters):
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            p.error(f"--adapter {adapter}: no adapter folder there (no adapter_config.json)")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     source = args.task_source if args.task_source != "auto" else ("hub" if hub_reachable() else "offline")
     if source == "offline":  # nothing below may try the network (must be set before `datasets` is imported)
@@ -460,4 +476,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, KeyError, OSError) as e:  # bad input (FileNotFoundError is an OSError): one line, no traceback
+        sys.exit(f"eval.py: error: {e}")

@@ -464,7 +464,12 @@ def read_safetensors(folder: Path, dtype, device) -> dict[str, tuple[torch.Tenso
         raise FileNotFoundError(f"{folder}: no {WEIGHT_FILES[0]} or {WEIGHT_FILES[1]}")
     state = {}
     for f in files:
-        with safe_open(folder / f, framework="pt", device=str(device)) as st:
+        try:
+            st = safe_open(folder / f, framework="pt", device=str(device))
+        except Exception as e:  # SafetensorError: a truncated or damaged file (a download cut short)
+            raise ValueError(f"{folder / f}: not a readable safetensors file ({e}; {(folder / f).stat().st_size:,} "
+                             f"bytes); it is damaged or incomplete: copy or download it again") from None
+        with st:
             for name in st.keys():
                 state[name] = (st.get_tensor(name).to(dtype), str(folder / f))  # one tensor converted at a time
     return state

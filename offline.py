@@ -215,7 +215,13 @@ def convert_gguf(gguf_path, out_dir) -> Path:
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; remove it to convert {gguf_path.name} again")
-    reader = GGUFReader(gguf_path)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
+    try:
+        reader = GGUFReader(gguf_path)
+    except Exception as e:  # gguf raises ValueError, struct/numpy errors... on garbage or truncated files
+        raise ValueError(f"{gguf_path}: not a readable GGUF file ({type(e).__name__}: {e}); "
+                         f"is it complete? (size {gguf_path.stat().st_size:,} bytes)") from None
     meta = _Metadata(reader, gguf_path)
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
@@ -674,5 +680,8 @@ if __name__ == "__main__":
     if bool(args.gguf) != bool(args.out):
         parser.error("--gguf and --out go together")
     t0 = time.time()
-    folder = convert_gguf(args.gguf, args.out) if args.gguf else smollm2_dir()
+    try:
+        folder = convert_gguf(args.gguf, args.out) if args.gguf else smollm2_dir()
+    except (ValueError, KeyError, OSError, ImportError) as e:  # bad input (FileExistsError is an OSError): one line
+        raise SystemExit(f"offline.py: error: {e}") from None
     print(f"{folder}  ({_folder_bytes(folder) / 1e6:.1f} MB, {time.time() - t0:.1f} s)")

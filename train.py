@@ -27,11 +27,11 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,7 @@ import data
 import lora
 import model as llama
 import neo
+import run_folder
 
 # -----------------------------------------------------------------------------
 # Arguments. Paper values are the defaults; the offline demo (no --teacher, no GPU) swaps in a
@@ -112,14 +113,26 @@ def parse_args(argv=None):
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0,
                    help="0 DDP; 1 + sharded optimizer state; 2 FSDP2 keeping params gathered; 3 FSDP2 full")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="frozen weights' dtype (auto: bf16 on GPU, fp32 on CPU)")
+                   help="frozen weights' dtype and autocast (auto: bfloat16 where bf16 matmul is native: CUDA "
+                        "compute capability >= 8, CPUs with avx512_bf16/amx_bf16; else float32). "
+                        "Trainable weights and optimizer state stay float32")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every teacher and student block (fuses the elementwise work around "
+                        "the matmuls; the first steps pay the compilation)")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, adapters and dropout")
     # output
     p.add_argument("--out", default="runs/neo", help="output folder")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in --out (a damaged latest one is skipped)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out may hold an earlier run: replace its outputs (checkpoints, adapter, model, "
+                        "metrics, reports); other files there are kept. Without it a non-empty --out is refused")
     p.add_argument("--no-report", action="store_true", help="skip the before/after held-out scores and answers")
     args = p.parse_args(argv)
+    for action in p._actions:  # parse again without defaults: which flags did the user give?
+        action.default = argparse.SUPPRESS
+    args.given = set(vars(p.parse_args(argv)))
 
     args.demo = args.teacher is None and not torch.cuda.is_available()
     for key, value in (DEMO if args.demo else PAPER).items():
@@ -132,10 +145,86 @@ def parse_args(argv=None):
     return args
 
 
-# Flags that must match when resuming: they decide the model, the data order or the objective.
-RESUME_FLAGS = ["method", "adapter", "rank", "lora_alpha", "targets", "teacher", "student", "prune_to",
-                "data", "max_samples", "max_len", "batch_size", "grad_accum", "epochs", "alpha",
-                "temperature", "divergence", "seed", "world_size", "teacher_cache"]
+# Flags that must match when resuming: everything that changes the result (the model, the data and its
+# order, the objective, the optimizer and its schedule, the numerics). Not here: where and how often to
+# save, the report, --zero and --grad-checkpoint (same result, other memory).
+RESUME_FLAGS = ["method", "adapter", "rank", "lora_alpha", "lora_dropout", "targets", "teacher", "student",
+                "prune_to", "data", "max_samples", "heldout", "skip_bad_lines", "max_len", "alpha",
+                "temperature", "divergence", "chunk_size", "batch_size", "grad_accum", "epochs", "max_steps",
+                "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "dtype", "seed", "world_size",
+                "teacher_cache"]
+
+
+def check_args(args):
+    """Refuse, before any model is loaded, every flag value that would make the run meaningless or
+    be silently ignored. One place for all flags: a new flag adds its check here.
+
+    Ranges come first (no I/O); then the limits that need the models' config.json only (layers to
+    prune to, the position limit for --max-len).
+    """
+    def refuse(flag, why):
+        raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)}: {why}")
+
+    # Written `not x > 0` rather than `x <= 0` so that nan is refused too.
+    for flag in ("rank", "batch_size", "grad_accum", "epochs", "chunk_size"):
+        if not getattr(args, flag) >= 1:
+            refuse(flag, "must be 1 or more")
+    for flag in ("max_steps", "max_samples"):
+        if getattr(args, flag) is not None and not getattr(args, flag) >= 1:
+            refuse(flag, "must be 1 or more (leave it out for no limit)")
+    if not args.max_len >= 2:
+        refuse("max_len", "must be 2 or more (a target is the token after another)")
+    for flag in ("heldout", "save_every"):
+        if not getattr(args, flag) >= 0:
+            refuse(flag, "must be 0 or more")
+    for flag, what in (("lr", "a learning rate of 0 trains nothing"), ("lora_alpha", "a scale of 0 trains nothing"),
+                       ("temperature", "the softmax temperature must be above 0")):
+        if not getattr(args, flag) > 0:
+            refuse(flag, f"must be above 0 ({what})")
+    if not 0 <= args.min_lr <= args.lr:
+        refuse("min_lr", f"must lie in [0, --lr {args.lr}]")
+    if not 0 <= args.alpha <= 1:
+        refuse("alpha", "must lie in [0, 1]: the loss is alpha*CE + (1-alpha)*KL; outside it one term is "
+                        "pushed the wrong way")
+    if not 0 <= args.warmup <= 1:
+        refuse("warmup", "is a fraction of all steps: must lie in [0, 1]")
+    if not 0 <= args.lora_dropout < 1:
+        refuse("lora_dropout", "must lie in [0, 1)")
+    for flag in ("weight_decay", "grad_clip"):
+        if not getattr(args, flag) >= 0:
+            refuse(flag, "must be 0 or more")
+    unknown = [t for t in args.targets.split(",") if t not in lora.ALL_PROJECTIONS]
+    if unknown or not args.targets:
+        refuse("targets", f"unknown layer(s) {unknown}; choose from {','.join(lora.ALL_PROJECTIONS)}")
+
+    # Combinations in which one flag would be ignored without a word. Two flags that contradict each
+    # other stop the run; flags that do not apply to the chosen --method are named, not refused, because
+    # a comparison of methods (benchmarks/experiment.py) passes one flag set to all of them.
+    if args.prune_to is not None and args.student is not None:
+        refuse("prune_to", "prunes the teacher into a student, but --student gives the student: drop one")
+    unused = {"sft": ("adapter", "rank", "lora_alpha", "lora_dropout", "targets", "alpha", "temperature", "divergence"),
+              "kd": ("adapter", "rank", "lora_alpha", "lora_dropout", "targets"),
+              "lora": ("alpha", "temperature", "divergence"), "neo": ()}[args.method]
+    ignored = [f"--{f.replace('_', '-')}" for f in unused if f in args.given]
+    if ignored:
+        print0(f"note: {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect with --method "
+               f"{args.method} ({'it trains every weight' if args.method in ('sft', 'kd') else ''}"
+               f"{', ' if args.method == 'sft' else ''}{'no teacher term: CE only' if args.method in ('sft', 'lora') else ''})")
+    if args.resume and args.overwrite:
+        refuse("overwrite", "would delete the checkpoints that --resume continues from: pass one of them")
+
+    # Limits that need the models' config.json (nothing is loaded).
+    teacher = llama.LlamaConfig.from_json(llama.resolve_folder(args.teacher or offline_model()) / "config.json")
+    if args.prune_to is not None and not 1 <= args.prune_to < teacher.num_hidden_layers:
+        refuse("prune_to", f"the teacher has {teacher.num_hidden_layers} layers: a student keeps 1.."
+                           f"{teacher.num_hidden_layers - 1} of them")
+    configs = {"teacher": teacher}
+    if args.student is not None:
+        configs["student"] = llama.LlamaConfig.from_json(llama.resolve_folder(args.student) / "config.json")
+    for name, config in configs.items():
+        if args.max_len > config.max_position_embeddings:
+            refuse("max_len", f"the {name} handles at most {config.max_position_embeddings} positions "
+                              f"(max_position_embeddings)")
 
 # -----------------------------------------------------------------------------
 # Distributed set-up: torchrun sets RANK/WORLD_SIZE; plain `python train.py` is a world of one.
@@ -184,10 +273,14 @@ def print0(*a, **k):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)  # every flag against its meaning, before anything is loaded
     d = setup_distributed()
     args.world_size = d.world
     out = Path(args.out)
+    lock = run_folder.claim(out, args.resume, args.overwrite) if d.master else None  # ours, and only ours
     torch.manual_seed(args.seed)  # the same on every rank: every rank builds the same adapters
+    print0(f"precision: {choose_dtype(args.dtype, d.device).why}; trainable weights, gradients and AdamW "
+           f"state float32")
     if args.demo:
         budget = ", ".join(f"{k}={getattr(args, k)}" for k in DEMO)
         print0(f"offline demo on the CPU with a small budget: {budget} (the paper's budget applies with "
@@ -195,6 +288,8 @@ def main(argv=None):
 
     # ---- models ------------------------------------------------------------
     teacher_path = str(llama.resolve_folder(args.teacher or offline_model()))
+    args.bases = base_fingerprints(args, teacher_path)
+    state = load_checkpoint(out, args) if args.resume else None  # flags and bases checked before any model
     tokenizer = data.Tokenizer.from_dir(teacher_path)
     train_set, held_set = load_data(args, tokenizer)
     use_teacher = args.method in ("neo", "kd")
@@ -226,10 +321,11 @@ def main(argv=None):
         report.before(student, resume=args.resume)
 
     # ---- optimizer ------------------------------------------------------------
+    if args.compile:
+        compile_blocks(student, teacher if use_teacher else None)
     distiller = Distiller(student, args.alpha, args.temperature, args.divergence, args.chunk_size, vocab_size)
-    start_step, state = 0, None
-    if args.resume:
-        state = load_checkpoint(out, args)
+    start_step = 0
+    if state is not None:
         distiller.load_state_dict(state["trainable"], strict=False)  # trainable weights only
         start_step = state["step"]
         loader.load_state_dict(state["data"])
@@ -266,6 +362,7 @@ def main(argv=None):
     save_checkpoint(out, total_steps, wrapped, optimizer, loader, args, d, base_path)
     final = final_student(wrapped, student, args, d)
     if d.master:
+        torch.compiler.set_stance("force_eager")  # --compile: scoring and generating below need no graphs
         export(final, out, args, base_path)
         plot_losses(metrics_path, out / "loss_curve.png")
         print0(f"trained {total_steps - start_step} steps in {train_time:.0f} s; wrote {out}")
@@ -273,9 +370,73 @@ def main(argv=None):
             report.after(final)
     if dist.is_initialized():
         dist.destroy_process_group()
+    if lock is not None:
+        lock.release()
     optimized = [n.removeprefix("module.").removeprefix("student.") for n, p in wrapped.named_parameters()
                  if p.requires_grad]
     return {"student": final, "optimized": optimized, "out": out}
+
+
+# -----------------------------------------------------------------------------
+# Precision. bf16 halves the bytes of every frozen weight and, where the hardware multiplies bf16
+# natively, runs the matmuls 2-4x faster. What stays fp32 is what accumulates small updates: the
+# trainable weights (the optimizer's master copy), their gradients and AdamW's moments. Under
+# autocast each matmul gets a bf16 copy of its fp32 weight, and neo.py upcasts every logit chunk
+# before its softmax, so the loss is fp32 too.
+
+
+class Precision(NamedTuple):
+    frozen: torch.dtype               # the teacher and the frozen student base (neo, lora)
+    compute: torch.dtype | None       # autocast dtype for the student's matmuls; None: plain fp32
+    why: str                          # one line, printed at start-up
+
+
+def bf16_native(device) -> tuple[bool, str]:
+    """Does `device` multiply bf16 in hardware? -> (yes/no, the evidence). Without it bf16 is
+    emulated, slower than fp32, so auto keeps fp32 there."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return major >= 8, f"CUDA compute capability {major}.{minor} (bf16 tensor cores from 8.0)"
+    if device.type == "cpu":
+        found = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+        return bool(found), (f"CPU flags {' '.join(found)}" if found else "no avx512_bf16/amx_bf16 CPU flag")
+    return False, f"device {device.type}"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports in /proc/cpuinfo (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def choose_dtype(requested: str, device) -> Precision:
+    """--dtype auto|float32|bfloat16 -> the Precision used on `device`: auto picks bf16 (frozen
+    weights and autocast) where bf16 matmul is native, fp32 elsewhere; an explicit dtype wins."""
+    fp32, bf16 = torch.float32, torch.bfloat16
+    if requested == "float32":
+        return Precision(fp32, None, "float32 (--dtype float32)")
+    native, evidence = bf16_native(device)
+    if requested == "bfloat16":
+        return Precision(bf16, bf16, f"bfloat16 (--dtype bfloat16; {evidence}"
+                                     f"{'' if native else ': emulated, expect it slower than float32'})")
+    if requested != "auto":
+        raise ValueError(f"--dtype {requested!r}: choose auto, float32 or bfloat16")
+    if native:
+        return Precision(bf16, bf16, f"bfloat16 (--dtype auto: {evidence})")
+    return Precision(fp32, None, f"float32 (--dtype auto: {evidence}; bf16 would be emulated)")
+
+
+def frozen_dtype(args, device):
+    return choose_dtype(args.dtype, device).frozen
+
+
+def autocast(device, args):
+    """bf16 autocast for the student's forward and loss when the precision asks for it."""
+    compute = choose_dtype(args.dtype, device).compute
+    return torch.autocast(device.type, dtype=compute) if compute else contextlib.nullcontext()
 
 
 # -----------------------------------------------------------------------------
@@ -285,12 +446,6 @@ def main(argv=None):
 def offline_model():
     import offline
     return offline.smollm2_dir()
-
-
-def frozen_dtype(args, device):
-    if args.dtype != "auto":
-        return getattr(torch, args.dtype)
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def build_student(args, teacher_path, calibration, device):
@@ -315,8 +470,8 @@ def save_student_base(student, args, out: Path, d: Dist) -> str:
     if args.student is not None:
         return args.student
     folder = out / "student_base"
-    if d.master and not (folder / "config.json").exists():
-        student.save_pretrained(folder)
+    if d.master and not (args.resume and (folder / "config.json").exists()):
+        student.save_pretrained(folder)  # always this run's (atomic: complete or not at all)
     return str(folder)
 
 
@@ -335,15 +490,17 @@ def make_trainable(student, args, verbose=True):
 
 def prepare_student(student, args, device):
     """The student as the training step uses it: trainable set chosen, activation checkpointing as
-    asked, and for neo/lora on a GPU the frozen base in bf16 (the adapters stay fp32: the
-    optimizer's master copy)."""
+    asked, and for neo/lora the frozen base in the frozen dtype (bf16 under --dtype auto where
+    it is native; the adapters stay fp32: the optimizer's master copy). sft/kd keep every weight
+    fp32 and get bf16 only through autocast."""
     student = make_trainable(student, args)
     if args.grad_checkpoint:
         checkpoint_blocks(student)
-    if args.method in ("neo", "lora") and device.type == "cuda" and frozen_dtype(args, device) != torch.float32:
+    dtype = frozen_dtype(args, device)
+    if args.method in ("neo", "lora") and dtype != torch.float32:
         for p in student.parameters():
             if not p.requires_grad:
-                p.data = p.data.to(frozen_dtype(args, device))
+                p.data = p.data.to(dtype)
     return student
 
 
@@ -462,6 +619,18 @@ class Distiller(nn.Module):
                             chunk_size=self.chunk_size, normalizer=normalizer, vocab_size=self.vocab_size)
 
 
+def compile_blocks(*models):
+    """torch.compile each transformer block in place, as torchtune does: one block's graph is
+    compiled once and reused by every layer, and inductor fuses the elementwise work between the
+    matmuls (RMSNorm, RoPE, SiLU·up, the adapter's add) into a few kernels. The loss stays eager:
+    its chunk loop already runs at matmul speed. Blocks, not the whole model, keep compilation
+    short and leave activation checkpointing and FSDP2 (which wrap blocks) working as before."""
+    for m in models:
+        if m is not None:
+            for layer in m.model.layers:
+                layer.compile()
+
+
 def wrap(distiller, teacher, args, d: Dist):
     """Data parallel (DDP) or sharded (FSDP2) student; the teacher is never wrapped by DDP."""
     if args.zero >= 2:
@@ -508,9 +677,8 @@ def start_metrics(out: Path, args, start_step, d: Dist) -> Path:
     logged after it are redone."""
     metrics_path = out / "metrics.jsonl"
     if d.master:
-        out.mkdir(parents=True, exist_ok=True)
         rows = metrics_path.read_text().splitlines() if args.resume and metrics_path.exists() else []
-        metrics_path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= start_step))
+        run_folder.write_text(metrics_path, "".join(r + "\n" for r in rows if json.loads(r)["step"] <= start_step))
     return metrics_path
 
 
@@ -576,12 +744,6 @@ def no_grad_sync(wrapped, args, last: bool):
     return contextlib.nullcontext()
 
 
-def autocast(device, args):
-    if device.type == "cuda" and frozen_dtype(args, device) == torch.bfloat16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def stop_non_finite(step, micro, out: Path):
     latest = out / "checkpoints" / "latest"
     kept = f"the last good checkpoint is {latest.read_text().strip()}" if latest.exists() else \
@@ -607,8 +769,9 @@ def log_step(row: dict, metrics_path: Path, bar):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: written to a temporary folder, renamed, then `latest` is switched atomically, so a
-# crash mid-save leaves the previous checkpoint whole.
+# Checkpoints: written to a temporary folder, swapped in, then `latest` is switched atomically
+# (run_folder.publish_checkpoint), so a crash mid-save, even mid re-save of the same step, leaves a
+# whole checkpoint; --resume takes the newest one that loads (run_folder.find_checkpoint).
 
 
 def save_checkpoint(out: Path, step, wrapped, optimizer, loader, args, d: Dist, base_path):
@@ -622,26 +785,18 @@ def save_checkpoint(out: Path, step, wrapped, optimizer, loader, args, d: Dist, 
         dist.all_gather_object(rngs, rng)
     else:
         rngs = [rng]
-    if d.master:
-        ckpts = out / "checkpoints"
-        final = ckpts / f"step-{step:07d}"
-        tmp = ckpts / f".step-{step:07d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    def write(folder: Path):
         torch.save({"step": step, "trainable": model_sd, "optimizer": optim_sd, "data": loader.state_dict(),
-                    "rng": rngs, "args": {k: getattr(args, k) for k in RESUME_FLAGS}}, tmp / "state.pt")
+                    "rng": rngs, "args": {k: getattr(args, k) for k in RESUME_FLAGS}, "bases": args.bases},
+                   folder / "state.pt")
         if args.method in ("neo", "lora"):  # the adapter so far, in PEFT's layout, usable on its own
             student = module_of(wrapped).student
-            lora.save_adapter(student, tmp / "adapter", base_path,
-                              state_dict={k.removeprefix("student."): v for k, v in model_sd.items()})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        pointer = ckpts / "latest.tmp"
-        pointer.write_text(final.name)
-        os.replace(pointer, ckpts / "latest")
-        for old in ckpts.glob("step-*"):  # keep the newest two
-            if old.name < final.name and old.name not in _newest(ckpts, 2):
-                shutil.rmtree(old, ignore_errors=True)
+            lora.save_adapter(student, folder / "adapter", base_path,
+                              state_dict={k.removeprefix("student."): v for k, v in model_sd.items()},
+                              base_fingerprint=args.bases["student"])  # None: from the student_base folder
+
+    if d.master:  # into a temporary folder, then swapped in; the newest two are kept
+        run_folder.publish_checkpoint(out / "checkpoints", step, write, keep=2)
     if dist.is_initialized():
         dist.barrier()
 
@@ -665,22 +820,33 @@ def module_of(wrapped):
     return wrapped.module if isinstance(wrapped, DDP) else wrapped
 
 
-def _newest(ckpts: Path, n: int):
-    return sorted(p.name for p in ckpts.glob("step-*"))[-n:]
-
-
 def load_checkpoint(out: Path, args):
-    pointer = out / "checkpoints" / "latest"
-    if not pointer.exists():
-        raise SystemExit(f"--resume: no checkpoint in {out / 'checkpoints'} (no 'latest' file). "
-                         f"Start without --resume, or point --out at the run to continue.")
-    state = torch.load(out / "checkpoints" / pointer.read_text().strip() / "state.pt", weights_only=False)
+    """The newest checkpoint that loads (a damaged one is named and skipped), checked against this
+    run: every flag that changes the result, and the fingerprints of the teacher and --student."""
+    folder, state = run_folder.find_checkpoint(out, lambda f: torch.load(f / "state.pt", weights_only=False),
+                                               say=print0)
     for flag in RESUME_FLAGS:
-        saved, now = state["args"].get(flag), getattr(args, flag)
+        if flag not in state["args"]:  # a checkpoint from before this flag was recorded
+            print0(f"--resume: {folder.name} does not record --{flag.replace('_', '-')}; not checked")
+            continue
+        saved, now = state["args"][flag], getattr(args, flag)
         if saved != now:
             raise SystemExit(f"--resume: the checkpoint was made with --{flag.replace('_', '-')}={saved!r}, "
                              f"this run has {now!r}. Use the same flags, or a new --out.")
+    for role, saved in (state.get("bases") or {}).items():
+        now = args.bases.get(role)
+        if saved != now:
+            raise SystemExit(f"--resume: the {role} is not the model the checkpoint was trained from: the "
+                             f"checkpoint records {saved}, {getattr(args, role) or 'the ' + role} is {now}. "
+                             f"Resume with the same {role}, or start a new --out.")
     return state
+
+
+def base_fingerprints(args, teacher_path) -> dict:
+    """Fingerprints (lora.fingerprint) of the models the adapter's base is made from: the teacher, which
+    the student is pruned from, and --student when given. Kept in checkpoints, checked by --resume."""
+    return {"teacher": lora.fingerprint(teacher_path),
+            "student": lora.fingerprint(llama.resolve_folder(args.student)) if args.student else None}
 
 
 def restore_optimizer(wrapped, optimizer, state, args, d):
@@ -724,7 +890,8 @@ def final_student(wrapped, student, args, d):
 def export(student, out: Path, args, base_path):
     """The adapter (PEFT layout) and a merged Hugging Face folder; or the full student for sft/kd."""
     if args.method in ("neo", "lora"):
-        lora.save_adapter(student, out / "adapter", base_model_name_or_path=base_path)
+        lora.save_adapter(student, out / "adapter", base_model_name_or_path=base_path,
+                          base_fingerprint=args.bases["student"])  # None: from the student_base folder
         lora.save_merged(student, out / "model")
     else:
         student.save_pretrained(out / "model")
@@ -752,7 +919,9 @@ def plot_losses(metrics_path: Path, png: Path):
     ax.set_ylabel("nats / token")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    tmp = png.with_name(f".{png.stem}.tmp-{os.getpid()}{png.suffix}")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, png)  # complete or not at all
     plt.close(fig)
 
 
@@ -781,8 +950,7 @@ class Report:
                                                self.chunk_size, self.vocab_size, self.cache, self.temperature)
         models = {"teacher": self.teacher, "student": student} if self.teacher is not None else {"student": student}
         self.scores["answers_before"] = answers(models, self.tokenizer, self.device)
-        self.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.scores))
+        run_folder.write_json(path, self.scores)
 
     def after(self, trained):
         trained.eval()
@@ -797,7 +965,7 @@ class Report:
         print0(f"  student before training  {ce0:8.4f}   {kl0:8.4f}")
         print0(f"  student after  training  {ce1:8.4f}   {kl1:8.4f}")
         print_answers(table)
-        (self.out / "report.json").write_text(json.dumps(self.scores, indent=2))
+        run_folder.write_json(self.out / "report.json", self.scores, indent=2)
 
 
 @torch.no_grad()
@@ -851,5 +1019,5 @@ def print_answers(table):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: say what and where, without a traceback
+    except (ValueError, KeyError, OSError) as e:  # bad input: say what and where, without a traceback
         sys.exit(f"error: {e}")

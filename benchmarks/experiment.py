@@ -156,6 +156,7 @@ def build_student(args, teacher) -> str:
 
 def train_run(out: Path, flags: list[str], in_process=False):
     """`python train.py FLAGS` in its own process; skipped when OUT/model already exists."""
+    flags = flags + ["--overwrite"]  # OUT holds this script's own files (train.log) and an older run's outputs
     cmd = [sys.executable, str(ROOT / "train.py")] + flags + ["--out", str(out)]
     command = " ".join(cmd[1:]) + "\n"
     done = out / "command.txt"

@@ -19,7 +19,7 @@ def test_bench_writes_table_and_targets(tmp_path, toy_flags):
     from benchmarks import bench
     out = tmp_path / "bench.json"
     blob = bench.main(toy_flags + ["--methods", "neo,neo-cache,hf-peft-neo", "--max-len", "32", "--batch-size", "2",
-                                   "--rank", "4", "--steps", "1", "--warmup", "0",
+                                   "--rank", "4", "--steps", "1", "--warmup", "0", "--dtype", "float32",
                                    "--work-dir", str(tmp_path / "work"), "--output", str(out)])
     saved = json.loads(out.read_text())
     assert set(saved["results"]) == {"neo", "neo-cache", "hf-peft-neo"}
@@ -27,6 +27,9 @@ def test_bench_writes_table_and_targets(tmp_path, toy_flags):
         assert r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["tokens_per_step"] == 2 * 32
         assert r["peak_mem_gb"] > 0 and r["peak_above_runtime_gb"] >= 0
         assert all(math.isfinite(x) for x in r["losses"])
+        assert r["frozen_dtype"] == "float32" and r["precision"].startswith("float32")
+        assert r["step_flops"] > 0 and r["matmul_peak_flops"] > 0 and 0 < r["mfu"] == pytest.approx(
+            r["step_flops"] / r["step_s"] / r["matmul_peak_flops"])
     res = saved["results"]
     # the same adapters (rank, targets) in both steps: the same trainable count
     assert res["neo"]["trainable_params"] == res["hf-peft-neo"]["trainable_params"]
@@ -40,6 +43,35 @@ def test_bench_writes_table_and_targets(tmp_path, toy_flags):
     assert {"neo_tok_s / hf_peft_tok_s", "neo_mem / hf_peft_mem"} <= set(saved["targets"])
     assert (tmp_path / "bench.md").read_text().count("| neo") >= 1
     assert "| neo |" in blob["table_markdown"]
+
+
+@pytest.mark.parametrize("method", ["neo", "neo-moslora", "kd", "sft", "lora"])
+def test_step_flops_match_torch_flop_counter(method, tiny_teacher_dir, tmp_path):
+    """bench.step_flops' formula against torch.utils.flop_counter counting the matmuls the step
+    really runs, at a shape where the blocks' matmuls and attention outweigh the LM head. It is
+    0.2-1.3% above: autograd skips the first block's input gradient where nothing below it trains."""
+    import types
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    import train
+    from benchmarks import bench
+    student = tmp_path / "student"
+    targs = train.parse_args(["--teacher", str(tiny_teacher_dir), "--prune-to", "2"])
+    train.build_student(targs, str(tiny_teacher_dir), list(range(1, 40)), torch.device("cpu")).save_pretrained(student)
+    args = types.SimpleNamespace(teacher=str(tiny_teacher_dir), student=str(student), rank=4, lora_alpha=8.0,
+                                 lora_dropout=0.0, chunk_size=256, grad_checkpoint=False, dtype="float32",
+                                 compile=False)
+    ids = torch.randint(0, 49152, (2, 256), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    labels[:, -4:] = ids[:, -4:]  # a long prompt, 3 targets a row: the blocks' FLOPs outweigh the head's
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    step, _ = bench.ours(method, args, args.teacher, args.student, torch.device("cpu"))
+    # The math attention kernel runs QKᵀ and AV as matmuls the counter sees (the fused CPU kernel
+    # is invisible to it); it computes the full T x T square, as step_flops counts.
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        step(batch)
+    assert bench.step_flops(method, args, batch) == pytest.approx(counter.get_total_flops(), rel=0.02)
 
 
 def test_experiment_run_and_sweep(tmp_path, toy_flags):

@@ -1,5 +1,6 @@
 """data.py: chat templates against transformers, label masks, bad input, batches."""
 import json
+import re
 import shutil
 
 import pytest
@@ -275,6 +276,114 @@ def test_no_assistant_turn_is_skipped_and_empty_data_is_an_error(tmp_path):
     write_jsonl(path, [{"conversations": [{"from": "robot", "value": "x"}]}])
     with pytest.raises(ValueError, match="unknown ShareGPT speaker 'robot'"):
         load_conversations(path)
+
+
+# Every malformed record in every shape and file type: named with file and line (or record index) and
+# what was expected, or skipped and counted under skip_bad_lines.
+
+GOOD = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+BAD_RECORDS = {
+    # (contents of one type within a record, so that Parquet can hold it too)
+    "content is a dict": ({"messages": [{"role": "user", "content": {"text": "q"}},
+                                        {"role": "assistant", "content": {"text": "a"}}]},
+                          r"messages\[0\]: content is a dict \(\{'text': 'q'\}\); expected a string or a list"),
+    "image content part": ({"messages": [{"role": "user", "content": [{"type": "image_url", "text": None}]},
+                                         {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]},
+                           r"messages\[0\]: content part 0 is .*'image_url'.*expected \{\"type\": \"text\""),
+    "ShareGPT role in messages": ({"messages": [{"role": "human", "content": "q"}, {"role": "gpt", "content": "a"}]},
+                                  r"messages\[0\] has unknown role 'human'.*ShareGPT speaker name: write role 'user'"),
+    "messages not a list": ({"messages": "q and a"}, r"'messages' is 'q and a'; expected a list"),
+    "message not an object": ({"messages": ["q", "a"]}, r"messages\[0\] is 'q'; expected \{\"role\""),
+    "conversations not a list": ({"conversations": {"from": "human"}}, r"'conversations' is .*expected a list"),
+    "ShareGPT value is a dict": ({"conversations": [{"from": "human", "value": {"t": "q"}},
+                                                    {"from": "gpt", "value": {"t": "a"}}]},
+                                 r"conversations\[0\]: content is a dict"),
+    "ShareGPT turn not an object": ({"conversations": ["q", "a"]}, r"conversations\[0\] is 'q'; expected \{\"from\""),
+    "Alpaca output is a dict": ({"instruction": "q", "output": {"text": "a"}}, r"'output': content is a dict"),
+    "Alpaca instruction is a number": ({"instruction": 5, "output": "a"}, r"'instruction' is 5; expected a string"),
+    "Alpaca history is not pairs": ({"instruction": "q", "output": "a", "history": [["only one"]]},
+                                    r"history\[0\] is \['only one'\]; expected a \[query, answer\] pair"),
+}
+
+
+def parquet_table(records):
+    """A table whose columns are inferred from every record (from_pylist would use the first one only)."""
+    import pyarrow as pa
+    return pa.Table.from_struct_array(pa.array(records))
+
+
+def write_records(path, records):
+    """records in the file type of path's suffix: JSON Lines, a JSON list, Parquet, or gzip'd JSON Lines."""
+    import gzip
+    if path.name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(parquet_table(records), path)
+    elif path.name.endswith(".jsonl.gz"):
+        with gzip.open(path, "wt") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+    elif path.name.endswith(".json"):
+        path.write_text(json.dumps(records, indent=1))
+    else:
+        write_jsonl(path, records)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".jsonl.gz"])
+@pytest.mark.parametrize("case", BAD_RECORDS)
+def test_malformed_record_names_where_and_what_or_is_skipped(tmp_path, case, suffix):
+    bad, expected = BAD_RECORDS[case]
+    records = [GOOD, bad, GOOD]
+    if suffix == ".parquet":
+        import pyarrow as pa
+        try:  # Parquet columns have one type: a record that mixes types cannot be written at all
+            parquet_table(records)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+            records = [bad, bad]  # then the bad record alone (twice, so one skipped still leaves one)
+            try:
+                parquet_table(records)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+                pytest.skip(f"{case}: not representable in Parquet")
+    path = write_records(tmp_path / f"d{suffix}", records)
+    index = records.index(bad)
+    where = f"d{re.escape(suffix)}" + (f":{index + 1}" if suffix.startswith(".jsonl") else rf"\[{index}\]")
+    with pytest.raises(ValueError, match=rf"{where}: .*{expected}.*--skip-bad-lines"):
+        load_conversations(path)
+    if records.count(GOOD):
+        conversations, stats = load_conversations(path, skip_bad_lines=True)
+        assert len(conversations) == 2 and stats.bad_lines == 1 and stats.records == 3
+        assert "skipped 1 malformed lines or records" in stats.summary()
+    else:
+        with pytest.raises(ValueError, match="no usable conversations.*skipped 2 malformed"):
+            load_conversations(path, skip_bad_lines=True)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".jsonl.gz"])
+def test_openai_text_parts_are_joined(tmp_path, suffix):
+    parts = [{"type": "text", "text": "Hello "}, {"type": "text", "text": "world."}]
+    record = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                           {"role": "assistant", "content": parts}]}
+    (conversation,), _ = load_conversations(write_records(tmp_path / f"d{suffix}", [record]))
+    assert conversation == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello world."}]
+
+
+def test_unreadable_files_are_named_in_one_line(tmp_path):
+    import gzip
+    good = json.dumps(GOOD) + "\n"
+    (tmp_path / "garbage.jsonl.gz").write_bytes(b"this is not gzip at all\n")
+    whole = gzip.compress(good.encode() * 200)
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "cut.parquet").write_bytes(b"PAR1 truncated")
+    for name, expected in (("garbage.jsonl.gz", "not a complete gzip file"), ("cut.jsonl.gz", "not a complete gzip file"),
+                           ("cut.parquet", "not a readable Parquet file")):
+        with pytest.raises(ValueError, match=rf"{re.escape(name)}: {expected}"):
+            load_conversations(tmp_path / name)
+    # A line that is not UTF-8 is one malformed line, named or skipped; the lines after it still count.
+    (tmp_path / "latin1.jsonl").write_bytes(good.encode() + '{"x": "caf\xe9"}\n'.encode("latin-1") + good.encode())
+    with pytest.raises(ValueError, match=r"latin1.jsonl:2: malformed JSON line"):
+        load_conversations(tmp_path / "latin1.jsonl")
+    conversations, stats = load_conversations(tmp_path / "latin1.jsonl", skip_bad_lines=True)
+    assert len(conversations) == 2 and stats.bad_lines == 1
 
 
 # ---------------------------------------------------------------------------------------------

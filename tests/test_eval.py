@@ -6,7 +6,11 @@ Most tests use a tiny random Llama saved by transformers with SmolLM2's real tok
 uses the real SmolLM2-135M-Instruct on a few requests.
 """
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -211,6 +215,67 @@ def test_model_folder_without_tokenizer(tiny_dir, tmp_path):
         shutil.copy(tiny_dir / name, folder / name)
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         neo_eval.NeoLM(str(folder), device="cpu")
+
+
+def copy_with_other_weights(tiny_dir, folder, keep_layers=None):
+    """tiny_dir's model with its first weight matrix nudged (same shapes), or with fewer layers."""
+    import model as model_lib
+    other = model_lib.Llama.from_pretrained(tiny_dir)
+    if keep_layers is not None:
+        other = model_lib.prune_layers(other, keep_layers)
+    else:
+        with torch.no_grad():
+            other.model.layers[0].self_attn.q_proj.weight[0, 0] += 1e-3
+    other.save_pretrained(folder)
+    return folder
+
+
+def adapter_for(base_dir, folder):
+    import lora
+    import model as model_lib
+    base = model_lib.Llama.from_pretrained(base_dir)
+    lora.apply_lora(base, rank=4, alpha=8, verbose=False)
+    lora.save_adapter(base, folder, base_model_name_or_path=str(base_dir))
+    return folder
+
+
+def test_adapter_for_another_base_is_refused_naming_both(tiny_dir, tmp_path):
+    adapter = adapter_for(tiny_dir, tmp_path / "adapter")
+    neo_eval.NeoLM(str(tiny_dir), adapter=str(adapter), device="cpu")  # its own base: accepted
+    nudged = copy_with_other_weights(tiny_dir, tmp_path / "nudged")
+    with pytest.raises(ValueError, match=rf"adapter was trained on another base: it records .*{tiny_dir.name}.*"
+                                         rf"nudged has the same shapes but other weights"):
+        neo_eval.NeoLM(str(nudged), adapter=str(adapter), device="cpu")
+    pruned = copy_with_other_weights(tiny_dir, tmp_path / "pruned", keep_layers=[1])
+    with pytest.raises(ValueError, match=r"pruned has other shapes"):
+        neo_eval.NeoLM(str(pruned), adapter=str(adapter), device="cpu")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "{tmp}/missing/model"], "--model .*missing/model: no such model folder"),
+    (["--model", "{tiny}", "--adapter", "{tmp}/no-adapter"], "--adapter .*no-adapter: no adapter folder"),
+    (["--model", "{tiny}", "--limit", "0"], "--limit 0.0: must be above 0"),
+    (["--model", "{tiny}", "--limit", "-3"], "--limit -3.0: must be above 0"),
+    (["--model", "{tiny}", "--batch-size", "0"], "--batch-size 0: must be above 0"),
+    (["--model", "{tiny}", "--max-length", "-1"], "--max-length -1: must be above 0"),
+])
+def test_cli_refuses_bad_input_by_name(tiny_dir, tmp_path, capsys, flags, message):
+    flags = [f.format(tmp=tmp_path, tiny=tiny_dir) for f in flags]
+    with pytest.raises(SystemExit):
+        neo_eval.main([*flags, "--tasks", "piqa", "--task-source", "offline"])
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_cli_adapter_for_another_base_is_one_line(tiny_dir, tmp_path):
+    """Through the command line: one line naming both, and no traceback."""
+    adapter = adapter_for(tiny_dir, tmp_path / "adapter")
+    other = copy_with_other_weights(tiny_dir, tmp_path / "other")
+    run = subprocess.run([sys.executable, str(Path(neo_eval.__file__)), "--model", str(other), "--adapter",
+                          str(adapter), "--tasks", "piqa", "--task-source", "offline", "--limit", "2"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert re.fullmatch(r"eval.py: error: \S*adapter was trained on another base: .*/other has the same shapes "
+                        r"but other weights .*\n", run.stderr.splitlines(keepends=True)[-1])
 
 
 # ----------------------------------------------------------------------------- the real SmolLM2

@@ -353,8 +353,14 @@ def test_peft_loads_our_adapter_onto_transformers_llama_with_our_logits(tmp_path
         random_adapter_(layer)
     save_adapter(student, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
 
+    assert lora.adapter_base(tmp_path / "adapter") == (str(tmp_path / "base"), lora.fingerprint(tmp_path / "base"))
+
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
-    hf = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:  # the base fingerprint is invisible to PEFT
+        warnings.simplefilter("always")
+        hf = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    assert not [w for w in caught if "nexpected" in str(w.message)]
     ids, mask, _ = batch()
     with torch.no_grad():
         ours = student(ids, mask)
@@ -364,3 +370,20 @@ def test_peft_loads_our_adapter_onto_transformers_llama_with_our_logits(tmp_path
     real = mask.bool()  # padded positions are not compared
     assert (plain[real] - theirs[real]).abs().max() > 1e-2  # the adapter really changes the logits
     assert (ours[real] - theirs[real]).abs().max() <= 1e-4
+
+
+def test_fingerprint_tells_bases_apart(tmp_path):
+    import model as llama
+    base = tiny(STUDENT, 0)
+    base.save_pretrained(tmp_path / "a")
+    base.save_pretrained(tmp_path / "same")
+    fp = lora.fingerprint(tmp_path / "a")
+    assert fp == lora.fingerprint(tmp_path / "same") and fp["parameters"] == sum(
+        p.numel() for n, p in base.state_dict().items() if n != "lm_head.weight" or not base.config.tie_word_embeddings)
+    with torch.no_grad():
+        base.model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3  # one value
+    base.save_pretrained(tmp_path / "nudged")
+    nudged = lora.fingerprint(tmp_path / "nudged")
+    assert nudged["shapes"] == fp["shapes"] and nudged["weights"] != fp["weights"]
+    llama.prune_layers(tiny(STUDENT, 0), [0]).save_pretrained(tmp_path / "pruned")
+    assert lora.fingerprint(tmp_path / "pruned")["shapes"] != fp["shapes"]

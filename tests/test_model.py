@@ -255,6 +255,15 @@ def test_missing_shard(folder):
         Llama.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("keep", [0.5, 100])
+def test_truncated_shard_is_named(folder, keep):
+    shard = sorted(folder.glob("model-*-of-*.safetensors"))[-1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:int(len(data) * keep)] if keep < 1 else data[:keep])  # cut in the data / in the header
+    with pytest.raises(ValueError, match=f"{shard.name}: not a readable safetensors file .*damaged or incomplete"):
+        Llama.from_pretrained(folder)
+
+
 def rewrite_shard(folder, edit):
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     shard = folder / index["weight_map"]["model.norm.weight"]

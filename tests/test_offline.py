@@ -262,6 +262,37 @@ def test_cli_converts_a_given_gguf(tmp_path):
     assert str(tmp_path / "hf") in run.stdout and offline.is_complete(tmp_path / "hf")
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("half", "not a readable GGUF file .*is it complete"),
+    ("tail", "not a readable GGUF file .*is it complete"),
+    ("garbage", "not a readable GGUF file .*magic"),
+    ("missing", "GGUF file .* does not exist"),
+])
+def test_damaged_gguf_is_named_and_leaves_nothing(tmp_path, damage, message):
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    whole = (tmp_path / "tiny.gguf").read_bytes()
+    bad = tmp_path / "bad.gguf"
+    if damage != "missing":
+        bad.write_bytes({"half": whole[:len(whole) // 2], "tail": whole[:-100], "garbage": b"not a gguf" * 50}[damage])
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        offline.convert_gguf(bad, tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["tiny.gguf"] + (["bad.gguf"] if bad.exists() else []))
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    import subprocess
+    import sys
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "cut.gguf").write_bytes((tmp_path / "tiny.gguf").read_bytes()[:5000])
+    for gguf, out, expected in (("tiny.gguf", "hf", "hf already exists"),
+                                ("cut.gguf", "new", "cut.gguf: not a readable GGUF file")):
+        run = subprocess.run([sys.executable, offline.__file__, "--gguf", str(tmp_path / gguf),
+                              "--out", str(tmp_path / out)], capture_output=True, text=True)
+        assert run.returncode == 1 and "Traceback" not in run.stderr
+        assert run.stderr.startswith("offline.py: error: ") and expected in run.stderr and run.stderr.count("\n") == 1
+
+
 def test_interrupted_conversion_leaves_nothing_and_retry_succeeds(tmp_path, monkeypatch):
     write_tiny_gguf(tmp_path / "tiny.gguf")
     monkeypatch.setenv("NEO_CACHE", str(tmp_path / "cache"))

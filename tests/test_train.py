@@ -3,6 +3,7 @@ equal one process, a killed run resumes exactly, and bad input stops with a clea
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,9 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def base_args(teacher, data, out, *extra):
+    """A tiny run in float32, so that the equalities below are exact on any CPU (a later --dtype in
+    `extra` wins: argparse keeps the last; test_precision.py reruns some of them in bfloat16)."""
     return ["--teacher", str(teacher), "--data", str(data), "--out", str(out), "--max-len", "48",
             "--batch-size", "2", "--grad-accum", "2", "--epochs", "1", "--rank", "4", "--prune-to", "2",
-            "--heldout", "4", "--no-report", "--lora-dropout", "0", "--lr", "1e-2", *extra]
+            "--heldout", "4", "--no-report", "--lora-dropout", "0", "--lr", "1e-2", "--dtype", "float32", *extra]
 
 
 def run_cli(args, nproc=1, timeout=300):
@@ -116,9 +119,12 @@ def test_two_processes_equal_one(flags, single_process_run, tiny_teacher_dir, ti
 
 # ----------------------------------------------------------------------------- kill and resume
 
-def test_killed_run_resumes_exactly(tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_killed_run_resumes_exactly(dtype, tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
+    # bfloat16: the bf16 frozen base is rebuilt from the same weights on resume, and bf16 arithmetic
+    # is as deterministic as fp32, so the resumed run must again match bit for bit.
     args = lambda out, *x: base_args(tiny_teacher_dir, tiny_chat_jsonl, out, "--epochs", "3",
-                                     "--save-every", "2", "--lora-dropout", "0.1", *x)
+                                     "--save-every", "2", "--lora-dropout", "0.1", "--dtype", dtype, *x)
     whole = run_cli(args(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]
     total = len((tmp_path / "whole" / "metrics.jsonl").read_text().splitlines())
@@ -174,14 +180,14 @@ def test_missing_data_file(tiny_teacher_dir, tmp_path):
 def test_unknown_shape_lists_accepted_shapes(tiny_teacher_dir, tmp_path):
     data = write_lines(tmp_path / "d.jsonl", ['{"question": "q", "reply": "a"}'] * 20)
     with pytest.raises(ValueError, match=r"(?s)messages.*conversations.*instruction.*question"):
-        train.main(base_args(tiny_teacher_dir, data, tmp_path))
+        train.main(base_args(tiny_teacher_dir, data, tmp_path / "run"))
 
 
 def test_malformed_line_is_named_or_skipped(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, capsys):
     lines = tiny_chat_jsonl.read_text().splitlines()
     data = write_lines(tmp_path / "d.jsonl", lines[:5] + ['{"messages": [broken'] + lines[5:])
     with pytest.raises(ValueError, match="d.jsonl:6: malformed JSON line"):
-        train.main(base_args(tiny_teacher_dir, data, tmp_path))
+        train.main(base_args(tiny_teacher_dir, data, tmp_path / "run"))
     train.main(base_args(tiny_teacher_dir, data, tmp_path / "ok", "--skip-bad-lines", "--max-steps", "1"))
     assert "skipped 1 malformed lines" in capsys.readouterr().out
 
@@ -190,14 +196,14 @@ def test_conversation_without_assistant_is_skipped_and_counted(tiny_teacher_dir,
                                                                capsys):
     lonely = json.dumps({"messages": [{"role": "user", "content": "hello?"}]})
     data = write_lines(tmp_path / "d.jsonl", tiny_chat_jsonl.read_text().splitlines() + [lonely] * 3)
-    train.main(base_args(tiny_teacher_dir, data, tmp_path, "--max-steps", "1"))
+    train.main(base_args(tiny_teacher_dir, data, tmp_path / "run", "--max-steps", "1"))
     assert "3 conversations without an assistant reply" in capsys.readouterr().out
 
 
 def test_empty_data_set(tiny_teacher_dir, tmp_path):
     lonely = json.dumps({"messages": [{"role": "user", "content": "hello?"}]})
     with pytest.raises(ValueError, match="no usable conversations"):
-        train.main(base_args(tiny_teacher_dir, write_lines(tmp_path / "d.jsonl", [lonely] * 4), tmp_path))
+        train.main(base_args(tiny_teacher_dir, write_lines(tmp_path / "d.jsonl", [lonely] * 4), tmp_path / "run"))
 
 
 def test_rank_larger_than_a_layer(tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
@@ -214,7 +220,9 @@ def test_teacher_and_student_vocabularies_must_match(tiny_teacher_dir, tiny_chat
     other.source_dir = str(tiny_teacher_dir)
     other.save_pretrained(student)
     with pytest.raises(SystemExit, match=r"teacher head 49152 rows, student head 32000"):
-        train.main(base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path / "run", "--student", str(student)))
+        args = base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path / "run", "--student", str(student))
+        i = args.index("--prune-to")
+        train.main(args[:i] + args[i + 2:])  # --student and --prune-to together are refused
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
@@ -280,3 +288,197 @@ def test_label_outside_the_vocabulary_is_refused_before_training():
     train.check_labels([{"labels": [-100, 3, 99]}], n_rows=100)  # the last row is fine
     with pytest.raises(ValueError, match="token id 100 is outside the model's vocabulary of 100 rows"):
         train.check_labels([{"labels": [-100, 3]}, {"labels": [-100, 100]}], n_rows=100)
+
+
+# ----------------------------------------------------------------------------- the output folder is the user's
+
+def test_a_folder_with_files_is_refused_before_anything_is_loaded(tiny_teacher_dir, tiny_chat_jsonl, tmp_path,
+                                                                  monkeypatch):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "important.txt").write_text("mine")
+    (tmp_path / "notes.txt").write_text("mine too")
+    monkeypatch.setattr(llama.Llama, "from_pretrained", None)  # nothing may be loaded before the refusal
+    with pytest.raises(SystemExit, match=r"already holds files \(model, notes.txt\).*--resume.*--overwrite"):
+        train.main(base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, "--max-steps", "1"))
+    assert (tmp_path / "model" / "important.txt").read_text() == "mine"
+    monkeypatch.undo()
+    train.main(base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, "--max-steps", "1", "--overwrite"))
+    assert (tmp_path / "notes.txt").read_text() == "mine too"  # --overwrite replaces train.py's outputs only
+    assert not (tmp_path / "model" / "important.txt").exists() and (tmp_path / "model" / "config.json").exists()
+    with pytest.raises(SystemExit, match="already holds files"):  # a finished run is not re-run over either
+        train.main(base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, "--max-steps", "1"))
+
+
+def test_a_second_run_in_the_same_folder_is_refused_with_the_first_ones_pid(tiny_teacher_dir, tiny_chat_jsonl,
+                                                                          tmp_path):
+    import run_folder
+    with run_folder.RunLock(tmp_path):  # as another run holds it
+        with pytest.raises(SystemExit, match=rf"in use by another train.py run \(PID {os.getpid()} on "):
+            train.main(base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, "--max-steps", "1"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".train.lock"]  # nothing written
+
+
+def test_student_base_is_always_this_runs(tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
+    """Training again into the folder with another --prune-to: student_base + adapter == model."""
+    train.main(base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, "--max-steps", "1"))
+    train.main(base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, "--max-steps", "1", "--overwrite",
+                         "--prune-to", "3"))
+    base = llama.Llama.from_pretrained(tmp_path / "student_base")
+    assert base.config.num_hidden_layers == 3
+    lora.load_adapter(base, tmp_path / "adapter")
+    merged = llama.Llama.from_pretrained(tmp_path / "model")
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.allclose(base(ids), merged(ids), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- every flag checked before work
+
+BAD_FLAGS = [
+    (["--lora-alpha", "0"], "--lora-alpha 0.0: must be above 0"),
+    (["--lr", "0"], "--lr 0.0: must be above 0"),
+    (["--lr", "nan"], "--lr nan: must be above 0"),
+    (["--alpha", "2"], r"--alpha 2.0: must lie in \[0, 1\]"),
+    (["--heldout", "-1"], "--heldout -1: must be 0 or more"),
+    (["--prune-to", "0"], r"--prune-to 0: the teacher has 4 layers: a student keeps 1..3"),
+    (["--prune-to", "4"], r"--prune-to 4: the teacher has 4 layers"),
+    (["--student", "{teacher}"], "--prune-to 2: prunes the teacher .* but --student gives the student"),
+    (["--max-len", "-5"], "--max-len -5: must be 2 or more"),
+    (["--max-len", "513"], r"--max-len 513: the teacher handles at most 512 positions"),
+    (["--max-steps", "-1"], "--max-steps -1: must be 1 or more"),
+    (["--rank", "0"], "--rank 0: must be 1 or more"),
+    (["--grad-accum", "0"], "--grad-accum 0: must be 1 or more"),
+    (["--batch-size", "0"], "--batch-size 0: must be 1 or more"),
+    (["--lora-dropout", "1"], r"--lora-dropout 1.0: must lie in \[0, 1\)"),
+    (["--min-lr", "1"], r"--min-lr 1.0: must lie in \[0, --lr 0.01\]"),
+    (["--targets", "q_proj,qproj"], r"--targets q_proj,qproj: unknown layer\(s\) \['qproj'\]"),
+    (["--resume", "--overwrite"], "--overwrite True: would delete the checkpoints that --resume continues from"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_meaningless_flags_are_refused_before_any_model_is_loaded(tiny_teacher_dir, tiny_chat_jsonl, tmp_path,
+                                                                  monkeypatch, flags, message):
+    monkeypatch.setattr(llama.Llama, "from_pretrained", None)  # loading anything would fail differently
+    flags = [f.format(teacher=tiny_teacher_dir) for f in flags]
+    with pytest.raises(SystemExit, match=message):
+        train.main(base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path / "run", *flags))
+    assert not (tmp_path / "run").exists()  # not even the output folder was created
+
+
+def test_flags_a_method_ignores_are_named(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, capsys):
+    train.main(base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, "--method", "lora", "--max-steps", "1",
+                         "--alpha", "0.3"))
+    assert "note: --alpha has no effect with --method lora (no teacher term: CE only)" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_teacher_dir, tiny_chat_jsonl, tmp_path_factory):
+    """A finished two-step run with a checkpoint at every step, its teacher and student copied alongside."""
+    root = tmp_path_factory.mktemp("finished")
+    shutil.copytree(tiny_teacher_dir, root / "teacher")
+    args = base_args(root / "teacher", tiny_chat_jsonl, root / "run", "--max-steps", "2", "--save-every", "1")
+    train.main(args)
+    return root, args
+
+
+def copy_run(finished_run, tmp_path):
+    root, args = finished_run
+    shutil.copytree(root / "run", tmp_path / "run")
+    return [str(tmp_path / "run") if a == str(root / "run") else a for a in args]
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "2e-2"), ("--min-lr", "0"), ("--warmup", "0.5"),
+                                         ("--lora-dropout", "0.1"), ("--dtype", "bfloat16"), ("--max-steps", "3"),
+                                         ("--heldout", "5"), ("--weight-decay", "0.1")])
+def test_resume_checks_every_flag_that_changes_the_result_before_loading(finished_run, tmp_path, monkeypatch,
+                                                                         flag, value):
+    args = copy_run(finished_run, tmp_path)
+    monkeypatch.setattr(llama.Llama, "from_pretrained", None)
+    with pytest.raises(SystemExit, match=rf"--resume: the checkpoint was made with {flag}="):
+        train.main(args + ["--resume", flag, value])
+
+
+def test_resume_refuses_another_teacher_naming_both(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, monkeypatch):
+    shutil.copytree(tiny_teacher_dir, tmp_path / "teacher")
+    args = base_args(tmp_path / "teacher", tiny_chat_jsonl, tmp_path / "run", "--max-steps", "1")
+    train.main(args)
+    teacher = llama.Llama.from_pretrained(tmp_path / "teacher")
+    with torch.no_grad():
+        teacher.model.norm.weight[0] += 1e-3  # the same flag, the same shapes, other weights
+    teacher.save_pretrained(tmp_path / "teacher")
+    monkeypatch.setattr(llama.Llama, "from_pretrained", None)
+    with pytest.raises(SystemExit, match=r"--resume: the teacher is not the model the checkpoint was trained from: "
+                                         r"the checkpoint records \{.*'weights': '(\w+)'\}, .*teacher is \{.*\}"):
+        train.main(args + ["--resume"])
+
+
+# ----------------------------------------------------------------------------- crash windows and fallback
+
+def run_with_fault(args, fault: str, tmp_path):
+    """train.py in a subprocess whose `fault` code (run after imports) makes it die at one exact point."""
+    code = f"import os, sys\nfrom pathlib import Path\nimport lora, run_folder, train\n{fault}\ntrain.main(sys.argv[1:])\n"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=ROOT)
+
+
+def test_killed_inside_a_checkpoint_resave_loses_nothing(finished_run, tmp_path):
+    """Resuming a finished run re-saves its last step; die after the old copy was moved aside and before
+    the new one is in place. The next --resume reads the moved-aside copy and ends with the same adapter."""
+    args = copy_run(finished_run, tmp_path)
+    out = tmp_path / "run"
+    before = adapter(out)
+    fault = """
+real = Path.rename
+def rename(self, target):
+    if self.name.startswith(".step-") and self.name.endswith(".tmp"):  # moving the new copy into place
+        os._exit(9)
+    return real(self, target)
+Path.rename = rename
+"""
+    died = run_with_fault(args + ["--resume"], fault, tmp_path)
+    assert died.returncode == 9, died.stderr[-2000:]
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step-0000002" and not (ckpts / "step-0000002").exists()
+    resumed = run_cli(args + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "continuing from .step-0000002.old-" in resumed.stdout
+    assert (ckpts / "step-0000002" / "state.pt").exists()
+    assert_close(adapter(out), before, rel=0)
+
+
+def test_killed_inside_the_adapter_export_loses_nothing(tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
+    """Die after the exported adapter's config is written, before its weights: no adapter/ at all (never a
+    config beside other weights), and --resume exports the trained adapter from the checkpoint."""
+    out = tmp_path / "run"
+    args = base_args(tiny_teacher_dir, tiny_chat_jsonl, out, "--max-steps", "2")
+    fault = f"""
+real = lora.save_file
+def save_file(tensors, path, **kw):
+    if Path(path).parent.parent == Path({str(out)!r}):  # the export (checkpoint adapters sit deeper)
+        os._exit(9)
+    return real(tensors, path, **kw)
+lora.save_file = save_file
+"""
+    died = run_with_fault(args, fault, tmp_path)
+    assert died.returncode == 9, died.stderr[-2000:]
+    assert not (out / "adapter").exists() and not (out / "model").exists()
+    resumed = run_cli(args + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4
+    assert_close(adapter(out), load_file(str(out / "checkpoints" / "step-0000002" / "adapter" /
+                                              "adapter_model.safetensors")), rel=0)
+
+
+def test_damaged_latest_checkpoint_falls_back_and_resumes_exactly(finished_run, tmp_path, capsys):
+    args = copy_run(finished_run, tmp_path)
+    out = tmp_path / "run"
+    before = adapter(out)
+    state_pt = out / "checkpoints" / "step-0000002" / "state.pt"
+    state_pt.write_bytes(state_pt.read_bytes()[:1000])  # truncated
+    train.main(args + ["--resume"])
+    printed = capsys.readouterr().out
+    assert "skipped damaged checkpoint(s) step-0000002" in printed and "continuing from step-0000001" in printed
+    assert_close(adapter(out), before, rel=0)  # step 2 redone from step 1: the same adapter

@@ -1,0 +1,187 @@
+"""bf16 training on the CPU: what --dtype auto chooses, that a bf16 step computes the fp32 step's
+adapter gradients up to bf16 rounding, that only the fp32 adapters move, and that two ranks equal
+one in bf16 too. (Kill-and-resume in bf16: test_train.py's resume test, parametrised by dtype.)
+
+Every test passes --dtype bfloat16 explicitly, so CI runs the GPU users' dtype logic on any CPU:
+without avx512_bf16 the bf16 matmuls are emulated (slower), not wrong.
+"""
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+
+import model as llama
+import train
+from test_train import adapter, base_args, run_cli
+
+CPU = torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- the chooser
+
+@pytest.mark.parametrize("device, flags, capability, requested, frozen, compute", [
+    ("cuda", set(), (8, 0), "auto", torch.bfloat16, torch.bfloat16),            # A100, H100: native
+    ("cuda", set(), (7, 0), "auto", torch.float32, None),                       # V100: emulated
+    ("cpu", {"avx512f", "avx512_bf16"}, None, "auto", torch.bfloat16, torch.bfloat16),
+    ("cpu", {"amx_tile", "amx_bf16"}, None, "auto", torch.bfloat16, torch.bfloat16),
+    ("cpu", {"avx512f", "avx2"}, None, "auto", torch.float32, None),
+    ("cpu", {"avx512_bf16"}, None, "float32", torch.float32, None),              # explicit wins
+    ("cpu", set(), None, "bfloat16", torch.bfloat16, torch.bfloat16),
+    ("cuda", set(), (9, 0), "float32", torch.float32, None),
+])
+def test_choose_dtype(device, flags, capability, requested, frozen, compute, monkeypatch):
+    monkeypatch.setattr(train, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+    p = train.choose_dtype(requested, torch.device(device))
+    assert (p.frozen, p.compute) == (frozen, compute)
+    assert p.why.startswith(str(frozen).removeprefix("torch."))
+    if requested == "bfloat16" and not flags:
+        assert "emulated" in p.why  # the user hears that the explicit choice will be slow
+
+
+def test_choose_dtype_rejects_unknown_and_defaults_to_auto():
+    assert train.parse_args([]).dtype == "auto"
+    with pytest.raises(ValueError, match="float16.*auto, float32 or bfloat16"):
+        train.choose_dtype("float16", CPU)
+
+
+def test_autocast_follows_the_choice(monkeypatch):
+    args = train.parse_args(["--dtype", "bfloat16"])
+    with train.autocast(CPU, args):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    monkeypatch.setattr(train, "cpu_flags", lambda: set())
+    with train.autocast(CPU, train.parse_args(["--dtype", "auto"])):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_training_prints_its_precision(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx512_bf16"})
+    train.main(base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, "--max-steps", "1", "--dtype", "auto"))
+    assert "precision: bfloat16 (--dtype auto: CPU flags avx512_bf16)" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- one bf16 step
+
+def adapter_gradient(student_fp32, teacher_dir, dtype, ids, compile=False):
+    """The Neo step's adapter gradient, (n_adapter_params,), with train.py's pieces in `dtype`
+    (and the student's blocks torch.compile'd, as train.py --compile does, if asked)."""
+    args = train.parse_args(["--teacher", str(teacher_dir), "--prune-to", "2", "--rank", "4", "--dtype", dtype])
+    teacher = llama.Llama.from_pretrained(teacher_dir, dtype=train.frozen_dtype(args, CPU)).eval().requires_grad_(False)
+    torch.manual_seed(0)  # the same A matrices in every call
+    student = train.prepare_student(copy.deepcopy(student_fp32), args, CPU)
+    with torch.no_grad():  # B = 0 would leave A without gradient: give B a spread too
+        for name, p in student.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    if compile:
+        train.compile_blocks(student)
+    distiller = train.Distiller(student, alpha=0.5, temperature=1.0, divergence="forward_kl", chunk_size=64)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        teacher_hidden = teacher(ids, mask, return_hidden=True)
+    with train.autocast(CPU, args):
+        distiller(ids, mask, ids, teacher_hidden, teacher.lm_head.weight, None).loss.backward()
+    return torch.cat([p.grad.flatten() for p in student.parameters() if p.requires_grad])
+
+
+def test_bf16_adapter_gradients_match_fp32(tiny_teacher_dir):
+    """bf16 keeps 8 significant bits: each rounding of a weight or a matmul output is off by up to
+    u = 2^-8 ≈ 0.4%, and the gradient is a difference of such numbers (softmax − target, q − p
+    with a student close to its teacher) carried back through every block, so its error is a
+    multiple of u set by how sensitive this model is. Measured on this tiny random model (seeds
+    as below): rounding only the weights to bf16, arithmetic still fp32, moves the gradient
+    vector by 1.5%; bf16 autocast alone by 2.5%; the bf16 step by 3.1% (3 batches: 2.9-3.1%).
+    The bound, 8%, leaves 2.5x margin for other CPUs' kernels; a gradient of the wrong batch
+    is 130% away, and halving the LoRA scale in the bf16 path alone gives 57%."""
+    args = train.parse_args(["--teacher", str(tiny_teacher_dir), "--prune-to", "2", "--rank", "4"])
+    student = train.build_student(args, str(tiny_teacher_dir), list(range(1, 40)), CPU)
+    gen = torch.Generator().manual_seed(0)
+    batch, other = torch.randint(0, 49152, (2, 4, 48), generator=gen)
+    g32 = adapter_gradient(student, tiny_teacher_dir, "float32", batch)
+    g16 = adapter_gradient(student, tiny_teacher_dir, "bfloat16", batch)
+    wrong = adapter_gradient(student, tiny_teacher_dir, "float32", other)
+    rel = lambda g: ((g - g32).norm() / g32.norm()).item()
+    assert g16.dtype == torch.float32  # fp32 adapters get fp32 gradients
+    assert rel(g16) < 0.08, f"bf16 gradient {rel(g16):.3f} away from the fp32 one"
+    assert rel(wrong) > 10 * 0.08  # the bound is far below what a wrong gradient gives
+
+
+@pytest.mark.parametrize("method", ["neo", "kd"])
+def test_bf16_run_moves_only_fp32_trainables(method, tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
+    """neo: the frozen base is bf16 and bit-identical after training, with no gradient; the adapters,
+    their gradients and AdamW's moments are fp32. kd: every student weight is an fp32 master copy."""
+    res = train.main(base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, "--method", method,
+                               "--max-steps", "2", "--dtype", "bfloat16"))
+    base = llama.Llama.from_pretrained(tmp_path / "student_base")  # fp32, before training
+    after = dict(res["student"].named_parameters())
+    trained = set(res["optimized"])
+    for name, p in base.named_parameters():
+        if method == "neo":
+            assert after[name].dtype == torch.bfloat16 and after[name].grad is None, name
+            assert torch.equal(after[name], p.to(torch.bfloat16)), f"{name}: a frozen base weight changed"
+        else:
+            assert after[name].dtype == torch.float32 and not torch.equal(after[name], p), name
+    assert trained and all(after[n].dtype == torch.float32 for n in trained)
+    state = torch.load(tmp_path / "checkpoints" / "step-0000002" / "state.pt", weights_only=False)
+    moments = [t for s in state["optimizer"]["state"].values() for k, t in s.items() if k != "step"]
+    assert len(moments) == 2 * len(trained) and all(t.dtype == torch.float32 for t in moments)
+    assert all(t.dtype == torch.float32 for t in state["trainable"].values())
+
+
+# ----------------------------------------------------------------------------- 2 ranks = 1 rank
+
+@pytest.mark.parametrize("zero", ["0", "3"])
+def test_two_processes_equal_one_in_bf16(zero, tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
+    """DDP and FSDP2 in bf16 equal one process with the double micro-batch. Not bit for bit as in
+    fp32: a bf16 matmul rounds its output, so each rank's half-batch weight gradient is rounded
+    before the all-reduce adds the halves, where one process rounds the whole sum once: about one
+    bf16 unit (2^-8) apart per gradient element. The logged loss and gradient norm, sums over
+    many elements, agree to 1e-4 and 1.3e-3 (measured over 3 steps; bound 5e-3), while a wrongly
+    scaled gradient (DDP's mean not undone) is 2x off in the norm. The adapters differ more,
+    3.2% (bound 10%): Adam's first steps move every element by about ±lr whatever its size, so
+    elements whose gradient is near zero take a sign decided by that rounding."""
+    flags = ["--max-steps", "3", "--dtype", "bfloat16"]
+    one = base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path / "one", *flags)
+    one[one.index("--batch-size") + 1] = "4"
+    r1 = run_cli(one)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = run_cli(base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path / "two", *flags, "--zero", zero), nproc=2)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    a1, a2 = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    for k in a1:
+        err = ((a2[k] - a1[k]).norm() / a1[k].norm()).item()
+        assert err < REL_ADAPTER, f"{k}: relative difference {err:.2e}"
+    for key in ("loss", "grad_norm"):
+        rows = lambda run: [json.loads(x)[key] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert rows("two") == pytest.approx(rows("one"), rel=REL_LOGGED), key
+
+
+REL_ADAPTER, REL_LOGGED = 0.1, 5e-3
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+def inductor_available():
+    try:
+        import torch._inductor  # noqa: F401
+    except ImportError:
+        return False
+    return any(shutil.which(cc) for cc in ("gcc", "g++", "cc", "clang"))
+
+
+@pytest.mark.skipif(not inductor_available(), reason="torch.compile's inductor needs torch._inductor and a C compiler")
+def test_compiled_step_equals_eager(tiny_teacher_dir):
+    """--compile changes how the blocks run, not what they compute: the same adapter gradient as
+    eager up to fp32 reordering (inductor fuses RMSNorm, RoPE and SiLU·up and may sum in another
+    order: u = 2^-24 per rounding; measured 1e-6 relative on this model; bound 1e-5). A compiled
+    block that dropped the adapter branch or reused the wrong weights is O(1) away."""
+    args = train.parse_args(["--teacher", str(tiny_teacher_dir), "--prune-to", "2", "--rank", "4"])
+    student = train.build_student(args, str(tiny_teacher_dir), list(range(1, 40)), CPU)
+    batch = torch.randint(0, 49152, (4, 48), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    eager = adapter_gradient(student, tiny_teacher_dir, "float32", batch)
+    compiled = adapter_gradient(student, tiny_teacher_dir, "float32", batch, compile=True)
+    err = ((compiled - eager).norm() / eager.norm()).item()
+    assert err < 1e-5, f"compiled step's gradient {err:.2e} away from eager"
