@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def flags(teacher, chat, *extra):
     return ["--teacher", str(teacher), "--data", str(chat), "--max-len", "48", "--batch-size", "2", "--heldout", "4",
+            "--dtype", "float32",  # the exact comparisons below are in fp32
             *extra]
 
 
