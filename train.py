@@ -12,6 +12,7 @@ The four methods of the paper's Table I differ only in two switches:
 Run it
     python train.py                                  # offline demo: SmolLM2-135M -> its pruned half
     python train.py --teacher meta-llama/Llama-3.1-8B-Instruct --prune-to 8 --data BAAI/Infinity-Instruct
+    python train.py --data big.jsonl --pack          # several conversations per row, kept apart
     torchrun --nproc_per_node 6 train.py --rank 128  # data parallel, one process per GPU
     torchrun --nproc_per_node 6 train.py --zero 1    # + optimizer state sharded (ZeroRedundancyOptimizer)
     torchrun --nproc_per_node 6 train.py --zero 3    # + student and teacher layers sharded (FSDP2)
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -48,6 +50,7 @@ import lora
 import model as llama
 import neo
 import run_folder
+import tokenized
 
 # -----------------------------------------------------------------------------
 # Arguments. Paper values are the defaults; the offline demo (no --teacher, no GPU) swaps in a
@@ -90,6 +93,9 @@ def parse_args(argv=None):
     p.add_argument("--heldout", type=int, default=None, help="held-out conversations scored before/after")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed JSON lines")
     p.add_argument("--max-len", type=int, default=None, help="tokens per example; longer ones are cut and counted")
+    p.add_argument("--pack", action="store_true",
+                   help="pack several examples into each row of --max-len tokens (attention and RoPE positions "
+                        "stay inside each example; far less padding)")
     # loss
     p.add_argument("--alpha", type=float, default=0.5, help="weight of CE; KL gets 1 - alpha")
     p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature T")
@@ -149,7 +155,7 @@ def parse_args(argv=None):
 # order, the objective, the optimizer and its schedule, the numerics). Not here: where and how often to
 # save, the report, --zero and --grad-checkpoint (same result, other memory).
 RESUME_FLAGS = ["method", "adapter", "rank", "lora_alpha", "lora_dropout", "targets", "teacher", "student",
-                "prune_to", "data", "max_samples", "heldout", "skip_bad_lines", "max_len", "alpha",
+                "prune_to", "data", "max_samples", "heldout", "skip_bad_lines", "max_len", "pack", "alpha",
                 "temperature", "divergence", "chunk_size", "batch_size", "grad_accum", "epochs", "max_steps",
                 "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "dtype", "seed", "world_size",
                 "teacher_cache"]
@@ -210,6 +216,9 @@ def check_args(args):
         print0(f"note: {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect with --method "
                f"{args.method} ({'it trains every weight' if args.method in ('sft', 'kd') else ''}"
                f"{', ' if args.method == 'sft' else ''}{'no teacher term: CE only' if args.method in ('sft', 'lora') else ''})")
+    if args.pack and args.teacher_cache:
+        refuse("pack", "the teacher cache holds one row per example, and a packed row holds several: "
+                       "train from the cache unpacked, or pack with the live teacher")
     if args.resume and args.overwrite:
         refuse("overwrite", "would delete the checkpoints that --resume continues from: pass one of them")
 
@@ -302,7 +311,11 @@ def main(argv=None):
     base_path = save_student_base(student, args, out, d)
     student = prepare_student(student, args, d.device)
     vocab_size = shared_vocab(student, teacher, tokenizer)
-    check_labels(train_set + held_set, vocab_size or student.lm_head.weight.shape[0])
+    for examples in (train_set, held_set):
+        check_labels(examples, vocab_size or student.lm_head.weight.shape[0])
+    if args.pack:  # rows of several whole examples; the model keeps them apart by document_ids
+        n_examples, train_set = len(train_set), data.pack(train_set, args.max_len, args.seed)
+        print0(f"data: packed {n_examples} examples into {len(train_set)} rows of up to {args.max_len} tokens")
 
     # ---- data ----------------------------------------------------------------
     if not args.no_report and (not held_set or args.zero == 3):
@@ -457,7 +470,7 @@ def build_student(args, teacher_path, calibration, device):
     keep_n = args.prune_to or n_layers // 2
     if not 0 < keep_n <= n_layers:
         raise SystemExit(f"--prune-to {keep_n}: the teacher has {n_layers} layers; choose 1..{n_layers}")
-    ids = torch.tensor([calibration], device=device)
+    ids = torch.as_tensor(np.asarray(calibration, dtype=np.int64), device=device)[None]  # (1, T)
     keep = llama.most_important_layers(llama.block_importance(full, ids), keep_n)
     print0(f"student: the teacher's {keep_n} most important of {n_layers} layers {keep} "
            f"(block importance on {ids.shape[1]} calibration tokens)")
@@ -539,28 +552,38 @@ def shared_vocab(student, teacher, tokenizer):
 
 
 def load_data(args, tokenizer):
-    """Tokenised training and held-out examples. The offline set has its own fixed held-out split;
-    for user data the held-out conversations are a seeded sample set aside before training."""
-    if args.data in (None, "offline"):
-        conversations, stats = data.load_conversations("offline", args.max_samples, args.seed)
-        held, _ = data.load_conversations("offline:heldout", args.heldout, args.seed)
+    """Training and held-out examples, read from the tokenised cache (tokenized.py: built by the
+    first run, rank 0, and shared). The offline set has its own fixed held-out split; for user
+    data the held-out conversations are a seeded sample set aside before training."""
+    offline_data = args.data in (None, "offline")
+    store = tokenized.load("offline" if offline_data else args.data, tokenizer, args.max_len,
+                           skip_bad_lines=args.skip_bad_lines)
+    stats = store.stats()
+    order = data.sample_indices(len(store), args.max_samples, args.seed)
+    if offline_data:
+        held_store = tokenized.load("offline:heldout", tokenizer, args.max_len)
+        held = data.sample_indices(len(held_store), args.heldout, args.seed)
     else:
-        conversations, stats = data.load_conversations(args.data, args.max_samples, args.seed,
-                                                       skip_bad_lines=args.skip_bad_lines)
-        random.Random(args.seed).shuffle(conversations)
-        n_held = min(args.heldout, len(conversations) // 10)
-        held, conversations = conversations[:n_held], conversations[n_held:]
-    train_set = data.tokenize_all(tokenizer, conversations, args.max_len, stats)
-    print0(f"data: {stats.summary()}")
-    held_set = data.tokenize_all(tokenizer, held, args.max_len) if held else []
+        random.Random(args.seed).shuffle(order)
+        n_held = min(args.heldout, len(order) // 10)
+        held_store, held, order = store, order[:n_held], order[n_held:]
+    train_set = store.select(order, stats)
+    print0(f"data: {stats.summary()} (tokenised in {store.folder})")
+    held_set = held_store.select(held) if held else []
     print0(f"data: {len(train_set)} training and {len(held_set)} held-out examples, max {args.max_len} tokens")
     return train_set, held_set
 
 
 def check_labels(examples, n_rows: int):
-    """Every label is a row of the LM head (or -100). Checked once here, on the lists data.py made,
-    so that no training step has to ask the GPU."""
-    top = max(max(e["labels"]) for e in examples)
+    """Every label is a row of the LM head (or -100). Checked once here, before training, so that no
+    training step has to ask the GPU. Examples from the tokenised cache answer with the largest
+    token id of the whole cache (labels are token ids), one pass over its memory-mapped ids."""
+    if not len(examples):
+        return
+    if isinstance(examples, tokenized.Examples):
+        top = examples.max_token_id()
+    else:
+        top = max(max(e["labels"]) for e in examples)
     if top >= n_rows:
         raise ValueError(f"data: token id {top} is outside the model's vocabulary of {n_rows} rows; the "
                          f"tokenizer does not belong to this model (use the teacher's own tokenizer)")
@@ -608,8 +631,9 @@ class Distiller(nn.Module):
         self.alpha, self.temperature, self.divergence = alpha, temperature, divergence
         self.chunk_size, self.vocab_size = chunk_size, vocab_size
 
-    def forward(self, input_ids, attention_mask, labels, teacher_hidden, teacher_head, normalizer, teacher_topk=None):
-        hidden = self.student(input_ids, attention_mask, return_hidden=True)  # (B, T, D)
+    def forward(self, input_ids, attention_mask, labels, teacher_hidden, teacher_head, normalizer,
+                document_ids=None, teacher_topk=None):
+        hidden = self.student(input_ids, attention_mask, document_ids=document_ids, return_hidden=True)  # (B, T, D)
         if teacher_topk is not None:  # the teacher's cached top-k rows (teacher_cache.py)
             return neo.sparse_neo_loss(hidden, self.student.lm_head.weight, teacher_topk, labels, alpha=self.alpha,
                                        temperature=self.temperature, chunk_size=self.chunk_size,
@@ -715,10 +739,11 @@ def train_step(wrapped, teacher, optimizer, params, micro, lr, step, args, d: Di
         teacher_hidden = None
         if teacher is not None:
             with torch.no_grad():
-                teacher_hidden = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
+                teacher_hidden = teacher(b["input_ids"], b["attention_mask"], document_ids=b.get("document_ids"),
+                                         return_hidden=True)
         with no_grad_sync(wrapped, args, last=i == len(micro) - 1), autocast(d.device, args):
             res = wrapped(b["input_ids"], b["attention_mask"], b["labels"], teacher_hidden, teacher_head,
-                          normalizer, teacher_topk)
+                          normalizer, b.get("document_ids"), teacher_topk)
             res.loss.backward()
         bad[i] = (~torch.isfinite(res.loss.detach())).float()
         sums += torch.stack([res.loss.detach() * normalizer, res.ce * res.n_tokens, res.kl * res.n_tokens])
