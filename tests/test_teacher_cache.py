@@ -164,3 +164,12 @@ def test_torchrun_ranks_write_the_same_cache(cache_dir, tiny_teacher_dir, tiny_c
     for name in want:
         for key in want[name]:
             assert torch.equal(want[name][key], got[name][key]), f"{name}/{key}"
+
+
+def test_packing_and_the_cache_are_refused_together(cache_dir, tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
+    """A cache row belongs to one example and a packed row holds several: the pair stops before any work."""
+    argv = flags(tiny_teacher_dir, tiny_chat_jsonl) + ["--teacher-cache", str(cache_dir), "--pack",
+                                                       "--out", str(tmp_path / "run"), "--prune-to", "2"]
+    with pytest.raises(SystemExit, match="--pack True: the teacher cache holds one row per example"):
+        train.main(argv)
+    assert not (tmp_path / "run").exists()  # refused before the output folder was claimed
