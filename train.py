@@ -12,6 +12,7 @@ The four methods of the paper's Table I differ only in two switches:
 Run it
     python train.py                                  # offline demo: SmolLM2-135M -> its pruned half
     python train.py --teacher meta-llama/Llama-3.1-8B-Instruct --prune-to 8 --data BAAI/Infinity-Instruct
+    python train.py --data big.jsonl --pack          # several conversations per row, kept apart
     torchrun --nproc_per_node 6 train.py --rank 128  # data parallel, one process per GPU
     torchrun --nproc_per_node 6 train.py --zero 1    # + optimizer state sharded (ZeroRedundancyOptimizer)
     torchrun --nproc_per_node 6 train.py --zero 3    # + student and teacher layers sharded (FSDP2)
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -48,6 +50,7 @@ import lora
 import model as llama
 import neo
 import run_folder
+import tokenized
 
 # -----------------------------------------------------------------------------
 # Arguments. Paper values are the defaults; the offline demo (no --teacher, no GPU) swaps in a
@@ -77,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--teacher", default=None,
                    help="teacher folder or Hub id (default: the offline SmolLM2-135M-Instruct)")
     p.add_argument("--student", default=None, help="student folder or Hub id (default: prune the teacher)")
+    p.add_argument("--teacher-cache", default=None,
+                   help="train from a top-k teacher cache written by teacher_cache.py instead of running the "
+                        "teacher (kd/neo use the sparse KL; the held-out report reads the cache too)")
     p.add_argument("--prune-to", type=int, default=None,
                    help="build the student by keeping this many of the teacher's most important layers "
                         "(default when no --student: half of them)")
@@ -87,6 +93,9 @@ def parse_args(argv=None):
     p.add_argument("--heldout", type=int, default=None, help="held-out conversations scored before/after")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed JSON lines")
     p.add_argument("--max-len", type=int, default=None, help="tokens per example; longer ones are cut and counted")
+    p.add_argument("--pack", action="store_true",
+                   help="pack several examples into each row of --max-len tokens (attention and RoPE positions "
+                        "stay inside each example; far less padding)")
     # loss
     p.add_argument("--alpha", type=float, default=0.5, help="weight of CE; KL gets 1 - alpha")
     p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature T")
@@ -152,9 +161,10 @@ def parse_args(argv=None):
 # order, the objective, the optimizer and its schedule, the numerics). Not here: where and how often to
 # save, the report, --zero and --grad-checkpoint (same result, other memory).
 RESUME_FLAGS = ["method", "adapter", "rank", "lora_alpha", "lora_dropout", "targets", "teacher", "student",
-                "prune_to", "data", "max_samples", "heldout", "skip_bad_lines", "max_len", "alpha",
+                "prune_to", "data", "max_samples", "heldout", "skip_bad_lines", "max_len", "pack", "alpha",
                 "temperature", "divergence", "chunk_size", "batch_size", "grad_accum", "epochs", "max_steps",
-                "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "dtype", "seed", "world_size"]
+                "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "dtype", "seed", "world_size",
+                "teacher_cache"]
 
 
 def check_args(args):
@@ -212,6 +222,9 @@ def check_args(args):
         print0(f"note: {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect with --method "
                f"{args.method} ({'it trains every weight' if args.method in ('sft', 'kd') else ''}"
                f"{', ' if args.method == 'sft' else ''}{'no teacher term: CE only' if args.method in ('sft', 'lora') else ''})")
+    if args.pack and args.teacher_cache:
+        refuse("pack", "the teacher cache holds one row per example, and a packed row holds several: "
+                       "train from the cache unpacked, or pack with the live teacher")
     if args.resume and args.overwrite:
         refuse("overwrite", "would delete the checkpoints that --resume continues from: pass one of them")
 
@@ -298,15 +311,20 @@ def main(argv=None):
     tokenizer = data.Tokenizer.from_dir(teacher_path)
     train_set, held_set = load_data(args, tokenizer)
     use_teacher = args.method in ("neo", "kd")
+    cache = open_teacher_cache(args, teacher_path, tokenizer, train_set, held_set) if args.teacher_cache else None
     teacher = None
-    if use_teacher or not args.no_report:
+    if (use_teacher or not args.no_report) and cache is None:
         teacher = llama.Llama.from_pretrained(teacher_path, dtype=frozen_dtype(args, d.device), device=d.device)
         teacher.eval().requires_grad_(False)
     student = build_student(args, teacher_path, train_set[0]["input_ids"], d.device)
     base_path = save_student_base(student, args, out, d)
     student = prepare_student(student, args, d.device)
     vocab_size = shared_vocab(student, teacher, tokenizer)
-    check_labels(train_set + held_set, vocab_size or student.lm_head.weight.shape[0])
+    for examples in (train_set, held_set):
+        check_labels(examples, vocab_size or student.lm_head.weight.shape[0])
+    if args.pack:  # rows of several whole examples; the model keeps them apart by document_ids
+        n_examples, train_set = len(train_set), data.pack(train_set, args.max_len, args.seed)
+        print0(f"data: packed {n_examples} examples into {len(train_set)} rows of up to {args.max_len} tokens")
 
     # ---- data ----------------------------------------------------------------
     if not args.no_report and (not held_set or args.zero == 3):
@@ -318,8 +336,10 @@ def main(argv=None):
     total_steps = count_steps(args, loader, len(train_set), d)
     report = None
     if not args.no_report and d.master:  # scored now, before the first step changes the student
-        held = [loader.collate(held_set[i:i + args.batch_size]) for i in range(0, len(held_set), args.batch_size)]
-        report = Report(teacher, tokenizer, held, d.device, args.chunk_size, vocab_size, out)
+        held = [{**loader.collate(held_set[i:i + args.batch_size]),  # ids: the cache's rows of each example
+                 "example_ids": torch.arange(i, min(i + args.batch_size, len(held_set)))}
+                for i in range(0, len(held_set), args.batch_size)]
+        report = Report(teacher, tokenizer, held, d.device, args.chunk_size, vocab_size, out, cache, args.temperature)
         report.before(student, resume=args.resume)
 
     # ---- optimizer ------------------------------------------------------------
@@ -348,7 +368,8 @@ def main(argv=None):
             t0 = time.time()
             lr = lr_at(step, total_steps, warmup, args.lr, args.min_lr)
             micro = [next(batches) for _ in range(args.grad_accum)]
-            s = train_step(wrapped, teacher if use_teacher else None, optimizer, params, micro, lr, step, args, d, out)
+            s = train_step(wrapped, teacher if use_teacher else None, optimizer, params, micro, lr, step, args, d, out,
+                           cache if use_teacher else None)
             dt = time.time() - t0
             row = {"step": step + 1, "loss": s["loss"], "ce": s["ce"], "kl": s["kl"], "lr": lr,
                    "grad_norm": s["grad_norm"], "tokens_per_s": s["tokens"] / dt, "step_s": dt,
@@ -458,7 +479,7 @@ def build_student(args, teacher_path, calibration, device):
     keep_n = args.prune_to or n_layers // 2
     if not 0 < keep_n <= n_layers:
         raise SystemExit(f"--prune-to {keep_n}: the teacher has {n_layers} layers; choose 1..{n_layers}")
-    ids = torch.tensor([calibration], device=device)
+    ids = torch.as_tensor(np.asarray(calibration, dtype=np.int64), device=device)[None]  # (1, T)
     keep = llama.most_important_layers(llama.block_importance(full, ids), keep_n)
     print0(f"student: the teacher's {keep_n} most important of {n_layers} layers {keep} "
            f"(block importance on {ids.shape[1]} calibration tokens)")
@@ -540,28 +561,38 @@ def shared_vocab(student, teacher, tokenizer):
 
 
 def load_data(args, tokenizer):
-    """Tokenised training and held-out examples. The offline set has its own fixed held-out split;
-    for user data the held-out conversations are a seeded sample set aside before training."""
-    if args.data in (None, "offline"):
-        conversations, stats = data.load_conversations("offline", args.max_samples, args.seed)
-        held, _ = data.load_conversations("offline:heldout", args.heldout, args.seed)
+    """Training and held-out examples, read from the tokenised cache (tokenized.py: built by the
+    first run, rank 0, and shared). The offline set has its own fixed held-out split; for user
+    data the held-out conversations are a seeded sample set aside before training."""
+    offline_data = args.data in (None, "offline")
+    store = tokenized.load("offline" if offline_data else args.data, tokenizer, args.max_len,
+                           skip_bad_lines=args.skip_bad_lines)
+    stats = store.stats()
+    order = data.sample_indices(len(store), args.max_samples, args.seed)
+    if offline_data:
+        held_store = tokenized.load("offline:heldout", tokenizer, args.max_len)
+        held = data.sample_indices(len(held_store), args.heldout, args.seed)
     else:
-        conversations, stats = data.load_conversations(args.data, args.max_samples, args.seed,
-                                                       skip_bad_lines=args.skip_bad_lines)
-        random.Random(args.seed).shuffle(conversations)
-        n_held = min(args.heldout, len(conversations) // 10)
-        held, conversations = conversations[:n_held], conversations[n_held:]
-    train_set = data.tokenize_all(tokenizer, conversations, args.max_len, stats)
-    print0(f"data: {stats.summary()}")
-    held_set = data.tokenize_all(tokenizer, held, args.max_len) if held else []
+        random.Random(args.seed).shuffle(order)
+        n_held = min(args.heldout, len(order) // 10)
+        held_store, held, order = store, order[:n_held], order[n_held:]
+    train_set = store.select(order, stats)
+    print0(f"data: {stats.summary()} (tokenised in {store.folder})")
+    held_set = held_store.select(held) if held else []
     print0(f"data: {len(train_set)} training and {len(held_set)} held-out examples, max {args.max_len} tokens")
     return train_set, held_set
 
 
 def check_labels(examples, n_rows: int):
-    """Every label is a row of the LM head (or -100). Checked once here, on the lists data.py made,
-    so that no training step has to ask the GPU."""
-    top = max(max(e["labels"]) for e in examples)
+    """Every label is a row of the LM head (or -100). Checked once here, before training, so that no
+    training step has to ask the GPU. Examples from the tokenised cache answer with the largest
+    token id of the whole cache (labels are token ids), one pass over its memory-mapped ids."""
+    if not len(examples):
+        return
+    if isinstance(examples, tokenized.Examples):
+        top = examples.max_token_id()
+    else:
+        top = max(max(e["labels"]) for e in examples)
     if top >= n_rows:
         raise ValueError(f"data: token id {top} is outside the model's vocabulary of {n_rows} rows; the "
                          f"tokenizer does not belong to this model (use the teacher's own tokenizer)")
@@ -576,6 +607,19 @@ def count_steps(args, loader, n_examples, d: Dist) -> int:
                          f"{args.batch_size} x {d.world} processes per epoch, fewer than --grad-accum "
                          f"{args.grad_accum}. Use more data or a smaller --batch-size/--grad-accum.")
     return min(total_steps, args.max_steps) if args.max_steps else total_steps
+
+
+def open_teacher_cache(args, teacher_path, tokenizer, train_set, held_set):
+    """The teacher cache for this run, refused (naming the field) if it was made for other tokens,
+    another teacher, tokenizer, template, max length or temperature, or if a shard is missing."""
+    import teacher_cache
+    if args.divergence != "forward_kl":
+        raise SystemExit(f"--teacher-cache holds the teacher's top-k, which gives the forward KL only; "
+                         f"drop --divergence {args.divergence} or train with the live teacher")
+    expected = teacher_cache.identity(args, teacher_path, tokenizer, {"train": train_set, "heldout": held_set})
+    cache = teacher_cache.TeacherCache(args.teacher_cache, expected)
+    print0(f"teacher: not loaded; its top-{cache.k} rows come from {args.teacher_cache}")
+    return cache
 
 
 def endless(loader):
@@ -596,8 +640,13 @@ class Distiller(nn.Module):
         self.alpha, self.temperature, self.divergence = alpha, temperature, divergence
         self.chunk_size, self.vocab_size = chunk_size, vocab_size
 
-    def forward(self, input_ids, attention_mask, labels, teacher_hidden, teacher_head, normalizer):
-        hidden = self.student(input_ids, attention_mask, return_hidden=True)  # (B, T, D)
+    def forward(self, input_ids, attention_mask, labels, teacher_hidden, teacher_head, normalizer,
+                document_ids=None, teacher_topk=None):
+        hidden = self.student(input_ids, attention_mask, document_ids=document_ids, return_hidden=True)  # (B, T, D)
+        if teacher_topk is not None:  # the teacher's cached top-k rows (teacher_cache.py)
+            return neo.sparse_neo_loss(hidden, self.student.lm_head.weight, teacher_topk, labels, alpha=self.alpha,
+                                       temperature=self.temperature, chunk_size=self.chunk_size,
+                                       normalizer=normalizer, vocab_size=self.vocab_size)
         return neo.neo_loss(hidden, self.student.lm_head.weight, teacher_hidden, teacher_head, labels,
                             alpha=self.alpha, temperature=self.temperature, divergence=self.divergence,
                             chunk_size=self.chunk_size, normalizer=normalizer, vocab_size=self.vocab_size)
@@ -671,8 +720,9 @@ def tqdm_bar(total, start, d: Dist):
     return tqdm(total=total, initial=start, disable=not d.master, desc="train", dynamic_ncols=True)
 
 
-def train_step(wrapped, teacher, optimizer, params, micro, lr, step, args, d: Dist, out: Path) -> dict:
-    """One optimizer step over the micro-batches `micro` (CPU tensors); teacher None for sft/lora.
+def train_step(wrapped, teacher, optimizer, params, micro, lr, step, args, d: Dist, out: Path, cache=None) -> dict:
+    """One optimizer step over the micro-batches `micro` (CPU tensors); teacher None for sft/lora,
+    and for kd/neo from a teacher cache (then its rows are looked up by example id, not position).
 
     The host never waits for the GPU between micro-batches: what it needs (the loss terms to log,
     whether every loss was finite, the gradient norm) comes back in one transfer per step, before
@@ -691,14 +741,18 @@ def train_step(wrapped, teacher, optimizer, params, micro, lr, step, args, d: Di
     sums = torch.zeros(3, device=d.device)            # loss·n, ce·n, kl·n for logging
     bad = torch.zeros(len(micro), device=d.device)    # 1 where a micro-batch's loss is not finite
     for i, b in enumerate(micro):
+        teacher_topk = None
+        if cache is not None:
+            teacher_topk = neo.TeacherTopK(*(t.to(d.device) for t in cache.rows("train", b["example_ids"])))
         b = {k: v.to(d.device) for k, v in b.items()}
         teacher_hidden = None
         if teacher is not None:
             with torch.no_grad():
-                teacher_hidden = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
+                teacher_hidden = teacher(b["input_ids"], b["attention_mask"], document_ids=b.get("document_ids"),
+                                         return_hidden=True)
         with no_grad_sync(wrapped, args, last=i == len(micro) - 1), autocast(d.device, args):
             res = wrapped(b["input_ids"], b["attention_mask"], b["labels"], teacher_hidden, teacher_head,
-                          normalizer)
+                          normalizer, b.get("document_ids"), teacher_topk)
             res.loss.backward()
         bad[i] = (~torch.isfinite(res.loss.detach())).float()
         sums += torch.stack([res.loss.detach() * normalizer, res.ce * res.n_tokens, res.kl * res.n_tokens])
@@ -910,13 +964,15 @@ class Report:
     """Scores the student on the held-out batches and asks it PROMPTS, before and after training.
     The 'before' half is kept in report_before.json, so that a resumed run still compares against
     the untrained student; report.json holds both halves."""
-    teacher: nn.Module
+    teacher: nn.Module | None  # None with a teacher cache: its top-k rows give the KL (neo.sparse_neo_loss)
     tokenizer: data.Tokenizer
     batches: list            # held-out micro-batches (CPU tensors)
     device: torch.device
     chunk_size: int
     vocab_size: int | None
     out: Path
+    cache: object = None       # teacher_cache.TeacherCache
+    temperature: float = 1.0   # the cache's T
     scores: dict = field(default_factory=dict)
 
     def before(self, student, resume: bool):
@@ -925,20 +981,21 @@ class Report:
             self.scores = json.loads(path.read_text())
             return
         self.scores["before"] = heldout_scores(student, self.teacher, self.batches, self.device,
-                                               self.chunk_size, self.vocab_size)
-        self.scores["answers_before"] = answers({"teacher": self.teacher, "student": student}, self.tokenizer,
-                                                self.device)
+                                               self.chunk_size, self.vocab_size, self.cache, self.temperature)
+        models = {"teacher": self.teacher, "student": student} if self.teacher is not None else {"student": student}
+        self.scores["answers_before"] = answers(models, self.tokenizer, self.device)
         run_folder.write_json(path, self.scores)
 
     def after(self, trained):
         trained.eval()
         self.scores["after"] = heldout_scores(trained, self.teacher, self.batches, self.device, self.chunk_size,
-                                              self.vocab_size)
+                                              self.vocab_size, self.cache, self.temperature)
         table = {**self.scores["answers_before"], **answers({"trained student": trained}, self.tokenizer,
                                                             self.device)}
         (ce0, kl0), (ce1, kl1) = self.scores["before"], self.scores["after"]
         n = sum(len(b["input_ids"]) for b in self.batches)
-        print0(f"\nheld-out ({n} conversations)      CE      KL(teacher||student)")
+        kl_name = "KL(teacher||student)" if self.cache is None else f"top-{self.cache.k} KL (cache, T={self.temperature:g})"
+        print0(f"\nheld-out ({n} conversations)      CE      {kl_name}")
         print0(f"  student before training  {ce0:8.4f}   {kl0:8.4f}")
         print0(f"  student after  training  {ce1:8.4f}   {kl1:8.4f}")
         print_answers(table)
@@ -946,18 +1003,25 @@ class Report:
 
 
 @torch.no_grad()
-def heldout_scores(student, teacher, batches, device, chunk_size, vocab_size):
-    """Per-token CE on the labels and forward KL(teacher ‖ student) on the held-out set."""
+def heldout_scores(student, teacher, batches, device, chunk_size, vocab_size, cache=None, temperature=1.0):
+    """Per-token CE on the labels and forward KL(teacher ‖ student) on the held-out set; with a teacher
+    cache (teacher None) the KL is its top-k + tail form D_K, a lower bound of the full KL (neo.py)."""
     was_training = student.training
     student.eval()
     ce = kl = n = 0.0
     for b in batches:
+        top = cache.rows("heldout", b["example_ids"]) if cache is not None else None
         b = {k: v.to(device) for k, v in b.items()}
-        th = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
         sh = student(b["input_ids"], b["attention_mask"], return_hidden=True)
-        out = neo.neo_loss(sh.float(), student.lm_head.weight.float(), th.float(),
-                           teacher.lm_head.weight.float(), b["labels"], alpha=0.5,
-                           chunk_size=chunk_size, normalizer=1.0, vocab_size=vocab_size)
+        if top is not None:
+            top = neo.TeacherTopK(*(t.to(device) for t in top))
+            out = neo.sparse_neo_loss(sh.float(), student.lm_head.weight.float(), top, b["labels"], alpha=0.5,
+                                      temperature=temperature, chunk_size=chunk_size, normalizer=1.0)
+        else:
+            th = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
+            out = neo.neo_loss(sh.float(), student.lm_head.weight.float(), th.float(),
+                               teacher.lm_head.weight.float(), b["labels"], alpha=0.5, temperature=temperature,
+                               chunk_size=chunk_size, normalizer=1.0, vocab_size=vocab_size)
         ce += out.ce.item() * out.n_tokens.item()
         kl += out.kl.item() * out.n_tokens.item()
         n += out.n_tokens.item()

@@ -10,6 +10,8 @@ neo.neo_loss, the pruned student), so it is the step `python train.py` runs:
     kd            every student weight  α·CE + (1-α)·KL(teacher ‖ student)
     neo           LoRA adapters         α·CE + (1-α)·KL(teacher ‖ student)     <- LLM-Neo
     neo-moslora   MoSLoRA adapters      the same
+    neo-cache     LoRA adapters         the same with the teacher's top-k read from a cache
+                                        (teacher_cache.py, neo.sparse_neo_loss): no teacher in memory
     hf-peft-neo   the Neo step written the way most users write it today: transformers
                   LlamaForCausalLM for teacher and student (the same weights, from the same
                   folders), PEFT LoRA with the same rank/alpha/dropout/targets, and the loss on the
@@ -72,10 +74,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root: workers run as `python -m benchmarks.<name>`
 
-METHODS = ("sft", "lora", "kd", "neo", "neo-moslora", "hf-peft-neo")
+METHODS = ("sft", "lora", "kd", "neo", "neo-moslora", "neo-cache", "hf-peft-neo")
 # train.py flags that give each of our methods
 TRAIN_FLAGS = {"sft": ["--method", "sft"], "lora": ["--method", "lora"], "kd": ["--method", "kd"],
-               "neo": ["--method", "neo"], "neo-moslora": ["--method", "neo", "--adapter", "moslora"]}
+               "neo": ["--method", "neo"], "neo-moslora": ["--method", "neo", "--adapter", "moslora"],
+               "neo-cache": ["--method", "neo"]}
 
 
 def parse_args(argv=None):
@@ -92,6 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--lora-alpha", type=float, default=None, help="adapter alpha (default: 2 x rank, as train.py)")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter input (train.py's default)")
     p.add_argument("--chunk-size", type=int, default=256, help="neo_loss chunk (train.py's default)")
+    p.add_argument("--k", type=int, default=64, help="neo-cache: teacher tokens per position (teacher_cache.py's default)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute student blocks in backward (train.py --grad-checkpoint; transformers' "
                         "gradient_checkpointing_enable() for hf-peft-neo)")
@@ -157,6 +161,16 @@ def prepare(args) -> tuple[str, str, Path]:
     batch = pack(examples, args.batch_size, args.max_len)
     batch_file = work / f"batch_{args.batch_size}x{args.max_len}.pt"
     torch.save(batch, batch_file)
+    if "neo-cache" in args.methods:  # what teacher_cache.py would store for this batch, with its dtypes
+        import neo
+        teacher_model = llama.Llama.from_pretrained(teacher).eval()
+        with torch.no_grad():
+            hidden = teacher_model(batch["input_ids"], batch["attention_mask"], return_hidden=True)
+        mask = batch["labels"][:, 1:] != -100
+        top = neo.teacher_topk(hidden[:, :-1][mask], teacher_model.lm_head.weight, args.k)
+        torch.save({"ids": top.ids.to(torch.uint16), "logp": top.logp.half(), "tail_logp": top.tail_logp},
+                   batch_file.with_name(batch_file.stem + f"_top{args.k}.pt"))
+        del teacher_model, hidden
     student = args.student
     if student is None:  # train.py's pruned half, saved once so every subprocess loads the same weights
         tag = Path(teacher).name + f"-prune{args.prune_to or 'half'}"
@@ -211,8 +225,11 @@ def ours(method, args, teacher_dir, student_dir, device):
                                                     "--chunk-size", str(args.chunk_size), "--dtype", args.dtype]
                               + (["--grad-checkpoint"] if args.grad_checkpoint else [])
                               + (["--compile"] if args.compile else []))
-    use_teacher = targs.method in ("neo", "kd")
-    teacher = None
+    use_teacher = targs.method in ("neo", "kd") and method != "neo-cache"
+    teacher, cached = None, None
+    if method == "neo-cache":  # the rows come from disk; the teacher is never loaded
+        rows = torch.load(Path(args.batch_file).with_name(Path(args.batch_file).stem + f"_top{args.k}.pt"))
+        cached = neo.TeacherTopK(rows["ids"].long().to(device), rows["logp"].to(device), rows["tail_logp"].to(device))
     if use_teacher:
         teacher = llama.Llama.from_pretrained(teacher_dir, dtype=train.frozen_dtype(targs, device), device=device)
         teacher.eval().requires_grad_(False)
@@ -232,7 +249,8 @@ def ours(method, args, teacher_dir, student_dir, device):
             with torch.no_grad():
                 teacher_hidden = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
         with train.autocast(device, targs):
-            res = distiller(b["input_ids"], b["attention_mask"], b["labels"], teacher_hidden, teacher_head, normalizer)
+            res = distiller(b["input_ids"], b["attention_mask"], b["labels"], teacher_hidden, teacher_head, normalizer,
+                            cached)
             res.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, targs.grad_clip)
         optimizer.step()
@@ -410,7 +428,7 @@ def run_all(args):
             cmd = [sys.executable, "-m", "benchmarks.bench", "--worker", method, "--teacher", teacher,
                    "--student", student, "--batch-file", str(batch_file), "--rank", str(args.rank),
                    "--lora-alpha", str(args.lora_alpha), "--lora-dropout", str(args.lora_dropout),
-                   "--chunk-size", str(args.chunk_size), *(["--grad-checkpoint"] if args.grad_checkpoint else []),
+                   "--chunk-size", str(args.chunk_size), "--k", str(args.k), *(["--grad-checkpoint"] if args.grad_checkpoint else []),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
                    "--dtype", dtype, *(["--compile"] if compiled else [])]
             if args.threads:
@@ -488,6 +506,9 @@ def targets(rows):
         if neo_ and kd_:
             v = neo_[0]["measured_peak_bytes"] / kd_[0]["measured_peak_bytes"]
             out[f"neo_live_peak / kd_live_peak ({dtype})"] = {"value": v, "target": "<= 0.65", "met": v <= 0.65}
+    if "neo" in rows and "neo-cache" in rows:
+        v = rows["neo-cache"]["tokens_per_s"] / rows["neo"]["tokens_per_s"]
+        out["neo_cache_tok_s / neo_tok_s"] = {"value": v, "target": ">= 1.8", "met": v >= 1.8}
     if "neo" in rows and "hf-peft-neo" in rows:
         v = rows["neo"]["tokens_per_s"] / rows["hf-peft-neo"]["tokens_per_s"]
         out["neo_tok_s / hf_peft_tok_s"] = {"value": v, "target": ">= 1.2", "met": v >= 1.2}
@@ -583,7 +604,7 @@ def main(argv=None):
         p = argparse.ArgumentParser()
         for flag in ("--worker", "--teacher", "--student", "--batch-file", "--result", "--device"):
             p.add_argument(flag)
-        for flag in ("--rank", "--chunk-size", "--steps", "--warmup", "--threads"):
+        for flag in ("--rank", "--chunk-size", "--steps", "--warmup", "--threads", "--k"):
             p.add_argument(flag, type=int)
         p.add_argument("--lora-alpha", type=float)
         p.add_argument("--lora-dropout", type=float, default=0.0)

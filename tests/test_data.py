@@ -3,9 +3,11 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
+import data
 import offline
 from data import IGNORE_INDEX, Batches, DataStats, Tokenizer, load_conversations, tokenize_all, tokenize_conversation
 
@@ -198,6 +200,23 @@ def test_truncation_is_counted_and_empty_examples_dropped(smol):
     assert (len(examples), stats.truncated, stats.dropped, stats.examples) == (2, 1, 1, 2)
     with pytest.raises(ValueError, match="no example keeps an assistant token"):
         tokenize_all(smol, [long], max_len=n)
+
+
+@pytest.mark.parametrize("template", ["smollm2", "chatml", "llama3"])
+def test_batched_tokenization_equals_one_by_one(template, smol, llama3_dir, tmp_path):
+    """The fast path (one encode_batch call, vectorised labels) gives exactly tokenize_conversation's
+    ids, labels and truncation flag: multi-turn, system prompts, a reply before any prompt, cuts."""
+    tok = {"smollm2": lambda: smol, "llama3": lambda: Tokenizer.from_dir(llama3_dir),
+           "chatml": lambda: Tokenizer.from_dir(tiny_folder(tmp_path, CHATML))}[template]()
+    heldout = offline.chat_dataset("heldout")
+    chats = [CONVERSATION, CONVERSATION[1:], CONVERSATION[1:3],
+             [{"role": "assistant", "content": "Hi, ask me anything."}, *CONVERSATION[1:3]],
+             [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "Fine. " * 40}]]
+    chats += [r["messages"] for r in heldout if r["source"] == "coqa"][:3] + [r["messages"] for r in heldout[::40]]
+    for max_len in (4096, 40, 7):
+        batched = data.tokenize_batch(tok, chats, max_len)
+        assert batched == [tokenize_conversation(tok, m, max_len) for m in chats]
+    assert any(e["truncated"] for e in batched) and sum(len(m) > 2 for m in chats) >= 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,3 +490,39 @@ def test_offline_source_reads_the_builtin_chat_data(smol):
     conversations, stats = load_conversations("offline:heldout", max_samples=100)
     examples = tokenize_all(smol, conversations, 512, stats)
     assert len(examples) == 100 and stats.truncated <= 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing
+
+def test_pack_places_every_example_once_within_max_len():
+    examples = [{"input_ids": list(range(100 * i, 100 * i + n)), "labels": [7] * n}
+                for i, n in enumerate(torch.randint(1, 60, (300,), generator=torch.Generator().manual_seed(0)).tolist())]
+    packed = data.pack(examples, max_len=64, seed=3, window=50)
+    seen = []
+    for j in range(len(packed)):
+        row = packed[j]
+        assert len(row["input_ids"]) <= 64 and len(row["labels"]) == len(row["document_ids"]) == len(row["input_ids"])
+        for d in np.unique(row["document_ids"]):
+            ids = row["input_ids"][row["document_ids"] == d].tolist()
+            labels = row["labels"][row["document_ids"] == d].tolist()
+            i = ids[0] // 100
+            assert ids == examples[i]["input_ids"]  # whole, in order, contiguous (unique doc ids per row)
+            assert labels == [IGNORE_INDEX] + examples[i]["labels"][1:]  # nothing trains across a boundary
+            seen.append(i)
+        assert (np.diff(row["document_ids"]) >= 0).all()
+    assert sorted(seen) == list(range(len(examples)))
+    total = sum(len(e["input_ids"]) for e in examples)
+    assert total / (64 * len(packed)) > 0.85  # best-fit decreasing: most rows full (lengths up to 60 of 64)
+    assert [r.tolist() for r in data.pack(examples, 64, seed=3, window=50).rows] == [r.tolist() for r in packed.rows]
+    with pytest.raises(ValueError, match="more than the packed row length"):
+        data.pack(examples, max_len=32)
+
+
+def test_packed_rows_collate_with_document_ids():
+    examples = [{"input_ids": [5] * n, "labels": [6] * n} for n in (3, 4, 8, 2)]
+    packed = data.pack(examples, max_len=8, seed=0)
+    batch = Batches(packed, batch_size=len(packed), pad_id=0, shuffle=False).collate([packed[j] for j in range(len(packed))])
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "document_ids"}
+    assert ((batch["document_ids"] == -1) == (batch["attention_mask"] == 0)).all()
+    assert int((batch["labels"] != IGNORE_INDEX).sum()) == sum(n - 1 for n in (3, 4, 8, 2))

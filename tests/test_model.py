@@ -103,6 +103,35 @@ def test_padded_batch_equals_rows_alone(side, tmp_path):
             torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
 
 
+def test_packed_row_equals_each_document_alone(tmp_path):
+    """data.pack's rows: documents back to back, document_ids mark them, -1 pads the end. Each
+    document's logits (and the teacher's, which runs the same forward) equal the document run alone,
+    so attention never crosses a boundary and RoPE positions restart in each document."""
+    ours = ours_from(hf_model(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0), tmp_path)
+    lengths = [[5, 9, 3], [12, 4]]
+    T = 20
+    ids, docs = torch.zeros(2, T, dtype=torch.long), torch.full((2, T), -1)
+    alone = []
+    for b, row in enumerate(lengths):
+        at = 0
+        for d, n in enumerate(row):
+            doc = random_ids(1, n, seed=10 * b + d)[0]
+            ids[b, at:at + n], docs[b, at:at + n] = doc, d
+            with torch.no_grad():
+                alone.append((b, at, ours(doc[None])[0]))
+            at += n
+    with torch.no_grad():
+        packed = ours(ids, document_ids=docs)
+    # RoPE is relative, so logits alone barely see the positions: check that they restart, directly.
+    pos, mask = Llama._documents(docs)
+    assert pos[0].tolist() == [*range(5), *range(9), *range(3), *range(3)]
+    assert pos[1].tolist() == [*range(12), *range(4), *range(4)]
+    assert mask.shape == (2, 1, T, T) and not mask[0, 0, 5, 4] and mask[0, 0, 5, 5] and mask[0, 0, 6, 5]
+    assert torch.isfinite(packed).all()
+    for b, at, logits in alone:
+        torch.testing.assert_close(packed[b, at:at + len(logits)], logits, atol=1e-5, rtol=0)
+
+
 # ----------------------------------------------------------------------------- generation
 
 def test_greedy_generate_matches_transformers_with_and_without_cache(tmp_path):

@@ -290,6 +290,81 @@ def test_label_outside_the_vocabulary_is_refused_before_training():
         train.check_labels([{"labels": [-100, 3]}, {"labels": [-100, 100]}], n_rows=100)
 
 
+# ----------------------------------------------------------------------------- packing
+
+def test_packed_batch_has_the_loss_and_gradients_of_the_documents_unpacked(tiny_teacher_dir):
+    """Teacher and student both see packed rows with document_ids: the neo loss (normalised by real
+    targets) and the adapter gradients equal those of the same documents, one per padded row."""
+    import data
+    teacher = llama.Llama.from_pretrained(tiny_teacher_dir).requires_grad_(False)
+    student = lora.apply_lora(llama.prune_layers(teacher, [0, 2]), rank=4, alpha=8, verbose=False)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.05)  # B = 0 would leave A without gradient
+    distiller = train.Distiller(student, alpha=0.5, temperature=2.0, divergence="forward_kl", chunk_size=16)
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for n in (9, 14, 5, 20, 7, 11):
+        ids = torch.randint(3, 49152, (n,), generator=g)
+        labels = torch.where(torch.rand(n, generator=g) < 0.6, ids, torch.tensor(-100))
+        examples.append({"input_ids": ids.tolist(), "labels": labels.tolist()})
+    unpacked = data.Batches(examples, 6, pad_id=0, shuffle=False).collate(examples)
+    packed_rows = data.pack(examples, max_len=32, seed=0)
+    packed = data.Batches(packed_rows, 1, pad_id=0).collate([packed_rows[j] for j in range(len(packed_rows))])
+    assert packed["input_ids"].shape[0] < 6 and "document_ids" in packed
+
+    def loss_and_grads(b):
+        normalizer = import_neo().count_targets(b["labels"]).float()
+        with torch.no_grad():
+            th = teacher(b["input_ids"], b["attention_mask"], document_ids=b.get("document_ids"), return_hidden=True)
+        res = distiller(b["input_ids"], b["attention_mask"], b["labels"], th, teacher.lm_head.weight, normalizer,
+                        b.get("document_ids"))
+        res.loss.backward()
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad}
+        student.zero_grad(set_to_none=True)
+        return res.loss.detach(), normalizer, grads
+
+    loss_u, n_u, grads_u = loss_and_grads(unpacked)
+    loss_p, n_p, grads_p = loss_and_grads(packed)
+    assert n_u == n_p  # the same real target tokens
+    torch.testing.assert_close(loss_p, loss_u, atol=1e-6, rtol=1e-6)
+    assert_close(grads_p, grads_u, rel=1e-5)
+
+
+def import_neo():
+    import neo
+    return neo
+
+
+def test_packed_run_resumes_exactly(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, monkeypatch, capsys):
+    """--pack: a run stopped after its second checkpoint and resumed ends exactly as an unbroken run."""
+    args = lambda out, *x: base_args(tiny_teacher_dir, tiny_chat_jsonl, out, "--pack", "--max-len", "160",
+                                     "--epochs", "2", "--save-every", "2", "--lora-dropout", "0.1", *x)
+    train.main(args(tmp_path / "whole"))
+    packed = re.search(r"packed (\d+) examples into (\d+) rows", capsys.readouterr().out)
+    assert packed and int(packed[2]) < int(packed[1]) / 2  # rows really hold several examples
+
+    save = train.save_checkpoint
+
+    def save_then_stop(out, step, *a, **k):
+        save(out, step, *a, **k)
+        if step == 4:
+            raise KeyboardInterrupt("stopped after the checkpoint of step 4")
+    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args(tmp_path / "cut"))
+    monkeypatch.undo()
+    train.main(args(tmp_path / "cut", "--resume"))
+    curve = lambda out: [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(curve(tmp_path / "whole")) > 4
+    assert curve(tmp_path / "cut") == curve(tmp_path / "whole")
+    assert_close(adapter(tmp_path / "cut"), adapter(tmp_path / "whole"), rel=0)
+    with pytest.raises(SystemExit, match="--pack=True"):  # packing decides the data order
+        train.main(base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path / "cut", "--max-len", "160",
+                             "--epochs", "2", "--save-every", "2", "--lora-dropout", "0.1", "--resume"))
+
+
 # ----------------------------------------------------------------------------- the output folder is the user's
 
 def test_a_folder_with_files_is_refused_before_anything_is_loaded(tiny_teacher_dir, tiny_chat_jsonl, tmp_path,

@@ -1,0 +1,300 @@
+"""A data set tokenised once, kept on disk memory-mapped, and shared by every later run and every rank.
+
+The paper trains on 1,000,000 conversations (~500M tokens). Tokenising them takes minutes, so it
+happens once per (data, tokenizer, chat template, max length) and is kept:
+
+    $NEO_CACHE/tokenized/<key>/         ($NEO_CACHE defaults to ~/.cache/llm-neo)
+        tokens.npy     int32 (N,)       every conversation's token ids, back to back
+        trained.npy    bool  (N,)       True where the label is the token (assistant replies), else -100
+        offsets.npy    int64 (n + 1,)   conversation i is tokens[offsets[i]:offsets[i + 1]]
+        truncated.npy  bool  (n,)       cut to max_len
+        dropped.npy    bool  (n,)       no target left after the cut (never reaches a batch)
+        meta.json                       what the key was made of, and the reading statistics
+
+The key is a hash of the data files' bytes (or of the built-in data set's records), the
+tokenizer (its full tokenizer.json), the chat template and special tokens, max_len,
+skip_bad_lines and FORMAT; change any of them and a new folder is built next to the old one.
+Clear the cache with `rm -rf ~/.cache/llm-neo/tokenized` (or `$NEO_CACHE/tokenized`).
+
+A folder appears complete or not at all: it is written under a temporary name and renamed,
+while a lock file keeps two processes from building the same key at once. Under torchrun, rank
+0 builds and the other ranks wait for it, then every rank maps the same files (the OS keeps one
+copy in memory). Reading is a stream and the writers append, so a data set of any size tokenises
+in bounded memory; worker processes (one per core) render and tokenise chunks in parallel.
+
+    store = tokenized.load("BAAI/Infinity-Instruct", tok, max_len=512)
+    examples = store.select(range(len(store)), stats)   # examples[i] -> {"input_ids", "labels"}
+
+Run `python tokenized.py --data FILE` to build (or find) a cache and print its folder.
+"""
+import hashlib
+import json
+import os
+import shutil
+import struct
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from itertools import islice
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+import data
+import offline
+from data import IGNORE_INDEX, DataStats
+
+FORMAT = 1    # bump when tokenisation or label rules change, so old caches are not reused
+CHUNK = 2048  # conversations per work item
+
+
+def cache_root() -> Path:
+    return offline.cache_dir() / "tokenized"
+
+
+# ----------------------------------------------------------------------------------------------
+# The key
+
+
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def fingerprint(source, tok: data.Tokenizer, max_len: int, skip_bad_lines: bool) -> tuple[str, dict]:
+    """-> (key, what it was made of). The data is identified by content, never by name or date."""
+    source = str(source)
+    if source in ("offline", "offline:train", "offline:heldout"):
+        split = source.partition(":")[2] or "train"
+        records = json.dumps(offline.chat_dataset(split), sort_keys=True).encode()
+        content = {"offline": split, "sha256": hashlib.sha256(records).hexdigest()}
+    else:
+        files = data._data_files(source)
+        content = {"files_sha256": [_sha256_file(f) for f in files]}  # in reading order
+    parts = {"format": FORMAT, "data": content, "max_len": max_len,
+             "skip_bad_lines": skip_bad_lines,
+             "tokenizer": hashlib.sha256(tok.tokenizer.to_str().encode()).hexdigest(),
+             "chat_template": hashlib.sha256((tok.chat_template or "").encode()).hexdigest(),
+             "special_tokens": tok.special_tokens}
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+    return key, parts
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a built cache
+
+
+class TokenizedSet:
+    """The memory-mapped arrays of one cache folder; `select` turns conversations into examples."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.tokens = np.load(self.folder / "tokens.npy", mmap_mode="r")    # (N,) int32
+        self.trained = np.load(self.folder / "trained.npy", mmap_mode="r")  # (N,) bool
+        self.offsets = np.load(self.folder / "offsets.npy")                  # (n + 1,) int64
+        self.truncated = np.load(self.folder / "truncated.npy")              # (n,) bool
+        self.dropped = np.load(self.folder / "dropped.npy")                  # (n,) bool
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+
+    def __len__(self) -> int:
+        """Usable conversations (with an assistant reply), in data order."""
+        return len(self.offsets) - 1
+
+    def stats(self) -> DataStats:
+        """The reading statistics of the whole source (conversations and examples: see select)."""
+        return DataStats(**self.meta["stats"])
+
+    def select(self, indices, stats: DataStats | None = None) -> "Examples":
+        """Conversations `indices` as examples, without those left with nothing to train on.
+
+        Counts into `stats` as data.tokenize_all does: conversations, truncated, dropped, examples."""
+        indices = np.asarray(indices, dtype=np.int64)
+        stats = stats if stats is not None else DataStats()
+        stats.conversations = len(indices)
+        stats.truncated = int(self.truncated[indices].sum())
+        stats.dropped = int(self.dropped[indices].sum())
+        kept = indices[~self.dropped[indices]]
+        if not len(kept):
+            raise ValueError(f"no example keeps an assistant token within max_len={self.meta['key']['max_len']} "
+                             f"({stats.summary()})")
+        stats.examples = len(kept)
+        return Examples(self, kept)
+
+
+class Examples:
+    """A read-only list of examples backed by a TokenizedSet: examples[i] -> {"input_ids", "labels"}.
+
+    Rows are sliced out of the memory-mapped arrays on demand, so a million examples cost a few
+    bytes each in memory. `lengths` lets data.pack plan rows without reading any token."""
+
+    def __init__(self, store: TokenizedSet, indices: np.ndarray):
+        self.store, self.indices = store, indices
+        self.lengths = store.offsets[indices + 1] - store.offsets[indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def max_token_id(self) -> int:
+        """The largest token id in the whole cache (so at least every label of these examples)."""
+        return int(self.store.tokens.max()) if len(self.store.tokens) else -1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        start, end = self.store.offsets[self.indices[i]], self.store.offsets[self.indices[i] + 1]
+        ids = self.store.tokens[start:end].astype(np.int64)
+        return {"input_ids": ids, "labels": np.where(self.store.trained[start:end], ids, IGNORE_INDEX)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Building, once
+
+
+def load(source, tok: data.Tokenizer, max_len: int, *, skip_bad_lines: bool = False, root=None,
+         workers: int | None = None) -> TokenizedSet:
+    """The tokenised `source`, from the cache or built into it now (see the module docstring).
+
+    Under torch.distributed, rank 0 finds or builds the cache while the others wait; a build error
+    on rank 0 is raised on every rank, so no rank hangs."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return _load_or_build(source, tok, max_len, skip_bad_lines, root, workers)
+    outcome = [None]
+    if dist.get_rank() == 0:
+        try:
+            store = _load_or_build(source, tok, max_len, skip_bad_lines, root, workers)
+        except (ValueError, FileNotFoundError, ImportError) as e:
+            outcome = [e]
+    dist.broadcast_object_list(outcome, src=0)  # the others wait here for rank 0
+    if outcome[0] is not None:
+        raise outcome[0]
+    # Other ranks map rank 0's folder (or, on a node without the shared folder, build their own).
+    return store if dist.get_rank() == 0 else _load_or_build(source, tok, max_len, skip_bad_lines, root, workers)
+
+
+def _load_or_build(source, tok, max_len, skip_bad_lines, root, workers) -> TokenizedSet:
+    root = Path(root) if root is not None else cache_root()
+    key, parts = fingerprint(source, tok, max_len, skip_bad_lines)
+    folder = root / key
+    if (folder / "meta.json").is_file():  # meta.json is written last: its presence means complete
+        return TokenizedSet(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    with offline._locked(root / f".{key}.lock"):
+        if not (folder / "meta.json").is_file():  # nobody finished it while we waited for the lock
+            for stale in root.glob(f".{key}.tmp-*"):  # left by an interrupted build
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = root / f".{key}.tmp-{os.getpid()}"
+            tmp.mkdir()
+            try:
+                build(source, tok, max_len, skip_bad_lines, tmp, {"source": str(source), "key": parts}, workers)
+                os.replace(tmp, folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return TokenizedSet(folder)
+
+
+def build(source, tok, max_len, skip_bad_lines, folder: Path, meta: dict, workers: int | None = None):
+    """Stream `source` through the tokenizer into `folder`'s arrays (see the module docstring)."""
+    stats = DataStats()
+    conversations = data.iter_conversations(source, skip_bad_lines, stats)
+    lengths, truncated, dropped = [], [], []
+    with _NpyAppender(folder / "tokens.npy", np.int32) as tokens, \
+            _NpyAppender(folder / "trained.npy", np.bool_) as trained:
+        for ids, mask, n, cut in _encoded_chunks(conversations, tok, max_len, workers):
+            tokens.write(ids)
+            trained.write(mask)
+            lengths.append(n)
+            truncated.append(cut)
+            # dropped: no target after each example's first token (labels[0] is never a target)
+            seen = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])  # trained tokens before each position
+            ends = np.cumsum(n)
+            dropped.append(seen[ends] - seen[np.minimum(ends - n + 1, ends)] == 0)
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    if not len(lengths):
+        raise ValueError(f"no usable conversations in {source} ({stats.summary()})")
+    np.save(folder / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    np.save(folder / "truncated.npy", np.concatenate(truncated))
+    np.save(folder / "dropped.npy", np.concatenate(dropped))
+    stats.conversations = len(lengths)
+    meta = {**meta, "stats": asdict(stats), "conversations": len(lengths), "tokens": int(lengths.sum())}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+_worker_tok = None
+
+
+def _worker_init(tok):
+    global _worker_tok
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    _worker_tok = tok
+
+
+def _worker_encode(conversations, max_len):
+    return data.encode_conversations(_worker_tok, conversations, max_len)
+
+
+def _encoded_chunks(conversations, tok, max_len, workers):
+    """Encoded chunks in data order. Small data stays in this process; larger data goes to
+    `workers` processes (default: one per core), at most 2 chunks each in flight, so memory stays
+    bounded however large the stream is."""
+    workers = workers or len(os.sched_getaffinity(0))
+    chunks = iter(lambda: list(islice(conversations, CHUNK)), [])
+    first = list(islice(chunks, workers))
+    if len(first) < workers or workers == 1:  # fits in a few chunks: not worth starting processes
+        for chunk in [*first, *chunks]:
+            yield data.encode_conversations(tok, chunk, max_len)
+        return
+    # spawn, not fork: the parent may hold threads (torch, tokenizers, gloo) that fork would break
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
+                             initargs=(tok,)) as pool:
+        pending = deque()
+        for chunk in [*first, *chunks]:
+            pending.append(pool.submit(_worker_encode, chunk, max_len))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class _NpyAppender:
+    """A 1-D .npy file written piece by piece; the header gets the final length when it closes.
+
+    .npy v1.0 = magic "\\x93NUMPY", version 1.0, a little-endian uint16 header length, then a
+    Python-literal dict padded with spaces and ended by "\\n"; 128 bytes in all leaves room for
+    any length and keeps the data 64-byte aligned. np.load(mmap_mode="r") reads it as usual."""
+    HEADER = 128
+
+    def __init__(self, path: Path, dtype):
+        self.file, self.dtype, self.n = open(path, "wb"), np.dtype(dtype), 0
+        self.file.write(b"\0" * self.HEADER)
+
+    def write(self, array):
+        array = np.ascontiguousarray(array, dtype=self.dtype)
+        self.file.write(array.tobytes())
+        self.n += len(array)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        header = repr({"descr": self.dtype.str, "fortran_order": False, "shape": (self.n,)}).encode("latin1")
+        header = header.ljust(self.HEADER - 10 - 1) + b"\n"
+        self.file.seek(0)
+        self.file.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header)
+        self.file.close()
+
+
+if __name__ == "__main__":
+    import argparse
+    import time
+    p = argparse.ArgumentParser(description="Tokenise a data set into the cache (or find it there).")
+    p.add_argument("--data", default="offline", help="file, folder, Hub id or 'offline'")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the offline SmolLM2)")
+    p.add_argument("--max-len", type=int, default=512, help="tokens per example")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed JSON lines")
+    args = p.parse_args()
+    t0 = time.time()
+    store = load(args.data, data.Tokenizer.from_dir(args.tokenizer or offline.smollm2_dir()), args.max_len,
+                 skip_bad_lines=args.skip_bad_lines)
+    print(f"{store.folder}: {len(store)} conversations, {store.meta['tokens']:,} tokens ({time.time() - t0:.1f} s)")
