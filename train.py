@@ -135,6 +135,12 @@ def parse_args(argv=None):
                    help="--out may hold an earlier run: replace its outputs (checkpoints, adapter, model, "
                         "metrics, reports); other files there are kept. Without it a non-empty --out is refused")
     p.add_argument("--no-report", action="store_true", help="skip the before/after held-out scores and answers")
+    # plan only
+    p.add_argument("--plan", type=int, nargs="?", const=1, default=None, metavar="GPUS",
+                   help="print the peak memory per GPU for GPUS processes (default 1) with these flags, from "
+                        "the models' config.json alone (plan.py), and exit without loading weights")
+    p.add_argument("--gpu-memory", type=float, default=None,
+                   help="with --plan: GiB per GPU; say whether the run fits, and which flag would make it fit")
     args = p.parse_args(argv)
     for action in p._actions:  # parse again without defaults: which flags did the user give?
         action.default = argparse.SUPPRESS
@@ -282,6 +288,9 @@ def print0(*a, **k):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plan:  # dry run: memory from config.json files, no weights, no data
+        import plan
+        return plan.plan_from_train_args(args, args.teacher or offline_model())
     check_args(args)  # every flag against its meaning, before anything is loaded
     d = setup_distributed()
     args.world_size = d.world

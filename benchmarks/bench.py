@@ -46,6 +46,12 @@ activations, the Python runtime) on CPU, torch.cuda.max_memory_allocated on GPU.
 fixed (batch_size, max_len) block packed from the same instruction data for every method. The
 time is the median over --steps timed steps after --warmup untimed ones.
 
+After the timed steps each method takes one more step, counted (benchmarks/memory.py): its peak
+of live tensor bytes as the allocator saw it, and plan.py's ledger of what was alive at that peak
+(teacher weights, frozen and trainable weights, gradients, AdamW state, saved activations, loss
+and other transients), which must add up to it; beside it, the peak plan.py predicts from the
+two config.json files on fake tensors, without loading weights.
+
     python -m benchmarks.bench                                   # SmolLM2-135M teacher -> its pruned half, 512 x 4, r 128
     python -m benchmarks.bench --steps 2 --warmup 1 --methods neo,kd,hf-peft-neo
     python -m benchmarks.bench --device cuda --steps 10 --warmup 3 --output benchmarks/results/bench_gpu.json
@@ -244,25 +250,32 @@ def ours(method, args, teacher_dir, student_dir, device):
                 teacher_hidden = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
         with train.autocast(device, targs):
             res = distiller(b["input_ids"], b["attention_mask"], b["labels"], teacher_hidden, teacher_head, normalizer,
-                            cached)
+                            teacher_topk=cached)
             res.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, targs.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return res.loss.item()
-    return step, params
+    return step, params, (teacher, distiller.student, optimizer)
 
 
 def hf_peft(args, teacher_dir, student_dir, device):
     """The common way: transformers + PEFT LoRA + a full-logits CE + KL loss (fp32 upcast)."""
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
-    import neo
     import train
     precision = train.choose_dtype(args.dtype, device)  # the same choice as ours: bf16 weights + autocast, or fp32
     dtype = precision.frozen
     teacher = LlamaForCausalLM.from_pretrained(teacher_dir, dtype=dtype).to(device).eval().requires_grad_(False)
     student = LlamaForCausalLM.from_pretrained(student_dir, dtype=dtype).to(device)
+    return hf_peft_step(args, teacher, student, precision, device)
+
+
+def hf_peft_step(args, teacher, student, precision, device):
+    """PEFT LoRA on the transformers student, AdamW, and the full-logits step (also run on fake
+    tensors by benchmarks/memory.py to predict this baseline's memory)."""
+    from peft import LoraConfig, get_peft_model
+    import neo
+    import train
     targs = train.parse_args(["--method", "neo"])  # the same α, T, targets, lr as ours
     config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=targs.targets.split(","), task_type="CAUSAL_LM")
@@ -292,7 +305,7 @@ def hf_peft(args, teacher_dir, student_dir, device):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
-    return step, params
+    return step, params, (teacher, student, optimizer)
 
 
 def worker(args):
@@ -307,9 +320,9 @@ def worker(args):
     rss_start = rss_gb()  # the runtime alone: Python, torch and the libraries, no weights yet
     batch = {k: v.to(device) for k, v in torch.load(args.batch_file).items()}
     if args.worker == "hf-peft-neo":
-        step, params = hf_peft(args, args.teacher, args.student, device)
+        step, params, parts = hf_peft(args, args.teacher, args.student, device)
     else:
-        step, params = ours(args.worker, args, args.teacher, args.student, device)
+        step, params, parts = ours(args.worker, args, args.teacher, args.student, device)
     rss_models = rss_gb()
     import train
     precision = train.choose_dtype(args.dtype, device)
@@ -329,7 +342,10 @@ def worker(args):
     tokens = batch["input_ids"].numel()
     peak = peak_gb(device)
     flops = step_flops("neo" if args.worker == "hf-peft-neo" else args.worker, args, batch)
-    return {"method": args.worker, "dtype": args.dtype, "precision": precision.why, "compile": bool(args.compile),
+    # One more step, counted twice: the allocator's peak of live tensors and plan.py's components.
+    from benchmarks import memory
+    counted = memory.measure(lambda: step(batch), *parts, device)
+    return {**counted, "method": args.worker, "dtype": args.dtype, "precision": precision.why, "compile": bool(args.compile),
             "frozen_dtype": str(precision.frozen).removeprefix("torch."),
             "step_s": step_s, "step_s_all": times, "tokens_per_step": tokens,
             "tokens_per_s": tokens / step_s, "step_flops": flops, "matmul_peak_flops": max(peak_flops),
@@ -398,11 +414,14 @@ def step_flops(method, args, batch) -> float:
 
 
 def run_all(args):
+    from benchmarks import memory
     t0 = time.time()
     teacher, student, batch_file = prepare(args)
     print(f"teacher {teacher}\nstudent {student}\nbatch {args.batch_size} x {args.max_len}, rank {args.rank}, "
           f"alpha {args.lora_alpha}, dropout {args.lora_dropout}, {args.device}, {args.warmup} warm-up + "
           f"{args.steps} timed steps", flush=True)
+    import neo
+    n_targets = int(neo.count_targets(torch.load(batch_file)["labels"]))  # the plan's loss rows, as the batch has
     rows = {}
     for round_ in range(args.rounds):
         for name, method, dtype, compiled in runs(args):
@@ -426,6 +445,16 @@ def run_all(args):
                   f"{r['peak_mem_gb']:6.2f} GB peak ({r['peak_above_runtime_gb']:.2f} above the runtime)  "
                   f"{r['trainable_params']:>12,} trainable  [{r['precision']}]"
                   + (f"  (round {round_ + 1}/{args.rounds})" if args.rounds > 1 else ""), flush=True)
+            if round_ == args.rounds - 1 and method == "neo-cache":  # plan.py models the live teacher only
+                print(f"  {'':<22} {memory.breakdown_line(r)}\n  {'':<22} not planned: plan.py has no cached-teacher "
+                      f"step", flush=True)
+            elif round_ == args.rounds - 1:  # the plan for this row, from config.json alone
+                r.update(memory.predict(method, argparse.Namespace(**{**vars(args), "dtype": dtype}), teacher,
+                                        student, torch.device(args.device), n_targets))
+                print(f"  {'':<22} {memory.breakdown_line(r)}", flush=True)
+                print(f"  {'':<22} planned from config.json: {r['predicted_peak_bytes'] / 2**30:.2f} GiB "
+                      f"({100 * (r['predicted_peak_bytes'] / r['measured_peak_bytes'] - 1):+.1f}% vs measured)",
+                      flush=True)
     ratios = targets(rows)
     table = markdown(rows, args)
     print("\n" + table)
@@ -474,6 +503,12 @@ def targets(rows):
         if "neo" in rows and "hf-peft-neo" in rows:
             v = rows["neo"][key] / rows["hf-peft-neo"][key]
             out["neo_mem / hf_peft_mem" + tag] = {"value": v, "target": "<= 0.6", "met": v <= 0.6}
+    for dtype in ("bfloat16", "float32"):  # issue 10: live tensor bytes (paper 0.77x; the target is for bf16)
+        neo_, kd_ = ([r for r in rows.values() if r["method"] == m and r["frozen_dtype"] == dtype]
+                     for m in ("neo", "kd"))
+        if neo_ and kd_:
+            v = neo_[0]["measured_peak_bytes"] / kd_[0]["measured_peak_bytes"]
+            out[f"neo_live_peak / kd_live_peak ({dtype})"] = {"value": v, "target": "<= 0.65", "met": v <= 0.65}
     if "neo" in rows and "neo-cache" in rows:
         v = rows["neo-cache"]["tokens_per_s"] / rows["neo"]["tokens_per_s"]
         out["neo_cache_tok_s / neo_tok_s"] = {"value": v, "target": ">= 1.8", "met": v >= 1.8}
@@ -524,6 +559,23 @@ def markdown(rows, args):
                      f"{r['tokens_per_s']:.0f} | {r['step_flops'] / 1e12:.2f} T | {100 * r['mfu']:.0f}% of "
                      f"{r['matmul_peak_flops'] / 1e9:.0f} G | {r['peak_mem_gb']:.2f} | "
                      f"{r['peak_above_runtime_gb']:.2f} | {r['trainable_params']:,} |")
+    return "\n".join(lines) + "\n\n" + memory_markdown(rows)
+
+
+def memory_markdown(rows):
+    """Where each method's peak of live tensor bytes goes (GiB), measured, with the plan beside it."""
+    from benchmarks.memory import SHOWN
+    short = ["teacher", "frozen student", "trainable", "grads", "AdamW", "saved acts", "loss", "teacher acts", "other"]
+    lines = ["| method | live peak (GiB) | " + " | ".join(short) + " | sum vs peak | planned (GiB) | plan vs peak |",
+             "|---|---:|" + "---:|" * len(short) + "---:|---:|---:|"]
+    for m, r in rows.items():
+        if "measured_peak_bytes" not in r:
+            continue
+        peak, parts = r["measured_peak_bytes"], r["components_bytes"]
+        lines.append(f"| {m} | {peak / 2**30:.2f} | " + " | ".join(f"{parts[c] / 2**30:.2f}" for c in SHOWN)
+                     + f" | {100 * (sum(parts.values()) / peak - 1):+.1f}% | "
+                     + (f"{r['predicted_peak_bytes'] / 2**30:.2f} | {100 * (r['predicted_peak_bytes'] / peak - 1):+.1f}% |"
+                        if "predicted_peak_bytes" in r else "not planned | |"))
     return "\n".join(lines)
 
 

@@ -43,6 +43,14 @@ def test_bench_writes_table_and_targets(tmp_path, toy_flags):
     assert {"neo_tok_s / hf_peft_tok_s", "neo_mem / hf_peft_mem"} <= set(saved["targets"])
     assert (tmp_path / "bench.md").read_text().count("| neo") >= 1
     assert "| neo |" in blob["table_markdown"]
+    # issue 10: a counted step per method, its components adding up to the allocator's peak, the plan beside it
+    for name, r in res.items():
+        if name == "neo-cache":  # its top-k rows are made outside the counted step: not reconciled, not planned
+            continue
+        parts = sum(r["components_bytes"].values())
+        assert abs(parts - r["measured_peak_bytes"]) <= 0.05 * r["measured_peak_bytes"]
+        assert abs(r["predicted_peak_bytes"] - r["measured_peak_bytes"]) <= 0.10 * r["measured_peak_bytes"]
+    assert "live peak (GiB)" in blob["table_markdown"]
 
 
 @pytest.mark.parametrize("method", ["neo", "neo-moslora", "kd", "sft", "lora"])
@@ -66,7 +74,7 @@ def test_step_flops_match_torch_flop_counter(method, tiny_teacher_dir, tmp_path)
     labels = torch.full_like(ids, -100)
     labels[:, -4:] = ids[:, -4:]  # a long prompt, 3 targets a row: the blocks' FLOPs outweigh the head's
     batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
-    step, _ = bench.ours(method, args, args.teacher, args.student, torch.device("cpu"))
+    step, _, _ = bench.ours(method, args, args.teacher, args.student, torch.device("cpu"))
     # The math attention kernel runs QKᵀ and AV as matmuls the counter sees (the fused CPU kernel
     # is invisible to it); it computes the full T x T square, as step_flops counts.
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
