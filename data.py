@@ -581,9 +581,10 @@ class Batches:
         order = self.order(self.epoch)
         while self.step < len(self):
             first = self.step * self.global_batch + self.rank * self.batch_size
-            rows = [self.examples[i] for i in order[first:first + self.batch_size]]
+            ids = order[first:first + self.batch_size]
             self.step += 1
-            yield self.collate(rows)
+            # example_ids: each row's index in `examples`, the key of per-example side data (teacher cache)
+            yield {**self.collate([self.examples[i] for i in ids]), "example_ids": torch.tensor(ids)}
         self.epoch, self.step = self.epoch + 1, 0
 
     def collate(self, rows: list[dict]) -> dict:

@@ -20,9 +20,11 @@ prompt and padding). The paper's reference code masks the KL with the unshifted 
 skips the first response token and scores the token after the last one; here both terms use the
 same shifted mask.
 
-The file has two halves. `reference_loss` is the equation written the plain way, on full logits
+The file has three parts. `reference_loss` is the equation written the plain way, on full logits
 with F.cross_entropy and F.kl_div: read it first; the tests and benchmarks measure against it.
-`neo_loss` computes the same numbers without the B×T×V logits, which is what training uses:
+`neo_loss` computes the same numbers without the B×T×V logits, which is what training uses.
+A last section, `sparse_neo_loss`, is the same chunked loss against a teacher cached offline as its
+top-k tokens plus a tail bucket (teacher_cache.py), with the exact bound on what that loses.
 
 Memory: the full B×T×V fp32 logits of student and teacher are where distillation memory goes.
 neo_loss never builds them. It keeps only the valid target positions, then projects the final
@@ -271,5 +273,169 @@ def neo_loss(student_hidden, student_head_weight, teacher_hidden, teacher_head_w
         hs, ws, ht, wt, y, alpha, temperature, divergence, beta, t2_scale, chunk)
     denom = n if normalizer is None else torch.as_tensor(normalizer, device=loss_sum.device)
     denom = denom.clamp(min=1).to(loss_sum.dtype)                  # all-ignored batch: loss 0, not NaN
+    local = n.clamp(min=1).float()
+    return NeoLoss(loss_sum / denom, (ce_sum / local).detach(), (div_sum / local).detach(), n)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sparse loss: distillation from a cached top-k teacher (teacher_cache.py writes the cache)
+#
+# An offline cache cannot keep the teacher's whole distribution (V = 49,152 floats per token is
+# 196 KB). It keeps, per target position, the teacher's k most likely tokens K with their
+# log-probabilities log p_i at temperature T, and the log of the mass left over,
+# log p_tail = log(1 − Σ_{i∈K} p_i). The student's distribution is folded the same way: its own
+# probabilities on K, and one tail bucket q_tail = 1 − Σ_{i∈K} q_i. The loss is the forward KL
+# between these two (k + 1)-bucket distributions:
+#
+#     D_K(p ‖ q) = Σ_{i∈K} p_i (log p_i − log q_i)  +  p_tail (log p_tail − log q_tail)
+#
+# How far this is from the full KL is exact (the chain rule of KL, or the log-sum inequality on
+# the tail tokens): with p̃, q̃ the two distributions renormalised over the tail tokens,
+#
+#     KL(p ‖ q) − D_K(p ‖ q) = p_tail · KL(p̃ ‖ q̃)  ≥ 0,
+#
+# so D_K is a lower bound that is exact when k = V (p_tail = 0), and its error is the teacher's
+# tail mass times how badly the student matches the shape of the tail. The gradient keeps the
+# dense loss's form q − r, with the target r = p on K and r_j = p_tail · q_j / q_tail on the tail:
+# inside the tail the student is pushed to the right total mass, not to a particular shape.
+
+
+class TeacherTopK(NamedTuple):
+    """The cached teacher, one row per valid target (the order of labels[:, 1:][mask], row-major)."""
+    ids: torch.Tensor        # (N, k) token ids of the teacher's top-k at temperature T
+    logp: torch.Tensor       # (N, k) their log-probabilities log softmax(z_t / T)
+    tail_logp: torch.Tensor  # (N,)   log(1 − Σ top-k probabilities); −inf when k = V
+
+
+@torch.no_grad()
+def teacher_topk(hidden_rows: torch.Tensor, head_weight: torch.Tensor, k: int, temperature: float = 1.0,
+                 chunk_size: int = 256) -> TeacherTopK:
+    """The top-k rows of the teacher from its final hidden states of the valid targets (N, D).
+
+    The tail is computed as the logsumexp of the log-probabilities outside the top-k, not as
+    1 − Σ top-k (which cancels catastrophically when the top-k hold almost all the mass).
+    """
+    if not 0 < k <= head_weight.shape[0]:
+        raise ValueError(f"k must lie in [1, {head_weight.shape[0]}] (the vocabulary), got {k}")
+    ids, logp, tail = [], [], []
+    for start in range(0, hidden_rows.shape[0], chunk_size):
+        z = _at_least_fp32(F.linear(hidden_rows[start:start + chunk_size], head_weight))  # (n, V)
+        log_p = torch.log_softmax(z.div_(temperature), dim=-1)
+        top = log_p.topk(k, dim=-1)                                                     # (n, k)
+        tail.append(torch.logsumexp(log_p.scatter_(1, top.indices, -math.inf), dim=-1))  # (n,)
+        ids.append(top.indices)
+        logp.append(top.values)
+    empty = hidden_rows.new_empty
+    return TeacherTopK(torch.cat(ids) if ids else empty((0, k), dtype=torch.long),
+                       torch.cat(logp) if logp else empty((0, k), dtype=torch.float32),
+                       torch.cat(tail) if tail else empty((0,), dtype=torch.float32))
+
+
+def _sparse_forward_kl(log_q: torch.Tensor, ids, log_p_k, log_p_tail, need_grad: bool):
+    """D_K(p ‖ q) per row and its gradient with respect to the student logits s (log_q = log_softmax(s)).
+
+    log_q (n, V); ids, log_p_k (n, k); log_p_tail (n,). Returns (div (n,), grad (n, V) or None).
+    """
+    log_q_k = log_q.gather(1, ids)                                                # (n, k)
+    log_q_tail = torch.logsumexp(log_q.scatter(1, ids, -math.inf), dim=-1)        # (n,)
+    has_tail = log_p_tail > -math.inf                                             # 0·log 0 = 0
+    p_tail = log_p_tail.exp()
+    div = (log_p_k - log_q_k).mul_(log_p_k.exp()).sum(-1)
+    div += torch.where(has_tail, p_tail * (log_p_tail - log_q_tail), 0.0)
+    if not need_grad:
+        return div, None
+    q = log_q.exp()
+    # ∂D_K/∂s = q − r: on the tail r_j = q_j · p_tail / q_tail, so q_j − r_j = q_j (1 − p_tail / q_tail)
+    ratio = torch.where(has_tail, (log_p_tail - log_q_tail).exp(), 0.0)
+    grad = q.mul_((1 - ratio)[:, None])
+    grad.scatter_(1, ids, log_q_k.exp() - log_p_k.exp())                          # on K: q_i − p_i
+    return div, grad
+
+
+class _ChunkedSparseNeoLoss(torch.autograd.Function):
+    """_ChunkedNeoLoss with the teacher's logits replaced by its cached top-k rows (forward KL only)."""
+
+    @staticmethod
+    def forward(ctx, hs, ws, ids, log_p_k, log_p_tail, y, alpha, temperature, t2_scale, chunk_size):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_grad = need_h or need_w
+        T = temperature
+        kd_weight = (1 - alpha) * (T * T if t2_scale else 1.0)
+        acc = _at_least_fp32(hs[:0]).dtype
+        ce_sum = torch.zeros((), dtype=acc, device=hs.device)
+        div_sum = torch.zeros((), dtype=acc, device=hs.device)
+        grad_h = torch.zeros(hs.shape, dtype=acc, device=hs.device) if need_h else None
+        grad_w = torch.zeros(ws.shape, dtype=acc, device=ws.device) if need_w else None
+        for start in range(0, hs.shape[0], chunk_size):
+            rows, yc = slice(start, start + chunk_size), y[start:start + chunk_size]
+            z = _at_least_fp32(F.linear(hs[rows], ws))        # (n, V) student logits
+            log_q1 = torch.log_softmax(z, dim=-1)             # (n, V) at T = 1, for CE
+            ce_sum -= log_q1.gather(1, yc[:, None]).sum()
+            log_q = log_q1 if T == 1 else torch.log_softmax(z.div_(T), dim=-1)
+            del z
+            div, grad_s = _sparse_forward_kl(log_q, ids[rows], log_p_k[rows].to(acc), log_p_tail[rows].to(acc),
+                                             need_grad)
+            div_sum += div.sum()
+            del log_q
+            if need_grad:
+                grad_z = grad_s.mul_(kd_weight / T)           # chain rule through s = z / T
+                grad_ce = log_q1.exp_()                       # ∂CE/∂z = softmax(z) − onehot(y)
+                grad_ce[torch.arange(len(yc), device=yc.device), yc] -= 1.0
+                grad_z.add_(grad_ce, alpha=alpha)
+                if need_h:
+                    grad_h[rows] = grad_z.to(ws.dtype) @ ws   # (n, D)
+                if need_w:
+                    grad_w += grad_z.t() @ hs[rows].to(acc)   # (V, D)
+            del log_q1
+        loss = alpha * ce_sum + kd_weight * div_sum
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (hs.dtype, ws.dtype)
+        ctx.mark_non_differentiable(ce_sum, div_sum)
+        return loss, ce_sum, div_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_div):
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = (grad_h * grad_loss).to(ctx.dtypes[0]) if grad_h is not None else None
+        grad_w = (grad_w * grad_loss).to(ctx.dtypes[1]) if grad_w is not None else None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None
+
+
+def sparse_neo_loss(student_hidden, student_head_weight, teacher: TeacherTopK, labels, *,
+                    alpha: float = 0.5, temperature: float = 1.0, t2_scale: bool = True,
+                    chunk_size: int | None = 256, normalizer=None, vocab_size: int | None = None,
+                    ignore_index: int = IGNORE_INDEX) -> NeoLoss:
+    """neo_loss with a cached top-k teacher: α·CE + (1 − α)·T²·D_K(p ‖ q) per valid target.
+
+    student_hidden (B, T, D), student_head_weight (V, D), labels (B, T) as in neo_loss; `teacher`
+    holds one row per valid target, in the order of labels[:, 1:][mask] (row-major), made with the
+    same temperature. D_K is the forward KL over the top-k buckets plus the tail bucket (section
+    comment above: a lower bound of the full KL, equal when k = V). normalizer and chunk_size as in
+    neo_loss; the student's logits never exist for more than chunk_size rows at once.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    ws = student_head_weight if vocab_size is None else student_head_weight[:vocab_size]
+    targets = labels[:, 1:]                                        # (B, T-1)
+    mask = targets != ignore_index
+    y = targets[mask]                                              # (N,)
+    if y.device.type == "cpu" and y.numel() and (y.min() < 0 or y.max() >= ws.shape[0]):  # as in neo_loss
+        raise ValueError(f"label ids must lie in [0, {ws.shape[0]}) or equal {ignore_index}")
+    if teacher.ids.shape[0] != y.shape[0] or teacher.logp.shape != teacher.ids.shape \
+            or teacher.tail_logp.shape != teacher.ids.shape[:1]:
+        raise ValueError(f"the cached teacher has {teacher.ids.shape[0]} rows (ids {tuple(teacher.ids.shape)}, "
+                         f"logp {tuple(teacher.logp.shape)}, tail {tuple(teacher.tail_logp.shape)}) but the "
+                         f"batch has {y.shape[0]} valid targets: the cache does not belong to this batch")
+    if teacher.ids.device.type == "cpu" and teacher.ids.numel() and teacher.ids.max() >= ws.shape[0]:
+        raise ValueError(f"cached token ids reach {int(teacher.ids.max())}, beyond the student's {ws.shape[0]} rows")
+    hs = student_hidden[:, :-1][mask]                              # (N, D)
+    if not torch.is_grad_enabled():
+        hs, ws = hs.detach(), ws.detach()
+    n = mask.sum()
+    chunk = chunk_size or max(1, hs.shape[0])
+    loss_sum, ce_sum, div_sum = _ChunkedSparseNeoLoss.apply(
+        hs, ws, teacher.ids.long(), teacher.logp, teacher.tail_logp, y, alpha, temperature, t2_scale, chunk)
+    denom = n if normalizer is None else torch.as_tensor(normalizer, device=loss_sum.device)
+    denom = denom.clamp(min=1).to(loss_sum.dtype)
     local = n.clamp(min=1).float()
     return NeoLoss(loss_sum / denom, (ce_sum / local).detach(), (div_sum / local).detach(), n)

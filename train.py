@@ -80,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--teacher", default=None,
                    help="teacher folder or Hub id (default: the offline SmolLM2-135M-Instruct)")
     p.add_argument("--student", default=None, help="student folder or Hub id (default: prune the teacher)")
+    p.add_argument("--teacher-cache", default=None,
+                   help="train from a top-k teacher cache written by teacher_cache.py instead of running the "
+                        "teacher (kd/neo use the sparse KL; the held-out report reads the cache too)")
     p.add_argument("--prune-to", type=int, default=None,
                    help="build the student by keeping this many of the teacher's most important layers "
                         "(default when no --student: half of them)")
@@ -132,6 +135,12 @@ def parse_args(argv=None):
                    help="--out may hold an earlier run: replace its outputs (checkpoints, adapter, model, "
                         "metrics, reports); other files there are kept. Without it a non-empty --out is refused")
     p.add_argument("--no-report", action="store_true", help="skip the before/after held-out scores and answers")
+    # plan only
+    p.add_argument("--plan", type=int, nargs="?", const=1, default=None, metavar="GPUS",
+                   help="print the peak memory per GPU for GPUS processes (default 1) with these flags, from "
+                        "the models' config.json alone (plan.py), and exit without loading weights")
+    p.add_argument("--gpu-memory", type=float, default=None,
+                   help="with --plan: GiB per GPU; say whether the run fits, and which flag would make it fit")
     args = p.parse_args(argv)
     for action in p._actions:  # parse again without defaults: which flags did the user give?
         action.default = argparse.SUPPRESS
@@ -154,7 +163,8 @@ def parse_args(argv=None):
 RESUME_FLAGS = ["method", "adapter", "rank", "lora_alpha", "lora_dropout", "targets", "teacher", "student",
                 "prune_to", "data", "max_samples", "heldout", "skip_bad_lines", "max_len", "pack", "alpha",
                 "temperature", "divergence", "chunk_size", "batch_size", "grad_accum", "epochs", "max_steps",
-                "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "dtype", "seed", "world_size"]
+                "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "dtype", "seed", "world_size",
+                "teacher_cache"]
 
 
 def check_args(args):
@@ -212,6 +222,9 @@ def check_args(args):
         print0(f"note: {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect with --method "
                f"{args.method} ({'it trains every weight' if args.method in ('sft', 'kd') else ''}"
                f"{', ' if args.method == 'sft' else ''}{'no teacher term: CE only' if args.method in ('sft', 'lora') else ''})")
+    if args.pack and args.teacher_cache:
+        refuse("pack", "the teacher cache holds one row per example, and a packed row holds several: "
+                       "train from the cache unpacked, or pack with the live teacher")
     if args.resume and args.overwrite:
         refuse("overwrite", "would delete the checkpoints that --resume continues from: pass one of them")
 
@@ -275,6 +288,9 @@ def print0(*a, **k):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plan:  # dry run: memory from config.json files, no weights, no data
+        import plan
+        return plan.plan_from_train_args(args, args.teacher or offline_model())
     check_args(args)  # every flag against its meaning, before anything is loaded
     d = setup_distributed()
     args.world_size = d.world
@@ -295,8 +311,9 @@ def main(argv=None):
     tokenizer = data.Tokenizer.from_dir(teacher_path)
     train_set, held_set = load_data(args, tokenizer)
     use_teacher = args.method in ("neo", "kd")
+    cache = open_teacher_cache(args, teacher_path, tokenizer, train_set, held_set) if args.teacher_cache else None
     teacher = None
-    if use_teacher or not args.no_report:
+    if (use_teacher or not args.no_report) and cache is None:
         teacher = llama.Llama.from_pretrained(teacher_path, dtype=frozen_dtype(args, d.device), device=d.device)
         teacher.eval().requires_grad_(False)
     student = build_student(args, teacher_path, train_set[0]["input_ids"], d.device)
@@ -319,8 +336,10 @@ def main(argv=None):
     total_steps = count_steps(args, loader, len(train_set), d)
     report = None
     if not args.no_report and d.master:  # scored now, before the first step changes the student
-        held = [loader.collate(held_set[i:i + args.batch_size]) for i in range(0, len(held_set), args.batch_size)]
-        report = Report(teacher, tokenizer, held, d.device, args.chunk_size, vocab_size, out)
+        held = [{**loader.collate(held_set[i:i + args.batch_size]),  # ids: the cache's rows of each example
+                 "example_ids": torch.arange(i, min(i + args.batch_size, len(held_set)))}
+                for i in range(0, len(held_set), args.batch_size)]
+        report = Report(teacher, tokenizer, held, d.device, args.chunk_size, vocab_size, out, cache, args.temperature)
         report.before(student, resume=args.resume)
 
     # ---- optimizer ------------------------------------------------------------
@@ -349,7 +368,8 @@ def main(argv=None):
             t0 = time.time()
             lr = lr_at(step, total_steps, warmup, args.lr, args.min_lr)
             micro = [next(batches) for _ in range(args.grad_accum)]
-            s = train_step(wrapped, teacher if use_teacher else None, optimizer, params, micro, lr, step, args, d, out)
+            s = train_step(wrapped, teacher if use_teacher else None, optimizer, params, micro, lr, step, args, d, out,
+                           cache if use_teacher else None)
             dt = time.time() - t0
             row = {"step": step + 1, "loss": s["loss"], "ce": s["ce"], "kl": s["kl"], "lr": lr,
                    "grad_norm": s["grad_norm"], "tokens_per_s": s["tokens"] / dt, "step_s": dt,
@@ -589,6 +609,19 @@ def count_steps(args, loader, n_examples, d: Dist) -> int:
     return min(total_steps, args.max_steps) if args.max_steps else total_steps
 
 
+def open_teacher_cache(args, teacher_path, tokenizer, train_set, held_set):
+    """The teacher cache for this run, refused (naming the field) if it was made for other tokens,
+    another teacher, tokenizer, template, max length or temperature, or if a shard is missing."""
+    import teacher_cache
+    if args.divergence != "forward_kl":
+        raise SystemExit(f"--teacher-cache holds the teacher's top-k, which gives the forward KL only; "
+                         f"drop --divergence {args.divergence} or train with the live teacher")
+    expected = teacher_cache.identity(args, teacher_path, tokenizer, {"train": train_set, "heldout": held_set})
+    cache = teacher_cache.TeacherCache(args.teacher_cache, expected)
+    print0(f"teacher: not loaded; its top-{cache.k} rows come from {args.teacher_cache}")
+    return cache
+
+
 def endless(loader):
     """Micro-batches forever: the loader resumes from its saved position and moves to the next epoch."""
     while True:
@@ -607,8 +640,13 @@ class Distiller(nn.Module):
         self.alpha, self.temperature, self.divergence = alpha, temperature, divergence
         self.chunk_size, self.vocab_size = chunk_size, vocab_size
 
-    def forward(self, input_ids, attention_mask, labels, teacher_hidden, teacher_head, normalizer, document_ids=None):
+    def forward(self, input_ids, attention_mask, labels, teacher_hidden, teacher_head, normalizer,
+                document_ids=None, teacher_topk=None):
         hidden = self.student(input_ids, attention_mask, document_ids=document_ids, return_hidden=True)  # (B, T, D)
+        if teacher_topk is not None:  # the teacher's cached top-k rows (teacher_cache.py)
+            return neo.sparse_neo_loss(hidden, self.student.lm_head.weight, teacher_topk, labels, alpha=self.alpha,
+                                       temperature=self.temperature, chunk_size=self.chunk_size,
+                                       normalizer=normalizer, vocab_size=self.vocab_size)
         return neo.neo_loss(hidden, self.student.lm_head.weight, teacher_hidden, teacher_head, labels,
                             alpha=self.alpha, temperature=self.temperature, divergence=self.divergence,
                             chunk_size=self.chunk_size, normalizer=normalizer, vocab_size=self.vocab_size)
@@ -682,8 +720,9 @@ def tqdm_bar(total, start, d: Dist):
     return tqdm(total=total, initial=start, disable=not d.master, desc="train", dynamic_ncols=True)
 
 
-def train_step(wrapped, teacher, optimizer, params, micro, lr, step, args, d: Dist, out: Path) -> dict:
-    """One optimizer step over the micro-batches `micro` (CPU tensors); teacher None for sft/lora.
+def train_step(wrapped, teacher, optimizer, params, micro, lr, step, args, d: Dist, out: Path, cache=None) -> dict:
+    """One optimizer step over the micro-batches `micro` (CPU tensors); teacher None for sft/lora,
+    and for kd/neo from a teacher cache (then its rows are looked up by example id, not position).
 
     The host never waits for the GPU between micro-batches: what it needs (the loss terms to log,
     whether every loss was finite, the gradient norm) comes back in one transfer per step, before
@@ -702,6 +741,9 @@ def train_step(wrapped, teacher, optimizer, params, micro, lr, step, args, d: Di
     sums = torch.zeros(3, device=d.device)            # loss·n, ce·n, kl·n for logging
     bad = torch.zeros(len(micro), device=d.device)    # 1 where a micro-batch's loss is not finite
     for i, b in enumerate(micro):
+        teacher_topk = None
+        if cache is not None:
+            teacher_topk = neo.TeacherTopK(*(t.to(d.device) for t in cache.rows("train", b["example_ids"])))
         b = {k: v.to(d.device) for k, v in b.items()}
         teacher_hidden = None
         if teacher is not None:
@@ -710,7 +752,7 @@ def train_step(wrapped, teacher, optimizer, params, micro, lr, step, args, d: Di
                                          return_hidden=True)
         with no_grad_sync(wrapped, args, last=i == len(micro) - 1), autocast(d.device, args):
             res = wrapped(b["input_ids"], b["attention_mask"], b["labels"], teacher_hidden, teacher_head,
-                          normalizer, b.get("document_ids"))
+                          normalizer, b.get("document_ids"), teacher_topk)
             res.loss.backward()
         bad[i] = (~torch.isfinite(res.loss.detach())).float()
         sums += torch.stack([res.loss.detach() * normalizer, res.ce * res.n_tokens, res.kl * res.n_tokens])
@@ -922,13 +964,15 @@ class Report:
     """Scores the student on the held-out batches and asks it PROMPTS, before and after training.
     The 'before' half is kept in report_before.json, so that a resumed run still compares against
     the untrained student; report.json holds both halves."""
-    teacher: nn.Module
+    teacher: nn.Module | None  # None with a teacher cache: its top-k rows give the KL (neo.sparse_neo_loss)
     tokenizer: data.Tokenizer
     batches: list            # held-out micro-batches (CPU tensors)
     device: torch.device
     chunk_size: int
     vocab_size: int | None
     out: Path
+    cache: object = None       # teacher_cache.TeacherCache
+    temperature: float = 1.0   # the cache's T
     scores: dict = field(default_factory=dict)
 
     def before(self, student, resume: bool):
@@ -937,20 +981,21 @@ class Report:
             self.scores = json.loads(path.read_text())
             return
         self.scores["before"] = heldout_scores(student, self.teacher, self.batches, self.device,
-                                               self.chunk_size, self.vocab_size)
-        self.scores["answers_before"] = answers({"teacher": self.teacher, "student": student}, self.tokenizer,
-                                                self.device)
+                                               self.chunk_size, self.vocab_size, self.cache, self.temperature)
+        models = {"teacher": self.teacher, "student": student} if self.teacher is not None else {"student": student}
+        self.scores["answers_before"] = answers(models, self.tokenizer, self.device)
         run_folder.write_json(path, self.scores)
 
     def after(self, trained):
         trained.eval()
         self.scores["after"] = heldout_scores(trained, self.teacher, self.batches, self.device, self.chunk_size,
-                                              self.vocab_size)
+                                              self.vocab_size, self.cache, self.temperature)
         table = {**self.scores["answers_before"], **answers({"trained student": trained}, self.tokenizer,
                                                             self.device)}
         (ce0, kl0), (ce1, kl1) = self.scores["before"], self.scores["after"]
         n = sum(len(b["input_ids"]) for b in self.batches)
-        print0(f"\nheld-out ({n} conversations)      CE      KL(teacher||student)")
+        kl_name = "KL(teacher||student)" if self.cache is None else f"top-{self.cache.k} KL (cache, T={self.temperature:g})"
+        print0(f"\nheld-out ({n} conversations)      CE      {kl_name}")
         print0(f"  student before training  {ce0:8.4f}   {kl0:8.4f}")
         print0(f"  student after  training  {ce1:8.4f}   {kl1:8.4f}")
         print_answers(table)
@@ -958,18 +1003,25 @@ class Report:
 
 
 @torch.no_grad()
-def heldout_scores(student, teacher, batches, device, chunk_size, vocab_size):
-    """Per-token CE on the labels and forward KL(teacher ‖ student) on the held-out set."""
+def heldout_scores(student, teacher, batches, device, chunk_size, vocab_size, cache=None, temperature=1.0):
+    """Per-token CE on the labels and forward KL(teacher ‖ student) on the held-out set; with a teacher
+    cache (teacher None) the KL is its top-k + tail form D_K, a lower bound of the full KL (neo.py)."""
     was_training = student.training
     student.eval()
     ce = kl = n = 0.0
     for b in batches:
+        top = cache.rows("heldout", b["example_ids"]) if cache is not None else None
         b = {k: v.to(device) for k, v in b.items()}
-        th = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
         sh = student(b["input_ids"], b["attention_mask"], return_hidden=True)
-        out = neo.neo_loss(sh.float(), student.lm_head.weight.float(), th.float(),
-                           teacher.lm_head.weight.float(), b["labels"], alpha=0.5,
-                           chunk_size=chunk_size, normalizer=1.0, vocab_size=vocab_size)
+        if top is not None:
+            top = neo.TeacherTopK(*(t.to(device) for t in top))
+            out = neo.sparse_neo_loss(sh.float(), student.lm_head.weight.float(), top, b["labels"], alpha=0.5,
+                                      temperature=temperature, chunk_size=chunk_size, normalizer=1.0)
+        else:
+            th = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
+            out = neo.neo_loss(sh.float(), student.lm_head.weight.float(), th.float(),
+                               teacher.lm_head.weight.float(), b["labels"], alpha=0.5, temperature=temperature,
+                               chunk_size=chunk_size, normalizer=1.0, vocab_size=vocab_size)
         ce += out.ce.item() * out.n_tokens.item()
         kl += out.kl.item() * out.n_tokens.item()
         n += out.n_tokens.item()

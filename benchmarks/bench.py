@@ -10,6 +10,8 @@ neo.neo_loss, the pruned student), so it is the step `python train.py` runs:
     kd            every student weight  α·CE + (1-α)·KL(teacher ‖ student)
     neo           LoRA adapters         α·CE + (1-α)·KL(teacher ‖ student)     <- LLM-Neo
     neo-moslora   MoSLoRA adapters      the same
+    neo-cache     LoRA adapters         the same with the teacher's top-k read from a cache
+                                        (teacher_cache.py, neo.sparse_neo_loss): no teacher in memory
     hf-peft-neo   the Neo step written the way most users write it today: transformers
                   LlamaForCausalLM for teacher and student (the same weights, from the same
                   folders), PEFT LoRA with the same rank/alpha/dropout/targets, and the loss on the
@@ -44,6 +46,12 @@ activations, the Python runtime) on CPU, torch.cuda.max_memory_allocated on GPU.
 fixed (batch_size, max_len) block packed from the same instruction data for every method. The
 time is the median over --steps timed steps after --warmup untimed ones.
 
+After the timed steps each method takes one more step, counted (benchmarks/memory.py): its peak
+of live tensor bytes as the allocator saw it, and plan.py's ledger of what was alive at that peak
+(teacher weights, frozen and trainable weights, gradients, AdamW state, saved activations, loss
+and other transients), which must add up to it; beside it, the peak plan.py predicts from the
+two config.json files on fake tensors, without loading weights.
+
     python -m benchmarks.bench                                   # SmolLM2-135M teacher -> its pruned half, 512 x 4, r 128
     python -m benchmarks.bench --steps 2 --warmup 1 --methods neo,kd,hf-peft-neo
     python -m benchmarks.bench --device cuda --steps 10 --warmup 3 --output benchmarks/results/bench_gpu.json
@@ -66,10 +74,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root: workers run as `python -m benchmarks.<name>`
 
-METHODS = ("sft", "lora", "kd", "neo", "neo-moslora", "hf-peft-neo")
+METHODS = ("sft", "lora", "kd", "neo", "neo-moslora", "neo-cache", "hf-peft-neo")
 # train.py flags that give each of our methods
 TRAIN_FLAGS = {"sft": ["--method", "sft"], "lora": ["--method", "lora"], "kd": ["--method", "kd"],
-               "neo": ["--method", "neo"], "neo-moslora": ["--method", "neo", "--adapter", "moslora"]}
+               "neo": ["--method", "neo"], "neo-moslora": ["--method", "neo", "--adapter", "moslora"],
+               "neo-cache": ["--method", "neo"]}
 
 
 def parse_args(argv=None):
@@ -86,6 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--lora-alpha", type=float, default=None, help="adapter alpha (default: 2 x rank, as train.py)")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter input (train.py's default)")
     p.add_argument("--chunk-size", type=int, default=256, help="neo_loss chunk (train.py's default)")
+    p.add_argument("--k", type=int, default=64, help="neo-cache: teacher tokens per position (teacher_cache.py's default)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute student blocks in backward (train.py --grad-checkpoint; transformers' "
                         "gradient_checkpointing_enable() for hf-peft-neo)")
@@ -151,6 +161,16 @@ def prepare(args) -> tuple[str, str, Path]:
     batch = pack(examples, args.batch_size, args.max_len)
     batch_file = work / f"batch_{args.batch_size}x{args.max_len}.pt"
     torch.save(batch, batch_file)
+    if "neo-cache" in args.methods:  # what teacher_cache.py would store for this batch, with its dtypes
+        import neo
+        teacher_model = llama.Llama.from_pretrained(teacher).eval()
+        with torch.no_grad():
+            hidden = teacher_model(batch["input_ids"], batch["attention_mask"], return_hidden=True)
+        mask = batch["labels"][:, 1:] != -100
+        top = neo.teacher_topk(hidden[:, :-1][mask], teacher_model.lm_head.weight, args.k)
+        torch.save({"ids": top.ids.to(torch.uint16), "logp": top.logp.half(), "tail_logp": top.tail_logp},
+                   batch_file.with_name(batch_file.stem + f"_top{args.k}.pt"))
+        del teacher_model, hidden
     student = args.student
     if student is None:  # train.py's pruned half, saved once so every subprocess loads the same weights
         tag = Path(teacher).name + f"-prune{args.prune_to or 'half'}"
@@ -205,8 +225,11 @@ def ours(method, args, teacher_dir, student_dir, device):
                                                     "--chunk-size", str(args.chunk_size), "--dtype", args.dtype]
                               + (["--grad-checkpoint"] if args.grad_checkpoint else [])
                               + (["--compile"] if args.compile else []))
-    use_teacher = targs.method in ("neo", "kd")
-    teacher = None
+    use_teacher = targs.method in ("neo", "kd") and method != "neo-cache"
+    teacher, cached = None, None
+    if method == "neo-cache":  # the rows come from disk; the teacher is never loaded
+        rows = torch.load(Path(args.batch_file).with_name(Path(args.batch_file).stem + f"_top{args.k}.pt"))
+        cached = neo.TeacherTopK(rows["ids"].long().to(device), rows["logp"].to(device), rows["tail_logp"].to(device))
     if use_teacher:
         teacher = llama.Llama.from_pretrained(teacher_dir, dtype=train.frozen_dtype(targs, device), device=device)
         teacher.eval().requires_grad_(False)
@@ -226,25 +249,33 @@ def ours(method, args, teacher_dir, student_dir, device):
             with torch.no_grad():
                 teacher_hidden = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
         with train.autocast(device, targs):
-            res = distiller(b["input_ids"], b["attention_mask"], b["labels"], teacher_hidden, teacher_head, normalizer)
+            res = distiller(b["input_ids"], b["attention_mask"], b["labels"], teacher_hidden, teacher_head, normalizer,
+                            teacher_topk=cached)
             res.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, targs.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return res.loss.item()
-    return step, params
+    return step, params, (teacher, distiller.student, optimizer)
 
 
 def hf_peft(args, teacher_dir, student_dir, device):
     """The common way: transformers + PEFT LoRA + a full-logits CE + KL loss (fp32 upcast)."""
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
-    import neo
     import train
     precision = train.choose_dtype(args.dtype, device)  # the same choice as ours: bf16 weights + autocast, or fp32
     dtype = precision.frozen
     teacher = LlamaForCausalLM.from_pretrained(teacher_dir, dtype=dtype).to(device).eval().requires_grad_(False)
     student = LlamaForCausalLM.from_pretrained(student_dir, dtype=dtype).to(device)
+    return hf_peft_step(args, teacher, student, precision, device)
+
+
+def hf_peft_step(args, teacher, student, precision, device):
+    """PEFT LoRA on the transformers student, AdamW, and the full-logits step (also run on fake
+    tensors by benchmarks/memory.py to predict this baseline's memory)."""
+    from peft import LoraConfig, get_peft_model
+    import neo
+    import train
     targs = train.parse_args(["--method", "neo"])  # the same α, T, targets, lr as ours
     config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=targs.targets.split(","), task_type="CAUSAL_LM")
@@ -274,7 +305,7 @@ def hf_peft(args, teacher_dir, student_dir, device):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
-    return step, params
+    return step, params, (teacher, student, optimizer)
 
 
 def worker(args):
@@ -289,9 +320,9 @@ def worker(args):
     rss_start = rss_gb()  # the runtime alone: Python, torch and the libraries, no weights yet
     batch = {k: v.to(device) for k, v in torch.load(args.batch_file).items()}
     if args.worker == "hf-peft-neo":
-        step, params = hf_peft(args, args.teacher, args.student, device)
+        step, params, parts = hf_peft(args, args.teacher, args.student, device)
     else:
-        step, params = ours(args.worker, args, args.teacher, args.student, device)
+        step, params, parts = ours(args.worker, args, args.teacher, args.student, device)
     rss_models = rss_gb()
     import train
     precision = train.choose_dtype(args.dtype, device)
@@ -311,7 +342,10 @@ def worker(args):
     tokens = batch["input_ids"].numel()
     peak = peak_gb(device)
     flops = step_flops("neo" if args.worker == "hf-peft-neo" else args.worker, args, batch)
-    return {"method": args.worker, "dtype": args.dtype, "precision": precision.why, "compile": bool(args.compile),
+    # One more step, counted twice: the allocator's peak of live tensors and plan.py's components.
+    from benchmarks import memory
+    counted = memory.measure(lambda: step(batch), *parts, device)
+    return {**counted, "method": args.worker, "dtype": args.dtype, "precision": precision.why, "compile": bool(args.compile),
             "frozen_dtype": str(precision.frozen).removeprefix("torch."),
             "step_s": step_s, "step_s_all": times, "tokens_per_step": tokens,
             "tokens_per_s": tokens / step_s, "step_flops": flops, "matmul_peak_flops": max(peak_flops),
@@ -380,18 +414,21 @@ def step_flops(method, args, batch) -> float:
 
 
 def run_all(args):
+    from benchmarks import memory
     t0 = time.time()
     teacher, student, batch_file = prepare(args)
     print(f"teacher {teacher}\nstudent {student}\nbatch {args.batch_size} x {args.max_len}, rank {args.rank}, "
           f"alpha {args.lora_alpha}, dropout {args.lora_dropout}, {args.device}, {args.warmup} warm-up + "
           f"{args.steps} timed steps", flush=True)
+    import neo
+    n_targets = int(neo.count_targets(torch.load(batch_file)["labels"]))  # the plan's loss rows, as the batch has
     rows = {}
     for round_ in range(args.rounds):
         for name, method, dtype, compiled in runs(args):
             cmd = [sys.executable, "-m", "benchmarks.bench", "--worker", method, "--teacher", teacher,
                    "--student", student, "--batch-file", str(batch_file), "--rank", str(args.rank),
                    "--lora-alpha", str(args.lora_alpha), "--lora-dropout", str(args.lora_dropout),
-                   "--chunk-size", str(args.chunk_size), *(["--grad-checkpoint"] if args.grad_checkpoint else []),
+                   "--chunk-size", str(args.chunk_size), "--k", str(args.k), *(["--grad-checkpoint"] if args.grad_checkpoint else []),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
                    "--dtype", dtype, *(["--compile"] if compiled else [])]
             if args.threads:
@@ -408,6 +445,16 @@ def run_all(args):
                   f"{r['peak_mem_gb']:6.2f} GB peak ({r['peak_above_runtime_gb']:.2f} above the runtime)  "
                   f"{r['trainable_params']:>12,} trainable  [{r['precision']}]"
                   + (f"  (round {round_ + 1}/{args.rounds})" if args.rounds > 1 else ""), flush=True)
+            if round_ == args.rounds - 1 and method == "neo-cache":  # plan.py models the live teacher only
+                print(f"  {'':<22} {memory.breakdown_line(r)}\n  {'':<22} not planned: plan.py has no cached-teacher "
+                      f"step", flush=True)
+            elif round_ == args.rounds - 1:  # the plan for this row, from config.json alone
+                r.update(memory.predict(method, argparse.Namespace(**{**vars(args), "dtype": dtype}), teacher,
+                                        student, torch.device(args.device), n_targets))
+                print(f"  {'':<22} {memory.breakdown_line(r)}", flush=True)
+                print(f"  {'':<22} planned from config.json: {r['predicted_peak_bytes'] / 2**30:.2f} GiB "
+                      f"({100 * (r['predicted_peak_bytes'] / r['measured_peak_bytes'] - 1):+.1f}% vs measured)",
+                      flush=True)
     ratios = targets(rows)
     table = markdown(rows, args)
     print("\n" + table)
@@ -456,6 +503,15 @@ def targets(rows):
         if "neo" in rows and "hf-peft-neo" in rows:
             v = rows["neo"][key] / rows["hf-peft-neo"][key]
             out["neo_mem / hf_peft_mem" + tag] = {"value": v, "target": "<= 0.6", "met": v <= 0.6}
+    for dtype in ("bfloat16", "float32"):  # issue 10: live tensor bytes (paper 0.77x; the target is for bf16)
+        neo_, kd_ = ([r for r in rows.values() if r["method"] == m and r["frozen_dtype"] == dtype]
+                     for m in ("neo", "kd"))
+        if neo_ and kd_:
+            v = neo_[0]["measured_peak_bytes"] / kd_[0]["measured_peak_bytes"]
+            out[f"neo_live_peak / kd_live_peak ({dtype})"] = {"value": v, "target": "<= 0.65", "met": v <= 0.65}
+    if "neo" in rows and "neo-cache" in rows:
+        v = rows["neo-cache"]["tokens_per_s"] / rows["neo"]["tokens_per_s"]
+        out["neo_cache_tok_s / neo_tok_s"] = {"value": v, "target": ">= 1.8", "met": v >= 1.8}
     if "neo" in rows and "hf-peft-neo" in rows:
         v = rows["neo"]["tokens_per_s"] / rows["hf-peft-neo"]["tokens_per_s"]
         out["neo_tok_s / hf_peft_tok_s"] = {"value": v, "target": ">= 1.2", "met": v >= 1.2}
@@ -503,6 +559,23 @@ def markdown(rows, args):
                      f"{r['tokens_per_s']:.0f} | {r['step_flops'] / 1e12:.2f} T | {100 * r['mfu']:.0f}% of "
                      f"{r['matmul_peak_flops'] / 1e9:.0f} G | {r['peak_mem_gb']:.2f} | "
                      f"{r['peak_above_runtime_gb']:.2f} | {r['trainable_params']:,} |")
+    return "\n".join(lines) + "\n\n" + memory_markdown(rows)
+
+
+def memory_markdown(rows):
+    """Where each method's peak of live tensor bytes goes (GiB), measured, with the plan beside it."""
+    from benchmarks.memory import SHOWN
+    short = ["teacher", "frozen student", "trainable", "grads", "AdamW", "saved acts", "loss", "teacher acts", "other"]
+    lines = ["| method | live peak (GiB) | " + " | ".join(short) + " | sum vs peak | planned (GiB) | plan vs peak |",
+             "|---|---:|" + "---:|" * len(short) + "---:|---:|---:|"]
+    for m, r in rows.items():
+        if "measured_peak_bytes" not in r:
+            continue
+        peak, parts = r["measured_peak_bytes"], r["components_bytes"]
+        lines.append(f"| {m} | {peak / 2**30:.2f} | " + " | ".join(f"{parts[c] / 2**30:.2f}" for c in SHOWN)
+                     + f" | {100 * (sum(parts.values()) / peak - 1):+.1f}% | "
+                     + (f"{r['predicted_peak_bytes'] / 2**30:.2f} | {100 * (r['predicted_peak_bytes'] / peak - 1):+.1f}% |"
+                        if "predicted_peak_bytes" in r else "not planned | |"))
     return "\n".join(lines)
 
 
@@ -535,7 +608,7 @@ def main(argv=None):
         p = argparse.ArgumentParser()
         for flag in ("--worker", "--teacher", "--student", "--batch-file", "--result", "--device"):
             p.add_argument(flag)
-        for flag in ("--rank", "--chunk-size", "--steps", "--warmup", "--threads"):
+        for flag in ("--rank", "--chunk-size", "--steps", "--warmup", "--threads", "--k"):
             p.add_argument(flag, type=int)
         p.add_argument("--lora-alpha", type=float)
         p.add_argument("--lora-dropout", type=float, default=0.0)

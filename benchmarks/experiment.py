@@ -88,6 +88,9 @@ def parse_args(argv=None):
     p.add_argument("--sweep-ranks", default=None, help="sweep: comma-separated ranks")
     p.add_argument("--sweep-lrs", default=None, help="sweep: comma-separated learning rates")
     p.add_argument("--sweep-steps", type=int, default=None, help="sweep: optimizer steps per run")
+    p.add_argument("--teacher-cache", action="store_true",
+                   help="sweep: run the teacher once (teacher_cache.py) and train every cell from its top-k "
+                        "cache; the held-out KL is then the cache's top-k form (a lower bound, neo.py)")
     # where
     p.add_argument("--runs-dir", default=None, help="training outputs (default: runs/experiment_<scale>)")
     p.add_argument("--results-dir", default="benchmarks/results", help="tables, JSON and plots")
@@ -423,30 +426,42 @@ def sweep(args):
     student = build_student(args, teacher)
     scorer = None
     grid = {}
+    flags = common_flags(args, teacher, student, 0)
+    if args.teacher_cache:  # the teacher's one forward, over the training and held-out examples of every cell
+        import teacher_cache
+        flags += ["--heldout", str(args.heldout), "--teacher-cache", str(runs / "teacher_cache")]
+        t0 = time.time()
+        teacher_cache.main(["--cache", str(runs / "teacher_cache")] + flags[:-2])
+        print(f"teacher cache written in {time.time() - t0:.0f} s", flush=True)
     for r in ranks:
         for lr in lrs:
             out = runs / f"neo_r{r}_lr{lr:g}"
-            train_run(out, TRAIN_FLAGS["neo"] + common_flags(args, teacher, student, 0)
-                      + ["--rank", str(r), "--lr", str(lr)], args.in_process)
+            train_run(out, TRAIN_FLAGS["neo"] + flags + ["--rank", str(r), "--lr", str(lr)], args.in_process)
             cache = out / "heldout.json"
             if not cache.exists():
                 import model as llama
                 import train
-                scorer = scorer or HeldOut(args, teacher)
                 m = llama.Llama.from_pretrained(str(out / "model"), dtype=torch.float32)
-                ce, kl = train.heldout_scores(m, scorer.teacher, scorer.held, torch.device("cpu"), 1024, None)
+                if args.teacher_cache:
+                    scorer = scorer or CachedHeldOut(args, teacher, runs / "teacher_cache")
+                    ce, kl = train.heldout_scores(m, None, scorer.held, torch.device("cpu"), 1024, None, scorer.cache)
+                else:
+                    scorer = scorer or HeldOut(args, teacher)
+                    ce, kl = train.heldout_scores(m, scorer.teacher, scorer.held, torch.device("cpu"), 1024, None)
                 cache.write_text(json.dumps({"heldout_ce": ce, "heldout_kl": kl}))
             grid[f"{r},{lr:g}"] = {"rank": r, "lr": lr, **json.loads(cache.read_text())}
     stem = args.results_dir / f"sweep_{args.scale}"
     args.results_dir.mkdir(parents=True, exist_ok=True)
     heatmap(grid, ranks, lrs, stem.with_suffix(".png"), args)
     blob = {"budget": budget(args), "ranks": ranks, "lrs": lrs, "steps": args.sweep_steps, "grid": grid,
-            "wall_s": time.time() - t_start}
+            "teacher_cache": args.teacher_cache, "wall_s": time.time() - t_start}
     stem.with_suffix(".json").write_text(json.dumps(blob, indent=2))
     lines = ["| rank \\ lr | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
     for r in ranks:
         lines.append(f"| {r} | " + " | ".join(f"{grid[f'{r},{lr:g}']['heldout_kl']:.4f}" for lr in lrs) + " |")
-    print("\nheld-out KL(teacher || student) after training\n" + "\n".join(lines), flush=True)
+    kind = "top-k KL from the teacher cache" if args.teacher_cache else "KL(teacher || student)"
+    print(f"\nheld-out {kind} after training\n" + "\n".join(lines), flush=True)
+    print(f"sweep wall time {blob['wall_s']:.0f} s", flush=True)
     print(f"wrote {stem}.json, {stem}.png", flush=True)
     return blob
 
@@ -457,6 +472,23 @@ class HeldOut(Scorer):
     def __init__(self, args, teacher):
         args = argparse.Namespace(**{**vars(args), "ppl_passages": 1})
         super().__init__(args, teacher)
+
+
+class CachedHeldOut:
+    """The held-out batches with their example ids, scored against the teacher cache (no teacher)."""
+
+    def __init__(self, args, teacher, cache_dir):
+        import data
+        import teacher_cache
+        import train
+        tok = data.Tokenizer.from_dir(teacher)
+        targs = train.parse_args(["--teacher", teacher, "--data", args.data, "--max-len", str(args.max_len),
+                                  "--max-samples", str(args.max_samples), "--heldout", str(args.heldout)])
+        _, held = train.load_data(targs, tok)
+        collate = data.Batches(held, 1, pad_id=tok.pad_token_id, shuffle=False).collate
+        self.held = [{**collate(held[i:i + 8]), "example_ids": torch.arange(i, min(i + 8, len(held)))}
+                     for i in range(0, len(held), 8)]
+        self.cache = teacher_cache.TeacherCache(cache_dir)
 
 
 def heatmap(grid, ranks, lrs, png: Path, args):

@@ -18,11 +18,11 @@ def toy_flags(tiny_teacher_dir, tiny_chat_jsonl):
 def test_bench_writes_table_and_targets(tmp_path, toy_flags):
     from benchmarks import bench
     out = tmp_path / "bench.json"
-    blob = bench.main(toy_flags + ["--methods", "neo,hf-peft-neo", "--max-len", "32", "--batch-size", "2",
+    blob = bench.main(toy_flags + ["--methods", "neo,neo-cache,hf-peft-neo", "--max-len", "32", "--batch-size", "2",
                                    "--rank", "4", "--steps", "1", "--warmup", "0", "--dtype", "float32",
                                    "--work-dir", str(tmp_path / "work"), "--output", str(out)])
     saved = json.loads(out.read_text())
-    assert set(saved["results"]) == {"neo", "hf-peft-neo"}
+    assert set(saved["results"]) == {"neo", "neo-cache", "hf-peft-neo"}
     for r in saved["results"].values():
         assert r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["tokens_per_step"] == 2 * 32
         assert r["peak_mem_gb"] > 0 and r["peak_above_runtime_gb"] >= 0
@@ -35,9 +35,22 @@ def test_bench_writes_table_and_targets(tmp_path, toy_flags):
     assert res["neo"]["trainable_params"] == res["hf-peft-neo"]["trainable_params"]
     # both steps start from the same weights and data with B = 0 adapters: the same first loss
     assert res["neo"]["losses"][0] == pytest.approx(res["hf-peft-neo"]["losses"][0], rel=1e-3)
+    # from the cache: the same step with the top-k KL, a lower bound of the full KL (neo.py)
+    assert res["neo-cache"]["trainable_params"] == res["neo"]["trainable_params"]
+    assert res["neo-cache"]["losses"][0] <= res["neo"]["losses"][0] + 1e-4
+    assert res["neo-cache"]["losses"][0] == pytest.approx(res["neo"]["losses"][0], rel=0.05)
+    assert "neo_cache_tok_s / neo_tok_s" in saved["targets"]
     assert {"neo_tok_s / hf_peft_tok_s", "neo_mem / hf_peft_mem"} <= set(saved["targets"])
     assert (tmp_path / "bench.md").read_text().count("| neo") >= 1
     assert "| neo |" in blob["table_markdown"]
+    # issue 10: a counted step per method, its components adding up to the allocator's peak, the plan beside it
+    for name, r in res.items():
+        if name == "neo-cache":  # its top-k rows are made outside the counted step: not reconciled, not planned
+            continue
+        parts = sum(r["components_bytes"].values())
+        assert abs(parts - r["measured_peak_bytes"]) <= 0.05 * r["measured_peak_bytes"]
+        assert abs(r["predicted_peak_bytes"] - r["measured_peak_bytes"]) <= 0.10 * r["measured_peak_bytes"]
+    assert "live peak (GiB)" in blob["table_markdown"]
 
 
 @pytest.mark.parametrize("method", ["neo", "neo-moslora", "kd", "sft", "lora"])
@@ -61,7 +74,7 @@ def test_step_flops_match_torch_flop_counter(method, tiny_teacher_dir, tmp_path)
     labels = torch.full_like(ids, -100)
     labels[:, -4:] = ids[:, -4:]  # a long prompt, 3 targets a row: the blocks' FLOPs outweigh the head's
     batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
-    step, _ = bench.ours(method, args, args.teacher, args.student, torch.device("cpu"))
+    step, _, _ = bench.ours(method, args, args.teacher, args.student, torch.device("cpu"))
     # The math attention kernel runs QKᵀ and AV as matmuls the counter sees (the fused CPU kernel
     # is invisible to it); it computes the full T x T square, as step_flops counts.
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
@@ -93,6 +106,11 @@ def test_experiment_run_and_sweep(tmp_path, toy_flags):
     assert (tmp_path / "results" / "sweep_toy.png").stat().st_size > 0
     assert set(sweep["grid"]) == {"4,0.0001", "4,0.001"}
     assert all(cell["heldout_kl"] >= 0 for cell in sweep["grid"].values())
+    cached = experiment.main(["sweep", "--sweep-ranks", "4", "--sweep-lrs", "1e-4,1e-3", "--teacher-cache"]
+                             + common[:-5] + ["--runs-dir", str(tmp_path / "runs_cached")] + common[-3:])
+    assert cached["teacher_cache"] and (tmp_path / "runs_cached" / "sweep" / "teacher_cache" / "manifest.json").exists()
+    for key, cell in cached["grid"].items():  # the top-k KL is a lower bound of the live sweep's full KL
+        assert 0 < cell["heldout_kl"] <= sweep["grid"][key]["heldout_kl"] * 1.01 + 1e-6
 
 
 # ----------------------------------------------------------------------------- benchmarks/bench_gpu.py

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import lora
 import model as llama
 import neo
+import plan
 import train
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
@@ -317,8 +318,6 @@ def test_planner_predicts_the_peak_of_one_step(method, device, folders):
     real bf16 step (after a warm-up step, so AdamW's moments exist, as the plan assumes): on CUDA
     torch.cuda.max_memory_allocated above what was allocated before the models were built; on
     the CPU dry run, plan.Ledger counting the real step (the CPU allocator keeps no peak)."""
-    plan = pytest.importorskip("plan", reason="planner not available (plan.py, issue 10's memory branch, "
-                                              "has not landed)")
     s, dev = SHAPES[device], torch.device(device)
     teacher_dir, student_dir = folders(device)
     setup = plan.Setup(method=method, rank=s["rank"], batch_size=s["batch"], max_len=s["seq"], chunk_size=s["chunk"],
@@ -362,7 +361,7 @@ def test_gpu_modules_import_without_lm_eval_or_gguf():
     root = Path(__file__).resolve().parent.parent
     code = ("import sys; sys.modules['lm_eval'] = None; sys.modules['gguf'] = None\n"  # None: ImportError on import
             f"sys.path[:0] = [{str(root)!r}, {str(root / 'tests')!r}]\n"
-            "import model, lora, neo, data, offline, train, test_gpu\n"
+            "import model, lora, neo, data, offline, train, plan, test_gpu\n"
             "from benchmarks import bench, bench_gpu\n"
             "try:\n    import eval\nexcept ImportError:\n    pass\nelse:\n    sys.exit('the blocker did not block')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)

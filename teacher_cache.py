@@ -1,0 +1,340 @@
+"""teacher_cache.py: run the teacher once, keep its top-k per target token, train many students from it.
+
+LLM-Neo's guidelines come from grids of runs (ranks x learning rates, 2 epochs each), and every
+run repeats the same teacher forward on the same tokens. This script runs that forward once, over
+the tokenised training and held-out examples that train.py builds from the same flags, and keeps
+for every target position (labels[t + 1] != -100) what the sparse loss in neo.py needs:
+
+    ids   (k,)  the teacher's k most likely next tokens at temperature T
+    logp  (k,)  their log-probabilities log softmax(z_t / T)
+    tail  ()    log of the probability left over, log(1 − Σ top-k)
+
+Then `python train.py --teacher-cache DIR ...` trains kd / neo (LoRA or MoSLoRA) on
+α·CE + (1 − α)·T²·D_K, the forward KL over those k + 1 buckets, without loading the teacher.
+neo.py states how far D_K is from the full KL (below it, by the teacher's tail mass times the
+mismatch of the tails); benchmarks/bench_cache.py measures it and the cache's size per token.
+
+Run it with train.py's own flags for the model and the data (they must be the ones of the runs that
+will read the cache; the manifest records them and train.py refuses a cache that differs):
+
+    python teacher_cache.py --cache runs/cache                       # the offline demo's data, k = 64
+    python train.py --teacher-cache runs/cache --rank 32 --lr 5e-4   # any number of runs
+    torchrun --nproc_per_node 8 teacher_cache.py --cache DIR --teacher meta-llama/Llama-3.1-8B-Instruct \
+        --data BAAI/Infinity-Instruct --max-len 512                  # each rank writes its share of shards
+
+Layout of DIR (safetensors shards, so they are memory-mapped, not read whole, when training):
+
+    manifest.json               teacher (folder + sha256 of its weights), tokenizer.json and chat
+                                template sha256, per split the examples, target rows and a sha256 of
+                                the token ids and labels, max_len, k, temperature, the shard list
+    train-00000.safetensors     examples [first, last) of one split:
+        ids      (R, k) uint16 (int32 when the vocabulary exceeds 65,536)
+        logp     (R, k) float16
+        tail     (R,)   float32
+        offsets  (n + 1,) int64  rows of example first + i are offsets[i]:offsets[i + 1]
+    heldout-00000.safetensors   the same for the held-out examples (train.py's before/after report)
+
+A kill loses at most the shards being written: each is written to a temporary name and renamed
+when whole, and a rerun with the same flags checks every finished shard (header, shapes, rows,
+examples) and writes only the missing or damaged ones.
+"""
+import argparse
+import bisect
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import data
+import model as llama
+import neo
+import train
+
+FORMAT = 1  # layout version of the files above
+SPLITS = ("train", "heldout")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Every other flag is train.py's "
+                                "(--teacher, --data, --max-samples, --heldout, --max-len, --seed, --temperature, "
+                                "--batch-size, --dtype, ...): use the values of the runs that will read the cache.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--cache", required=True, help="output folder of the cache")
+    p.add_argument("--k", type=int, default=64,
+                   help="teacher tokens kept per position: 4k + 4 bytes per target token (k = 64: 261 bytes; "
+                        "on the offline held-out set D_K is 3.3%% below the full KL for the untrained pruned "
+                        "student, 2.3%% at k = 128; see benchmarks/bench_cache.py)")
+    p.add_argument("--shard-examples", type=int, default=256, help="examples per shard file")
+    own, rest = p.parse_known_args(argv)
+    if own.k < 1 or own.shard_examples < 1:
+        p.error("--k and --shard-examples must be positive")
+    return own, train.parse_args(rest)
+
+
+# -----------------------------------------------------------------------------
+# What identifies a cache: the teacher, the tokens, and the loss settings baked into the rows
+
+
+def sha256_files(paths) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                h.update(block)
+    return h.hexdigest()
+
+
+def weights_sha256(folder) -> str:
+    """sha256 of the teacher's weight files (*.safetensors, in name order)."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder} has no *.safetensors weight files to fingerprint")
+    return sha256_files(files)
+
+
+def examples_sha256(examples) -> str:
+    """sha256 of every example's token ids and labels, in order (lengths included)."""
+    h = hashlib.sha256()
+    for e in examples:
+        ids, labels = np.asarray(e["input_ids"], np.int64), np.asarray(e["labels"], np.int64)
+        h.update(np.int64(len(ids)).tobytes() + ids.tobytes() + labels.tobytes())
+    return h.hexdigest()
+
+
+def targets_per_example(examples) -> list[int]:
+    """Cache rows per example: its valid shifted targets, the positions neo's losses score."""
+    return [int((np.asarray(e["labels"][1:]) != neo.IGNORE_INDEX).sum()) for e in examples]
+
+
+def identity(args, teacher_path: str, tokenizer, splits: dict) -> dict:
+    """The fields a training run must share with the cache, in the order they are checked."""
+    return {
+        "format": FORMAT,
+        "tokenizer_sha256": sha256_files([Path(tokenizer.folder) / "tokenizer.json"]),
+        "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
+        "max_len": args.max_len,
+        "temperature": args.temperature,
+        "data": {name: {"examples": len(ex), "targets": sum(targets_per_example(ex)), "sha256": examples_sha256(ex)}
+                 for name, ex in splits.items()},
+        "teacher_weights_sha256": weights_sha256(teacher_path),
+    }
+
+
+def plan(args, k: int, shard_examples: int, teacher_path: str, tokenizer, splits: dict) -> dict:
+    """The whole manifest, before any teacher forward: identity, the vocabulary, and every shard."""
+    vocab = llama.LlamaConfig.from_json(Path(teacher_path) / "config.json").vocab_size
+    shards = []
+    for name, examples in splits.items():
+        rows = targets_per_example(examples)
+        for i, first in enumerate(range(0, len(examples), shard_examples)):
+            last = min(first + shard_examples, len(examples))
+            shards.append({"file": f"{name}-{i:05d}.safetensors", "split": name, "first": first, "last": last,
+                           "rows": sum(rows[first:last])})
+    return {**identity(args, teacher_path, tokenizer, splits), "k": k, "vocab_size": vocab,
+            "ids_dtype": "uint16" if vocab <= 2**16 else "int32", "logp_dtype": "float16",
+            "teacher": teacher_path, "source": {key: getattr(args, key) for key in
+                                                ("data", "max_samples", "heldout", "seed", "dtype")},
+            "shards": shards}
+
+
+def first_difference(saved: dict, now: dict, keys) -> str | None:
+    """The first field among `keys` whose values differ, as 'field: cache X, this run Y'."""
+    for key in keys:
+        if saved.get(key) != now.get(key):
+            a, b = saved.get(key), now.get(key)
+            if isinstance(a, dict) and isinstance(b, dict):  # data: name the split and the sub-field
+                for sub in dict.fromkeys([*b, *a]):  # this run's order: train first
+                    if a.get(sub) != b.get(sub):
+                        inner = next((f for f in ("examples", "targets", "sha256")
+                                      if (a.get(sub) or {}).get(f) != (b.get(sub) or {}).get(f)), "")
+                        return (f"{key} ({sub} split{', ' + inner if inner else ''}): cache "
+                                f"{(a.get(sub) or {}).get(inner, a.get(sub))!r}, this run "
+                                f"{(b.get(sub) or {}).get(inner, b.get(sub))!r}")
+            return f"{key}: cache {a!r}, this run {b!r}"
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Shards
+
+
+def verify_shard(path: Path, entry: dict, k: int) -> str | None:
+    """None when the shard file is whole and holds what the manifest says; else what is wrong."""
+    if not path.exists():
+        return f"{path} is missing"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as e:  # a truncated file fails here: its header points past its end
+        return f"{path} is truncated or not a safetensors file ({type(e).__name__}: {e})"
+    want = {"ids": (entry["rows"], k), "logp": (entry["rows"], k), "tail": (entry["rows"],),
+            "offsets": (entry["last"] - entry["first"] + 1,)}
+    if shapes != want or meta.get("first") != str(entry["first"]) or meta.get("last") != str(entry["last"]):
+        return f"{path} does not hold what the manifest lists (shapes {shapes}, metadata {meta}; expected {want})"
+    size = path.stat().st_size
+    with open(path, "rb") as f:  # 8-byte header length, the JSON header, then the tensors
+        header = int.from_bytes(f.read(8), "little")
+    rows, n = entry["rows"], entry["last"] - entry["first"] + 1
+    ids_bytes = 2 if "uint16" in str(meta.get("ids_dtype", "uint16")) else 4
+    expected = 8 + header + rows * k * (ids_bytes + 2) + rows * 4 + n * 8
+    if size != expected:
+        return f"{path} is truncated ({size} bytes, expected {expected})"
+    return None
+
+
+@torch.no_grad()
+def write_shard(path: Path, entry: dict, examples: list, teacher, manifest: dict, args, device, bar=None):
+    """Teacher forward over one shard's examples; top-k rows written to a temporary file, then renamed."""
+    collate = data.Batches(examples, 1, pad_id=0, shuffle=False).collate  # right-padding only
+    ids, logp, tail = [], [], []
+    for start in range(0, len(examples), args.batch_size):
+        b = {key: v.to(device) for key, v in collate(examples[start:start + args.batch_size]).items()}
+        hidden = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)    # (B, T, D)
+        mask = b["labels"][:, 1:] != neo.IGNORE_INDEX                                 # (B, T-1)
+        top = neo.teacher_topk(hidden[:, :-1][mask], teacher.lm_head.weight[:manifest["vocab_size"]],
+                               manifest["k"], args.temperature, args.chunk_size)
+        top = stored(top, manifest["ids_dtype"])
+        ids.append(top.ids.cpu())
+        logp.append(top.logp.cpu())
+        tail.append(top.tail_logp.cpu())
+        if bar is not None:
+            bar.update(int(mask.sum()))
+    top = neo.TeacherTopK(torch.cat(ids), torch.cat(logp), torch.cat(tail))
+    save_shard(path, entry, top, targets_per_example(examples), manifest)
+
+
+def stored(top: neo.TeacherTopK, ids_dtype: str) -> neo.TeacherTopK:
+    """The rows in the dtypes on disk: 16-bit ids when the vocabulary fits, fp16 log-probs, fp32 tail."""
+    return neo.TeacherTopK(top.ids.to(getattr(torch, ids_dtype)), top.logp.half(), top.tail_logp.float())
+
+
+def save_shard(path: Path, entry: dict, top: neo.TeacherTopK, rows_per_example: list, manifest: dict):
+    """One shard's rows (already in the stored dtypes) to a temporary file, made durable, then renamed."""
+    tensors = {"ids": top.ids, "logp": top.logp, "tail": top.tail_logp,
+               "offsets": torch.tensor([0] + rows_per_example).cumsum(0)}
+    if tensors["ids"].shape[0] != entry["rows"]:
+        raise RuntimeError(f"{path.name}: {tensors['ids'].shape[0]} rows, the manifest expects {entry['rows']}")
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"split": entry["split"], "first": str(entry["first"]),
+                                           "last": str(entry["last"]), "k": str(manifest["k"]),
+                                           "ids_dtype": manifest["ids_dtype"]})
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Reading the cache when training
+
+
+class TeacherCache:
+    """A finished cache: checked against the run, then read row by row by example id (memory-mapped)."""
+
+    def __init__(self, folder, expected: dict | None = None):
+        self.folder = Path(folder)
+        path = self.folder / "manifest.json"
+        if not path.exists():
+            raise SystemExit(f"--teacher-cache {folder}: no manifest.json there. Write the cache first: "
+                             f"python teacher_cache.py --cache {folder} <the same model and data flags>")
+        self.manifest = json.loads(path.read_text())
+        if expected is not None:
+            diff = first_difference(self.manifest, expected, list(expected))
+            if diff:
+                raise SystemExit(f"--teacher-cache {folder} was made for another run; {diff}. Rebuild it with "
+                                 f"this run's flags (python teacher_cache.py --cache NEW_DIR ...) or use the "
+                                 f"cache's flags.")
+        self.k = self.manifest["k"]
+        problems = [p for e in self.manifest["shards"]
+                    if (p := verify_shard(self.folder / e["file"], e, self.k))]
+        if problems:
+            raise SystemExit(f"--teacher-cache {folder} is incomplete: {problems[0]}"
+                             + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                             + ". Rerun teacher_cache.py with the same flags to finish it.")
+        self.shards = {name: [e for e in self.manifest["shards"] if e["split"] == name] for name in SPLITS}
+        self._open = {}
+
+    def _handle(self, entry):
+        if entry["file"] not in self._open:
+            f = safe_open(str(self.folder / entry["file"]), framework="pt")
+            self._open[entry["file"]] = (f, f.get_tensor("offsets").tolist())
+        return self._open[entry["file"]]
+
+    def rows(self, split: str, example_ids) -> neo.TeacherTopK:
+        """The cached rows of these examples, concatenated in the given order (the batch's row order)."""
+        shards = self.shards[split]
+        firsts = [e["first"] for e in shards]
+        ids, logp, tail = [], [], []
+        for i in torch.as_tensor(example_ids).tolist():  # one device-to-host copy, not one per id
+            entry = shards[bisect.bisect_right(firsts, i) - 1]
+            f, offsets = self._handle(entry)
+            a, b = offsets[i - entry["first"]], offsets[i - entry["first"] + 1]
+            ids.append(f.get_slice("ids")[a:b])
+            logp.append(f.get_slice("logp")[a:b])
+            tail.append(f.get_slice("tail")[a:b])
+        return neo.TeacherTopK(torch.cat(ids).long(), torch.cat(logp), torch.cat(tail))
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    own, args = parse_args(argv)
+    d = train.setup_distributed()
+    cache = Path(own.cache)
+    teacher_path = str(llama.resolve_folder(args.teacher or train.offline_model()))
+    tokenizer = data.Tokenizer.from_dir(teacher_path)
+    train_set, held_set = train.load_data(args, tokenizer)
+    splits = {"train": train_set, "heldout": held_set}
+    manifest = plan(args, own.k, own.shard_examples, teacher_path, tokenizer, splits)
+    if d.master:
+        cache.mkdir(parents=True, exist_ok=True)
+        path = cache / "manifest.json"
+        if path.exists():  # resuming: the folder must be a cache of exactly this run
+            saved = json.loads(path.read_text())
+            diff = first_difference(saved, manifest, [k for k in manifest if k not in ("teacher", "source")])
+            if diff:
+                raise SystemExit(f"{cache} already holds a cache of another run; {diff}. "
+                                 f"Use a new --cache folder (or delete this one).")
+        else:
+            tmp = cache / "manifest.json.tmp"
+            tmp.write_text(json.dumps(manifest, indent=1))
+            os.replace(tmp, path)
+    if dist.is_initialized():
+        dist.barrier()
+
+    mine = [e for i, e in enumerate(manifest["shards"]) if i % d.world == d.rank]  # each rank its share
+    todo = [e for e in mine if verify_shard(cache / e["file"], e, own.k) is not None]
+    done_rows = sum(e["rows"] for e in mine) - sum(e["rows"] for e in todo)
+    train.print0(f"teacher cache {cache}: {len(manifest['shards'])} shards, k = {own.k}, T = {args.temperature}; "
+                 f"rank 0 writes {len(todo)} of its {len(mine)} (the others are already whole)")
+    if todo:
+        teacher = llama.Llama.from_pretrained(teacher_path, dtype=train.frozen_dtype(args, d.device), device=d.device)
+        teacher.eval().requires_grad_(False)
+        from tqdm import tqdm
+        with tqdm(total=sum(e["rows"] for e in mine), initial=done_rows, unit="tok", disable=not d.master,
+                  desc=f"teacher top-{own.k}", dynamic_ncols=True) as bar:
+            for e in todo:
+                write_shard(cache / e["file"], e, splits[e["split"]][e["first"]:e["last"]], teacher, manifest,
+                            args, d.device, bar)
+    if dist.is_initialized():
+        dist.barrier()
+    if d.master:
+        TeacherCache(cache)  # every shard whole
+        size = sum((cache / e["file"]).stat().st_size for e in manifest["shards"])
+        rows = sum(e["rows"] for e in manifest["shards"])
+        train.print0(f"teacher cache {cache}: {rows:,} target tokens, {size / 2**20:.1f} MiB, "
+                     f"{size / max(rows, 1):.0f} bytes/token")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return cache
+
+
+if __name__ == "__main__":
+    main()

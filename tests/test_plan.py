@@ -1,0 +1,118 @@
+"""plan.py's memory model against the allocator, at toy size (issue 10).
+
+The plan runs a step on fake tensors built from config.json; the measurement runs the same step on
+real tensors and reads the allocator's peak (benchmarks/memory.py: the profiler's memory events on
+the CPU). They must agree within 10% for every method, and the ledger's components must add up to
+the measured peak within 5%.
+"""
+import argparse
+
+import pytest
+import torch
+
+import model as llama
+import plan
+from benchmarks import memory
+
+TEACHER = llama.LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                            tie_word_embeddings=True)
+STUDENT = plan.student_config(TEACHER)  # train.py's default: half the layers
+CPU = torch.device("cpu")
+
+
+def measured(setup):
+    teacher, distiller, optimizer, batch = plan.build(setup, TEACHER, STUDENT, fake=False)
+
+    def run():
+        plan.training_step(teacher, distiller, optimizer, batch, setup.autocast)
+    run()  # AdamW's state exists from here on, as in every step but the first
+    return memory.measure(run, teacher, distiller.student, optimizer, CPU)
+
+
+@pytest.mark.parametrize("method,adapter,ckpt,bf16", [
+    ("sft", "lora", False, False), ("lora", "lora", False, False), ("kd", "lora", False, False),
+    ("neo", "lora", False, False), ("neo", "moslora", False, False), ("kd", "lora", True, False),
+    ("neo", "lora", True, True), ("kd", "lora", False, True)])
+def test_plan_predicts_the_measured_peak(method, adapter, ckpt, bf16):
+    setup = plan.Setup(method=method, adapter=adapter, rank=8, batch_size=2, max_len=96, chunk_size=64,
+                       grad_checkpoint=ckpt, frozen_dtype=torch.bfloat16 if bf16 else torch.float32, autocast=bf16)
+    m = measured(setup)
+    predicted, parts, _ = plan.ledger_of_step(setup, TEACHER, STUDENT, fake=True).peak()
+    peak = m["measured_peak_bytes"]
+    assert abs(sum(m["components_bytes"].values()) - peak) <= 0.05 * peak, memory.breakdown_line(m)
+    assert abs(predicted - peak) <= 0.10 * peak, (predicted, memory.breakdown_line(m))
+    assert m["components_bytes"]["optimizer state"] > 0
+
+
+def test_plan_predicts_hf_peft_baseline(tiny_teacher_dir):
+    from benchmarks import bench
+    args = argparse.Namespace(rank=4, lora_alpha=8.0, lora_dropout=0.0, grad_checkpoint=False, batch_size=2,
+                              max_len=64, chunk_size=256, dtype="float32", compile=False)
+    step, _, parts = bench.hf_peft(args, tiny_teacher_dir, tiny_teacher_dir, CPU)
+    ids = torch.randint(0, 49152, (2, 64))
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    step(batch)
+    m = memory.measure(lambda: step(batch), *parts, CPU)
+    p = memory.predict("hf-peft-neo", args, tiny_teacher_dir, tiny_teacher_dir, CPU)
+    assert abs(p["predicted_peak_bytes"] - m["measured_peak_bytes"]) <= 0.10 * m["measured_peak_bytes"]
+
+
+def test_saved_activations_are_what_autograd_saves():
+    """The ledger's 'saved activations' (student-forward storages alive when the loss starts) are the
+    storages torch.autograd.graph.saved_tensors_hooks sees packed, plus the student's output."""
+    setup = plan.Setup(method="lora", rank=8, batch_size=2, max_len=64)
+    teacher, distiller, optimizer, batch = plan.build(setup, TEACHER, STUDENT, fake=False)
+    weights = {p.untyped_storage().data_ptr() for p in [*distiller.parameters(), *distiller.buffers()]}
+    packed, out, during = {}, {}, []
+
+    def pack(t):  # what autograd keeps for backward during the student's forward (not the loss's own)
+        st = t.untyped_storage()
+        if during and st.data_ptr() not in weights and st.data_ptr() != batch["input_ids"].untyped_storage().data_ptr():
+            packed[st.data_ptr()] = st.nbytes()
+        return t
+
+    def keep_size(module, args, output):  # returns None: the output is left alone
+        out["bytes"] = output.untyped_storage().nbytes()
+        during.clear()
+    distiller.student.register_forward_pre_hook(lambda *_: during.append(1))
+    distiller.student.register_forward_hook(keep_size)
+    with plan.Ledger(None, distiller.student, optimizer) as ledger, \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        plan.training_step(None, distiller, optimizer, batch, False)
+    saved = sum(ledger.size[k] for k in ledger.saved)
+    assert saved == sum(packed.values()) + out["bytes"]
+
+
+def test_sharding_divides_what_the_engines_divide():
+    setup = plan.Setup(method="kd", rank=8, batch_size=2, max_len=64)
+    ledger = plan.ledger_of_step(setup, TEACHER, STUDENT, fake=True)
+    one, one_parts, _ = plan.per_gpu(ledger, 1, 0)
+    ddp, ddp_parts, _ = plan.per_gpu(ledger, 4, 0)
+    z1, z1_parts, _ = plan.per_gpu(ledger, 4, 1)
+    z3, z3_parts, _ = plan.per_gpu(ledger, 4, 3)
+    trainable = one_parts["trainable weights"]
+    assert ddp == pytest.approx(one + trainable, rel=1e-6)       # DDP: + its gradient buckets
+    assert ddp_parts["sharding buffers"] == pytest.approx(trainable)
+    assert z1_parts["optimizer state"] == pytest.approx(one_parts["optimizer state"] / 4)
+    assert z3_parts["trainable weights"] == pytest.approx(trainable / 4)
+    assert z3 < z1 < ddp
+
+
+def test_train_plan_reads_configs_only(tiny_teacher_dir, monkeypatch, capsys):
+    import train
+    monkeypatch.setattr(llama.Llama, "from_pretrained", lambda *a, **k: pytest.fail("--plan loaded weights"))
+    train.main(["--plan", "2", "--zero", "1", "--teacher", str(tiny_teacher_dir), "--method", "kd",
+                "--gpu-memory", "80", "--max-len", "64"])
+    text = capsys.readouterr().out
+    assert "plan: kd, 2 GPUs --zero 1, batch 4 x 64" in text and "fits a 80 GiB GPU" in text
+
+
+def test_plan_suggests_a_flag_that_fits():
+    planner = plan.Planner(TEACHER, STUDENT)
+    setup = plan.Setup(method="kd", rank=8, batch_size=4, max_len=128)
+    base = planner.plan(setup, world=4, zero=0)
+    gib = (base.peak * 0.8 / plan.HEADROOM + plan.CUDA_CONTEXT) / plan.GiB  # 80% of what it needs
+    fix = planner.make_it_fit(setup, 4, 0, gib)
+    assert fix is not None and fix.peak <= plan.usable(gib) < base.peak
+    assert plan.flags_of(fix, base)

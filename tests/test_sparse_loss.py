@@ -1,0 +1,145 @@
+"""neo.sparse_neo_loss (the cached top-k teacher) against the dense loss and an autograd reference.
+
+Random tensors only. k = V must give the dense loss exactly; k < V must fall short of it by exactly
+the amount the chain rule of KL gives (p_tail · KL of the renormalised tails), never more.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neo import TeacherTopK, neo_loss, reference_loss, sparse_neo_loss, teacher_topk
+
+B, T, D, DT, V = 3, 9, 16, 24, 50
+
+
+def make_inputs(seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(B, T, D, generator=g, dtype=dtype, requires_grad=True)
+    ws = (torch.randn(V, D, generator=g, dtype=dtype) / 2).requires_grad_()
+    ht = torch.randn(B, T, DT, generator=g, dtype=dtype)
+    wt = torch.randn(V, DT, generator=g, dtype=dtype) / 2
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :4] = -100  # a prompt
+    labels[1, -3:] = -100  # padding
+    return hs, ws, ht, wt, labels
+
+
+def cached(ht, wt, labels, k, temp):
+    """What teacher_cache.py stores for this batch: top-k rows of the valid targets."""
+    mask = labels[:, 1:] != -100
+    return teacher_topk(ht[:, :-1][mask], wt, k, temp, chunk_size=7)
+
+
+def bucket_reference(hs, ws, top: TeacherTopK, labels, alpha, temp, t2_scale=True):
+    """The (k + 1)-bucket forward KL written plainly with autograd: full logits, F.cross_entropy."""
+    logits = (hs @ ws.T)[:, :-1]
+    targets = labels[:, 1:]
+    mask = targets != -100
+    ce = F.cross_entropy(logits[mask], targets[mask], reduction="sum")
+    log_q = F.log_softmax(logits[mask] / temp, dim=-1)                            # (N, V)
+    in_k = torch.zeros_like(log_q, dtype=torch.bool).scatter_(1, top.ids, True)
+    log_q_tail = torch.logsumexp(log_q.masked_fill(in_k, -math.inf), dim=-1)
+    p_k, p_tail = top.logp.exp(), top.tail_logp.exp()
+    kl = (p_k * (top.logp - log_q.gather(1, top.ids))).sum()
+    kl = kl + torch.where(p_tail > 0, p_tail * (top.tail_logp - log_q_tail), 0.0).sum()
+    scale = temp ** 2 if t2_scale else 1.0
+    return (alpha * ce + (1 - alpha) * scale * kl) / mask.sum()
+
+
+def grads(loss, *tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+def test_topk_rows_hold_all_the_mass():
+    hs, ws, ht, wt, labels = make_inputs()
+    full = cached(ht, wt, labels, V, 1.0)
+    assert torch.isneginf(full.tail_logp).all()          # k = V: nothing left over
+    top = cached(ht, wt, labels, 5, 2.0)
+    total = top.logp.exp().sum(-1) + top.tail_logp.exp()
+    torch.testing.assert_close(total, torch.ones_like(total), rtol=0, atol=1e-12)
+    assert (top.logp[:, :-1] >= top.logp[:, 1:]).all()   # sorted, most likely first
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_k_equal_vocab_is_the_dense_loss(alpha, temp):
+    hs, ws, ht, wt, labels = make_inputs()
+    dense = reference_loss(hs @ ws.T, ht @ wt.T, labels, alpha=alpha, temperature=temp)  # full logits
+    sparse = sparse_neo_loss(hs, ws, cached(ht, wt, labels, V, temp), labels, alpha=alpha, temperature=temp,
+                             chunk_size=5)
+    torch.testing.assert_close(sparse.loss, dense.loss, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sparse.kl, dense.kl, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sparse.ce, dense.ce, rtol=0, atol=1e-6)
+    for g, g_dense in zip(grads(sparse.loss, hs, ws), grads(dense.loss, hs, ws)):
+        torch.testing.assert_close(g, g_dense, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+def test_k_below_vocab_misses_exactly_the_tail_kl(k, temp):
+    """KL(p ‖ q) − D_K(p ‖ q) = p_tail · KL(p̃ ‖ q̃) ≥ 0, row by row (the bound in neo.py)."""
+    hs, ws, ht, wt, labels = make_inputs(seed=1)
+    top = cached(ht, wt, labels, k, temp)
+    dense = neo_loss(hs, ws, ht, wt, labels, alpha=0.0, temperature=temp, t2_scale=False)
+    sparse = sparse_neo_loss(hs, ws, top, labels, alpha=0.0, temperature=temp, t2_scale=False)
+    # the gap from first principles, on the full distributions of both models
+    mask = labels[:, 1:] != -100
+    log_p = F.log_softmax((ht @ wt.T)[:, :-1][mask] / temp, dim=-1)
+    log_q = F.log_softmax((hs @ ws.T)[:, :-1][mask].detach() / temp, dim=-1)
+    tail = torch.ones_like(log_p, dtype=torch.bool).scatter_(1, top.ids, False)
+    log_p_t = F.log_softmax(log_p.masked_fill(~tail, -math.inf), dim=-1)     # p̃: p renormalised on the tail
+    log_q_t = F.log_softmax(log_q.masked_fill(~tail, -math.inf), dim=-1)
+    kl_tail = (log_p_t.exp() * (log_p_t - log_q_t)).where(tail, 0.0).sum(-1)
+    gap = (top.tail_logp.exp() * kl_tail).mean()
+    assert gap > 1e-3                                                         # the tail matters here
+    torch.testing.assert_close(dense.kl - sparse.kl, gap, rtol=1e-9, atol=1e-12)
+    assert sparse.kl <= dense.kl
+
+
+@pytest.mark.parametrize("t2_scale", [True, False])
+@pytest.mark.parametrize("temp", [1.0, 3.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_matches_bucket_reference_value_and_gradient(alpha, temp, t2_scale):
+    """α weights CE against D_K, D_K is computed at T, and T² scales it, as in the dense loss."""
+    hs, ws, ht, wt, labels = make_inputs(seed=2)
+    top = cached(ht, wt, labels, 6, temp)
+    out = sparse_neo_loss(hs, ws, top, labels, alpha=alpha, temperature=temp, t2_scale=t2_scale, chunk_size=4)
+    ref = bucket_reference(hs, ws, top, labels, alpha, temp, t2_scale)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-10, atol=1e-12)
+    for g, g_ref in zip(grads(out.loss, hs, ws), grads(ref, hs, ws)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
+
+
+def test_accumulated_halves_equal_the_whole_batch():
+    """With normalizer = the step's target count, micro-batches add up to the one big batch."""
+    hs, ws, ht, wt, labels = make_inputs(seed=3)
+    top = cached(ht, wt, labels, 8, 1.0)
+    whole = sparse_neo_loss(hs, ws, top, labels)
+    n = (labels[:, 1:] != -100).sum()
+    first = (labels[:1, 1:] != -100).sum()
+    parts = [TeacherTopK(top.ids[s], top.logp[s], top.tail_logp[s]) for s in (slice(0, first), slice(first, None))]
+    halves = (sparse_neo_loss(hs[:1], ws, parts[0], labels[:1], normalizer=n).loss
+              + sparse_neo_loss(hs[1:], ws, parts[1], labels[1:], normalizer=n).loss)
+    torch.testing.assert_close(halves, whole.loss, rtol=1e-12, atol=1e-12)
+    for g, g_ref in zip(grads(halves, hs, ws), grads(whole.loss, hs, ws)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_fp16_cache_and_fp32_student_run():
+    """The stored dtypes (fp16 log-probs, 16-bit ids) feed the loss as they are."""
+    hs, ws, ht, wt, labels = make_inputs(dtype=torch.float32)
+    top = cached(ht, wt, labels, 8, 1.0)
+    stored = TeacherTopK(top.ids.to(torch.int32), top.logp.half(), top.tail_logp.float())
+    a = sparse_neo_loss(hs, ws, top, labels).loss
+    b = sparse_neo_loss(hs, ws, stored, labels).loss
+    assert b.dtype == torch.float32 and abs(a - b) < 1e-3 * abs(a)
+
+
+def test_rows_that_do_not_fit_the_batch_are_refused():
+    hs, ws, ht, wt, labels = make_inputs()
+    top = cached(ht, wt, labels, 4, 1.0)
+    short = TeacherTopK(top.ids[:-1], top.logp[:-1], top.tail_logp[:-1])
+    with pytest.raises(ValueError, match="does not belong to this batch"):
+        sparse_neo_loss(hs, ws, short, labels)

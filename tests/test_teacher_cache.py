@@ -1,0 +1,175 @@
+"""teacher_cache.py and train.py --teacher-cache on a tiny random teacher: the rows are the teacher's,
+looked up by example id; training never loads the teacher; a cache of another run, a missing or a
+truncated shard is refused by name; a killed write resumes without rewriting finished shards."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import model as llama
+import neo
+import teacher_cache
+import train
+from conftest import make_tiny_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def flags(teacher, chat, *extra):
+    return ["--teacher", str(teacher), "--data", str(chat), "--max-len", "48", "--batch-size", "2", "--heldout", "4",
+            "--dtype", "float32",  # the exact comparisons below are in fp32
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tiny_teacher_dir, tiny_chat_jsonl, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache") / "c"
+    teacher_cache.main(["--cache", str(out), "--k", "16", "--shard-examples", "16",
+                        *flags(tiny_teacher_dir, tiny_chat_jsonl)])
+    return out
+
+
+def shard_tensors(folder):
+    return {p.name: load_file(str(p)) for p in sorted(Path(folder).glob("*.safetensors"))}
+
+
+def test_rows_are_the_teacher_top_k_of_each_shuffled_batch(cache_dir, tiny_teacher_dir, tiny_chat_jsonl):
+    """The loader's shuffled batches find their own examples' rows (by id, not by position)."""
+    args = train.parse_args(flags(tiny_teacher_dir, tiny_chat_jsonl))
+    tok = data.Tokenizer.from_dir(tiny_teacher_dir)
+    train_set, _ = train.load_data(args, tok)
+    teacher = llama.Llama.from_pretrained(tiny_teacher_dir).eval()
+    cache = teacher_cache.TeacherCache(cache_dir)
+    loader = data.Batches(train_set, 2, pad_id=tok.pad_token_id, seed=0)
+    for _, b in zip(range(3), loader):
+        assert b["example_ids"].tolist() != list(range(b["example_ids"][0], b["example_ids"][0] + 2))  # shuffled
+        with torch.no_grad():
+            hidden = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
+        mask = b["labels"][:, 1:] != -100
+        live = neo.teacher_topk(hidden[:, :-1][mask], teacher.lm_head.weight, 16)
+        got = cache.rows("train", b["example_ids"])
+        assert torch.equal(got.ids, live.ids)
+        torch.testing.assert_close(got.logp, live.logp.half())
+        torch.testing.assert_close(got.tail_logp, live.tail_logp)
+
+
+def test_training_from_the_cache_never_loads_the_teacher(cache_dir, tiny_teacher_dir, tiny_chat_jsonl, tmp_path,
+                                                         monkeypatch, smollm2_dir):
+    student = make_tiny_llama(tmp_path / "student", smollm2_dir, layers=2, seed=1)
+    loaded = []
+    real = llama.Llama.from_pretrained.__func__
+    monkeypatch.setattr(llama.Llama, "from_pretrained",
+                        classmethod(lambda cls, path, *a, **k: loaded.append(str(path)) or real(cls, path, *a, **k)))
+    res = train.main(flags(tiny_teacher_dir, tiny_chat_jsonl, "--teacher-cache", str(cache_dir), "--student",
+                           str(student), "--out", str(tmp_path / "run"), "--grad-accum", "2", "--rank", "4",
+                           "--max-steps", "2", "--lr", "1e-2"))
+    assert loaded and all(Path(p).resolve() != Path(tiny_teacher_dir).resolve() for p in loaded)
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["kl"] > 0 for r in rows)
+    assert all(".lora_" in n for n in res["optimized"])
+    # Step 1's KL is the sparse KL of the untrained student against the live teacher's top-k on the
+    # same two shuffled micro-batches: the run read the rows of its own examples.
+    args = train.parse_args(flags(tiny_teacher_dir, tiny_chat_jsonl))
+    tok = data.Tokenizer.from_dir(tiny_teacher_dir)
+    train_set, _ = train.load_data(args, tok)
+    teacher, base = (real(llama.Llama, p).eval() for p in (tiny_teacher_dir, student))
+    kl = n = 0.0
+    for _, b in zip(range(2), data.Batches(train_set, 2, pad_id=tok.pad_token_id, seed=0)):
+        with torch.no_grad():
+            mask = b["labels"][:, 1:] != -100
+            th = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)[:, :-1][mask]
+            top = neo.teacher_topk(th, teacher.lm_head.weight, 16)
+            top = neo.TeacherTopK(top.ids, top.logp.half(), top.tail_logp)
+            out = neo.sparse_neo_loss(base(b["input_ids"], b["attention_mask"], return_hidden=True),
+                                      base.lm_head.weight, top, b["labels"])
+        kl, n = kl + out.kl * out.n_tokens, n + out.n_tokens
+    assert abs(rows[0]["kl"] - kl / n) <= 1e-5 * kl / n
+
+
+@pytest.mark.parametrize("change, field", [(["--max-len", "40"], "max_len"), (["--temperature", "2"], "temperature"),
+                                           (["--max-samples", "40"], "data (train split, examples)"),
+                                           (["--seed", "1", "--heldout", "4"], "data")])
+def test_a_cache_of_another_run_is_refused_by_field(change, field, cache_dir, tiny_teacher_dir, tiny_chat_jsonl,
+                                                    tmp_path):
+    argv = flags(tiny_teacher_dir, tiny_chat_jsonl) + change + ["--teacher-cache", str(cache_dir), "--out",
+                                                                str(tmp_path), "--prune-to", "2", "--no-report"]
+    with pytest.raises(SystemExit, match=rf"made for another run; {field.replace('(', '.').replace(')', '.')}"):
+        train.main(argv)
+
+
+def test_missing_or_truncated_shard_is_named(cache_dir, tmp_path):
+    import shutil
+    broken = tmp_path / "c"
+    shutil.copytree(cache_dir, broken)
+    (broken / "train-00001.safetensors").unlink()
+    with pytest.raises(SystemExit, match="train-00001.safetensors is missing"):
+        teacher_cache.TeacherCache(broken)
+    shutil.copy(cache_dir / "train-00001.safetensors", broken / "train-00001.safetensors")
+    whole = (broken / "heldout-00000.safetensors").read_bytes()
+    (broken / "heldout-00000.safetensors").write_bytes(whole[:-100])
+    with pytest.raises(SystemExit, match="heldout-00000.safetensors is truncated"):
+        teacher_cache.TeacherCache(broken)
+
+
+def test_a_killed_write_resumes_without_rewriting_finished_shards(cache_dir, tiny_teacher_dir, tiny_chat_jsonl,
+                                                                  tmp_path, monkeypatch):
+    out = tmp_path / "c"
+    argv = ["--cache", str(out), "--k", "16", "--shard-examples", "16", *flags(tiny_teacher_dir, tiny_chat_jsonl)]
+    real, written = teacher_cache.write_shard, []
+
+    def dies_after_two(path, *a, **k):
+        if len(written) == 2:
+            path.with_name(f".{path.name}.tmp").write_bytes(b"half a shard")  # the kill, mid-write
+            raise KeyboardInterrupt
+        real(path, *a, **k)
+        written.append(path.name)
+
+    monkeypatch.setattr(teacher_cache, "write_shard", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        teacher_cache.main(argv)
+    with pytest.raises(SystemExit, match="is missing"):   # a half-written cache is not usable
+        teacher_cache.TeacherCache(out)
+    first = {n: (out / n).stat().st_mtime_ns for n in written}
+    damaged = out / "heldout-00000.safetensors"
+    monkeypatch.setattr(teacher_cache, "write_shard", real)
+    teacher_cache.main(argv)                              # resume
+    assert {n: (out / n).stat().st_mtime_ns for n in written} == first
+    damaged.write_bytes(damaged.read_bytes()[:-8])        # a damaged finished shard is written again
+    teacher_cache.main(argv)
+    want, got = shard_tensors(cache_dir), shard_tensors(out)
+    assert want.keys() == got.keys()
+    for name in want:
+        for key in want[name]:
+            assert torch.equal(want[name][key], got[name][key]), f"{name}/{key}"
+    with pytest.raises(SystemExit, match="another run; k: cache 16, this run 8"):
+        teacher_cache.main(argv[:3] + ["8"] + argv[4:])
+
+
+def test_torchrun_ranks_write_the_same_cache(cache_dir, tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
+    out = tmp_path / "c"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29600 + os.getpid() % 1000), str(ROOT / "teacher_cache.py"), "--cache", str(out), "--k", "16",
+           "--shard-examples", "16", *flags(tiny_teacher_dir, tiny_chat_jsonl)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want, got = shard_tensors(cache_dir), shard_tensors(out)
+    assert want.keys() == got.keys()
+    for name in want:
+        for key in want[name]:
+            assert torch.equal(want[name][key], got[name][key]), f"{name}/{key}"
+
+
+def test_packing_and_the_cache_are_refused_together(cache_dir, tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
+    """A cache row belongs to one example and a packed row holds several: the pair stops before any work."""
+    argv = flags(tiny_teacher_dir, tiny_chat_jsonl) + ["--teacher-cache", str(cache_dir), "--pack",
+                                                       "--out", str(tmp_path / "run"), "--prune-to", "2"]
+    with pytest.raises(SystemExit, match="--pack True: the teacher cache holds one row per example"):
+        train.main(argv)
+    assert not (tmp_path / "run").exists()  # refused before the output folder was claimed
