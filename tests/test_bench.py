@@ -111,3 +111,31 @@ def test_experiment_run_and_sweep(tmp_path, toy_flags):
     assert cached["teacher_cache"] and (tmp_path / "runs_cached" / "sweep" / "teacher_cache" / "manifest.json").exists()
     for key, cell in cached["grid"].items():  # the top-k KL is a lower bound of the live sweep's full KL
         assert 0 < cell["heldout_kl"] <= sweep["grid"][key]["heldout_kl"] * 1.01 + 1e-6
+
+
+# ----------------------------------------------------------------------------- benchmarks/bench_gpu.py
+
+def test_bench_gpu_runs_at_toy_scale(tmp_path):
+    """The real-shape benchmark's plumbing on the CPU at 1/64 scale: a step per method in its own
+    worker, the chunked loss rows, the targets and the tables. Our adapters and PEFT's (rank,
+    targets) must give the same trainable count."""
+    import torch
+    from benchmarks import bench_gpu
+    out = tmp_path / "bg.json"
+    flags = ["--device", "cpu", "--scale", "64", "--pairs", "llama3", "--batch-size", "1", "--max-len", "32",
+             "--steps", "1", "--warmup", "0", "--loss-tokens", "2048", "--output", str(out)]
+    blob = bench_gpu.main(flags + ["--methods", "neo,hf-peft-neo", "--parts", "steps"])
+    saved = json.loads(out.read_text())
+    rows = saved["steps"]
+    assert set(rows) == {"llama3/neo", "llama3/hf-peft-neo"}
+    for r in rows.values():
+        assert "error" not in r, r.get("error")
+        assert r["step_s"] > 0 and r["tokens_per_step"] == 32 and r["peak_mem_gb"] > 0 and 0 < r["mfu"]
+        assert all(math.isfinite(x) for x in r["losses"])
+    assert rows["llama3/neo"]["trainable_params"] == rows["llama3/hf-peft-neo"]["trainable_params"]
+    assert any(k.startswith("llama3: neo MFU") for k in saved["targets"])
+    assert blob["steps"].keys() == rows.keys() and "| llama3 | neo |" in out.with_suffix(".md").read_text()
+    args = bench_gpu.parse_args(flags)
+    for name in ("neo_loss@256", "reference"):  # in this process: the rows' code, not their timing
+        r = bench_gpu.loss_worker(name, args, torch.device("cpu"))
+        assert r["tokens"] == 2048 // 64 and r["vocab"] == 128256 // 64 and r["time_s"] > 0
