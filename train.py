@@ -312,35 +312,23 @@ def main(argv=None):
     train_set, held_set = load_data(args, tokenizer)
     use_teacher = args.method in ("neo", "kd")
     cache = open_teacher_cache(args, teacher_path, tokenizer, train_set, held_set) if args.teacher_cache else None
-    teacher = None
-    if (use_teacher or not args.no_report) and cache is None:
-        teacher = llama.Llama.from_pretrained(teacher_path, dtype=frozen_dtype(args, d.device), device=d.device)
-        teacher.eval().requires_grad_(False)
+    teacher = load_teacher(teacher_path, args, d) if (use_teacher or not args.no_report) and cache is None else None
     student = build_student(args, teacher_path, train_set[0]["input_ids"], d.device)
     base_path = save_student_base(student, args, out, d)
     student = prepare_student(student, args, d.device)
     vocab_size = shared_vocab(student, teacher, tokenizer)
     for examples in (train_set, held_set):
         check_labels(examples, vocab_size or student.lm_head.weight.shape[0])
+
+    # ---- data ----------------------------------------------------------------
     if args.pack:  # rows of several whole examples; the model keeps them apart by document_ids
         n_examples, train_set = len(train_set), data.pack(train_set, args.max_len, args.seed)
         print0(f"data: packed {n_examples} examples into {len(train_set)} rows of up to {args.max_len} tokens")
-
-    # ---- data ----------------------------------------------------------------
-    if not args.no_report and (not held_set or args.zero == 3):
-        why = "no held-out examples" if not held_set else "--zero 3 shards the teacher across ranks"
-        print0(f"{why}: skipping the before/after report")
-        args.no_report = True
     loader = data.Batches(train_set, args.batch_size, pad_id=tokenizer.pad_token_id, rank=d.rank,
                           world_size=d.world, seed=args.seed)
     total_steps = count_steps(args, loader, len(train_set), d)
-    report = None
-    if not args.no_report and d.master:  # scored now, before the first step changes the student
-        held = [{**loader.collate(held_set[i:i + args.batch_size]),  # ids: the cache's rows of each example
-                 "example_ids": torch.arange(i, min(i + args.batch_size, len(held_set)))}
-                for i in range(0, len(held_set), args.batch_size)]
-        report = Report(teacher, tokenizer, held, d.device, args.chunk_size, vocab_size, out, cache, args.temperature)
-        report.before(student, resume=args.resume)
+    # scored now, before the first step changes the student
+    report = start_report(args, d, student, teacher, tokenizer, loader, held_set, vocab_size, out, cache)
 
     # ---- optimizer ------------------------------------------------------------
     if args.compile:
@@ -468,6 +456,12 @@ def autocast(device, args):
 def offline_model():
     import offline
     return offline.smollm2_dir()
+
+
+def load_teacher(teacher_path, args, d):
+    """The frozen teacher: eval() (no dropout), no gradients, in the frozen dtype (bf16 where native)."""
+    teacher = llama.Llama.from_pretrained(teacher_path, dtype=frozen_dtype(args, d.device), device=d.device)
+    return teacher.eval().requires_grad_(False)
 
 
 def build_student(args, teacher_path, calibration, device):
@@ -957,6 +951,23 @@ def plot_losses(metrics_path: Path, png: Path):
     fig.savefig(tmp, dpi=120)
     os.replace(tmp, png)  # complete or not at all
     plt.close(fig)
+
+
+def start_report(args, d, student, teacher, tokenizer, loader, held_set, vocab_size, out, cache):
+    """The before/after report with its "before" half scored now, or None where there is none to make
+    (--no-report, no held-out examples, a teacher sharded by --zero 3, or not the first rank)."""
+    if not args.no_report and (not held_set or args.zero == 3):
+        why = "no held-out examples" if not held_set else "--zero 3 shards the teacher across ranks"
+        print0(f"{why}: skipping the before/after report")
+        args.no_report = True
+    if args.no_report or not d.master:
+        return None
+    held = [{**loader.collate(held_set[i:i + args.batch_size]),  # ids: the cache's rows of each example
+             "example_ids": torch.arange(i, min(i + args.batch_size, len(held_set)))}
+            for i in range(0, len(held_set), args.batch_size)]
+    report = Report(teacher, tokenizer, held, d.device, args.chunk_size, vocab_size, out, cache, args.temperature)
+    report.before(student, resume=args.resume)
+    return report
 
 
 @dataclass

@@ -129,7 +129,7 @@ def demo(args):
     budget = ["--max-len", str(args.max_len), "--heldout", str(args.heldout)]
     budget += ["--max-samples", str(args.max_samples)] if args.max_samples else []
     tag = "_".join(budget[1::2])
-    cache = work / f"demo_cache_{tag}"
+    cache = work / f"teacher_cache_{tag}"  # not demo_cache_*: that is the cached run's --out
     t0 = time.time()
     run([sys.executable, "teacher_cache.py", "--cache", str(cache)] + budget, work / "demo_cache.log")
     t_cache = time.time() - t0
