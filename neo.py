@@ -155,6 +155,37 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def _targets(labels, vocab: int, ignore_index: int):
+    """(mask, y): position t predicts labels[t + 1]; keep only the positions that have a target.
+
+    A range check reads y back to the host: free on the CPU, a sync per call on a GPU, where
+    train.py checks the labels once on the host instead (train.check_labels)."""
+    targets = labels[:, 1:]                                        # (B, T-1)
+    mask = targets != ignore_index
+    y = targets[mask]                                              # (N,)
+    if y.device.type == "cpu" and y.numel() and (y.min() < 0 or y.max() >= vocab):
+        raise ValueError(f"label ids must lie in [0, {vocab}) or equal {ignore_index}")
+    return mask, y
+
+
+def _normalised(loss_sum, ce_sum, div_sum, n, normalizer) -> NeoLoss:
+    """The summed loss over `normalizer` (default the local target count); CE and the divergence
+    as local per-token means, for logging."""
+    denom = n if normalizer is None else torch.as_tensor(normalizer, device=loss_sum.device)
+    denom = denom.clamp(min=1).to(loss_sum.dtype)                  # all-ignored batch: loss 0, not NaN
+    local = n.clamp(min=1).float()
+    return NeoLoss(loss_sum / denom, (ce_sum / local).detach(), (div_sum / local).detach(), n)
+
+
+def _scaled_grads(ctx, grad_loss):
+    """The chunked Functions' backward: the gradients their forward already computed, times the
+    incoming gradient, in the inputs' dtypes."""
+    grad_h, grad_w = ctx.saved_tensors
+    grad_h = (grad_h * grad_loss).to(ctx.dtypes[0]) if grad_h is not None else None
+    grad_w = (grad_w * grad_loss).to(ctx.dtypes[1]) if grad_w is not None else None
+    return grad_h, grad_w
+
+
 class _ChunkedNeoLoss(torch.autograd.Function):
     """reference_loss's numbers without the B×T×V logits: Σ over rows of α·CE + (1−α)·T²·D,
     projecting to the vocabulary chunk by chunk.
@@ -210,10 +241,7 @@ class _ChunkedNeoLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_div):
-        grad_h, grad_w = ctx.saved_tensors
-        grad_h = (grad_h * grad_loss).to(ctx.dtypes[0]) if grad_h is not None else None
-        grad_w = (grad_w * grad_loss).to(ctx.dtypes[1]) if grad_w is not None else None
-        return grad_h, grad_w, None, None, None, None, None, None, None, None, None
+        return *_scaled_grads(ctx, grad_loss), *[None] * 9   # nothing else the forward took has a gradient
 
 
 def neo_loss(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, labels, *,
@@ -254,14 +282,7 @@ def neo_loss(student_hidden, student_head_weight, teacher_hidden, teacher_head_w
                          f"({ws.shape[0]} rows); pass vocab_size=<shared tokenizer size> to compare "
                          "only the shared rows, if the extra rows are padding")
 
-    # Position t predicts labels[t + 1]; keep only the positions that have a target.
-    targets = labels[:, 1:]                                        # (B, T-1)
-    mask = targets != ignore_index
-    y = targets[mask]                                              # (N,)
-    # A range check reads y back to the host: free on the CPU, a sync per call on a GPU, where
-    # train.py checks the labels once on the host instead (train.check_labels).
-    if y.device.type == "cpu" and y.numel() and (y.min() < 0 or y.max() >= ws.shape[0]):
-        raise ValueError(f"label ids must lie in [0, {ws.shape[0]}) or equal {ignore_index}")
+    mask, y = _targets(labels, ws.shape[0], ignore_index)
     hs = student_hidden[:, :-1][mask]                              # (N, D)
     ht = teacher_hidden[:, :-1][mask].detach() if teacher_hidden is not None else None  # (N, Dt)
     wt = wt.detach() if wt is not None else None
@@ -271,10 +292,7 @@ def neo_loss(student_hidden, student_head_weight, teacher_hidden, teacher_head_w
     chunk = chunk_size or max(1, hs.shape[0])
     loss_sum, ce_sum, div_sum = _ChunkedNeoLoss.apply(
         hs, ws, ht, wt, y, alpha, temperature, divergence, beta, t2_scale, chunk)
-    denom = n if normalizer is None else torch.as_tensor(normalizer, device=loss_sum.device)
-    denom = denom.clamp(min=1).to(loss_sum.dtype)                  # all-ignored batch: loss 0, not NaN
-    local = n.clamp(min=1).float()
-    return NeoLoss(loss_sum / denom, (ce_sum / local).detach(), (div_sum / local).detach(), n)
+    return _normalised(loss_sum, ce_sum, div_sum, n, normalizer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,10 +413,7 @@ class _ChunkedSparseNeoLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_div):
-        grad_h, grad_w = ctx.saved_tensors
-        grad_h = (grad_h * grad_loss).to(ctx.dtypes[0]) if grad_h is not None else None
-        grad_w = (grad_w * grad_loss).to(ctx.dtypes[1]) if grad_w is not None else None
-        return grad_h, grad_w, None, None, None, None, None, None, None, None
+        return *_scaled_grads(ctx, grad_loss), *[None] * 8   # nothing else the forward took has a gradient
 
 
 def sparse_neo_loss(student_hidden, student_head_weight, teacher: TeacherTopK, labels, *,
@@ -416,11 +431,7 @@ def sparse_neo_loss(student_hidden, student_head_weight, teacher: TeacherTopK, l
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     ws = student_head_weight if vocab_size is None else student_head_weight[:vocab_size]
-    targets = labels[:, 1:]                                        # (B, T-1)
-    mask = targets != ignore_index
-    y = targets[mask]                                              # (N,)
-    if y.device.type == "cpu" and y.numel() and (y.min() < 0 or y.max() >= ws.shape[0]):  # as in neo_loss
-        raise ValueError(f"label ids must lie in [0, {ws.shape[0]}) or equal {ignore_index}")
+    mask, y = _targets(labels, ws.shape[0], ignore_index)
     if teacher.ids.shape[0] != y.shape[0] or teacher.logp.shape != teacher.ids.shape \
             or teacher.tail_logp.shape != teacher.ids.shape[:1]:
         raise ValueError(f"the cached teacher has {teacher.ids.shape[0]} rows (ids {tuple(teacher.ids.shape)}, "
@@ -435,7 +446,4 @@ def sparse_neo_loss(student_hidden, student_head_weight, teacher: TeacherTopK, l
     chunk = chunk_size or max(1, hs.shape[0])
     loss_sum, ce_sum, div_sum = _ChunkedSparseNeoLoss.apply(
         hs, ws, teacher.ids.long(), teacher.logp, teacher.tail_logp, y, alpha, temperature, t2_scale, chunk)
-    denom = n if normalizer is None else torch.as_tensor(normalizer, device=loss_sum.device)
-    denom = denom.clamp(min=1).to(loss_sum.dtype)
-    local = n.clamp(min=1).float()
-    return NeoLoss(loss_sum / denom, (ce_sum / local).detach(), (div_sum / local).detach(), n)
+    return _normalised(loss_sum, ce_sum, div_sum, n, normalizer)
