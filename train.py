@@ -731,7 +731,6 @@ def train_step(wrapped, teacher, optimizer, params, micro, lr, step, args, d: Di
     n_global, tokens = all_reduce_sum(torch.tensor([float(n_local), float(n_tokens)], device=d.device))
     # DDP and FSDP average gradients over ranks; the loss is already a global mean, so undo that.
     normalizer = n_global.clamp(min=1) / d.world
-    teacher_head = teacher.lm_head.weight if teacher is not None else None
     sums = torch.zeros(3, device=d.device)            # loss·n, ce·n, kl·n for logging
     bad = torch.zeros(len(micro), device=d.device)    # 1 where a micro-batch's loss is not finite
     for i, b in enumerate(micro):
@@ -739,15 +738,8 @@ def train_step(wrapped, teacher, optimizer, params, micro, lr, step, args, d: Di
         if cache is not None:
             teacher_topk = neo.TeacherTopK(*(t.to(d.device) for t in cache.rows("train", b["example_ids"])))
         b = {k: v.to(d.device) for k, v in b.items()}
-        teacher_hidden = None
-        if teacher is not None:
-            with torch.no_grad():
-                teacher_hidden = teacher(b["input_ids"], b["attention_mask"], document_ids=b.get("document_ids"),
-                                         return_hidden=True)
-        with no_grad_sync(wrapped, args, last=i == len(micro) - 1), autocast(d.device, args):
-            res = wrapped(b["input_ids"], b["attention_mask"], b["labels"], teacher_hidden, teacher_head,
-                          normalizer, b.get("document_ids"), teacher_topk)
-            res.loss.backward()
+        with no_grad_sync(wrapped, args, last=i == len(micro) - 1):
+            res = forward_backward(wrapped, teacher, b, normalizer, d.device, args, teacher_topk)
         bad[i] = (~torch.isfinite(res.loss.detach())).float()
         sums += torch.stack([res.loss.detach() * normalizer, res.ce * res.n_tokens, res.kl * res.n_tokens])
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf)
@@ -760,6 +752,23 @@ def train_step(wrapped, teacher, optimizer, params, micro, lr, step, args, d: Di
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return dict(zip(("loss", "ce", "kl", "grad_norm", "tokens"), host[:5]))
+
+
+def forward_backward(model, teacher, b, normalizer, device, args, teacher_topk=None):
+    """One micro-batch: the teacher's hidden states under no_grad (skipped with a cache's rows or
+    no teacher), then the student's forward and loss under the run's autocast, and backward.
+    `model` is a Distiller, wrapped or not; packed rows carry their document_ids to both models."""
+    teacher_hidden = teacher_head = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_hidden = teacher(b["input_ids"], b["attention_mask"], document_ids=b.get("document_ids"),
+                                     return_hidden=True)
+        teacher_head = teacher.lm_head.weight
+    with autocast(device, args):
+        res = model(b["input_ids"], b["attention_mask"], b["labels"], teacher_hidden, teacher_head, normalizer,
+                    b.get("document_ids"), teacher_topk)
+        res.loss.backward()
+    return res
 
 
 def no_grad_sync(wrapped, args, last: bool):

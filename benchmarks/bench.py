@@ -240,18 +240,11 @@ def ours(method, args, teacher_dir, student_dir, device):
     distiller = train.Distiller(student, targs.alpha, targs.temperature, targs.divergence, targs.chunk_size)
     params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=targs.lr, betas=(0.9, 0.999), weight_decay=targs.weight_decay)
-    teacher_head = teacher.lm_head.weight if use_teacher else None
 
     def step(b):
         normalizer = torch.tensor(float(neo.count_targets(b["labels"])), device=device).clamp(min=1)
-        teacher_hidden = None
-        if use_teacher:
-            with torch.no_grad():
-                teacher_hidden = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
-        with train.autocast(device, targs):
-            res = distiller(b["input_ids"], b["attention_mask"], b["labels"], teacher_hidden, teacher_head, normalizer,
-                            teacher_topk=cached)
-            res.loss.backward()
+        res = train.forward_backward(distiller, teacher if use_teacher else None, b, normalizer, device, targs,
+                                     cached)
         torch.nn.utils.clip_grad_norm_(params, targs.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -176,14 +176,7 @@ def our_step(method, tcfg, scfg, args, device):
 
     def step(b):
         normalizer = neo.count_targets(b["labels"]).float().clamp(min=1)
-        teacher_hidden = teacher_head = None
-        if use_teacher:
-            with torch.no_grad():
-                teacher_hidden = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
-            teacher_head = teacher.lm_head.weight
-        with train.autocast(device, targs):
-            res = distiller(b["input_ids"], b["attention_mask"], b["labels"], teacher_hidden, teacher_head, normalizer)
-            res.loss.backward()
+        res = train.forward_backward(distiller, teacher if use_teacher else None, b, normalizer, device, targs)
         torch.nn.utils.clip_grad_norm_(params, targs.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

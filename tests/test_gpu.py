@@ -119,15 +119,7 @@ def forward_backward(args, teacher, distiller, b, device, normalizer=None):
     the precision's autocast, backward."""
     dev = torch.device(device)
     normalizer = normalizer if normalizer is not None else neo.count_targets(b["labels"]).float().clamp(min=1)
-    teacher_hidden = teacher_head = None
-    if teacher is not None:
-        with torch.no_grad():
-            teacher_hidden = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
-        teacher_head = teacher.lm_head.weight
-    with train.autocast(dev, args):
-        res = distiller(b["input_ids"], b["attention_mask"], b["labels"], teacher_hidden, teacher_head, normalizer)
-        res.loss.backward()
-    return res
+    return train.forward_backward(distiller, teacher, b, normalizer, dev, args)
 
 
 def gradients(distiller) -> dict:
