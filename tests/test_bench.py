@@ -86,12 +86,21 @@ def test_experiment_run_and_sweep(tmp_path, toy_flags):
     from benchmarks import experiment
     common = toy_flags + ["--scale", "toy", "--runs-dir", str(tmp_path / "runs"),
                           "--results-dir", str(tmp_path / "results"), "--in-process"]
-    blob = experiment.main(["run", "--methods", "neo", "--seeds", "0,1"] + common)
+    blob = experiment.main(["run", "--methods", "neo,sft", "--seeds", "0,1", "--lrs", "neo=1e-4,1e-3 sft=1e-4"]
+                           + common)
     md = (tmp_path / "results" / "experiment_toy.md").read_text()
     saved = json.loads((tmp_path / "results" / "experiment_toy.json").read_text())
     assert (tmp_path / "results" / "experiment_toy_loss.png").stat().st_size > 0
-    assert set(saved["rows"]) == {"teacher", "student_base", "neo"}
+    assert set(saved["rows"]) == {"teacher", "student_base", "neo", "sft"}
     assert [r["seed"] for r in saved["rows"]["neo"]] == [0, 1]
+    assert [r["seed"] for r in saved["rows"]["sft"]] == [0]
+    # the sweep trains each rate once (seed 0); the best by held-out (CE + KL) / 2 is the one every seed uses
+    sweep_runs = saved["sweep"]["neo"]
+    assert [r["lr"] for r in sweep_runs] == [1e-4, 1e-3] and saved["sweep"]["sft"][0]["lr"] == 1e-4
+    best = min(sweep_runs, key=lambda r: r["scores"]["heldout_ce"] + r["scores"]["heldout_kl"])
+    assert saved["best_lr"]["neo"] == best["lr"] and {r["lr"] for r in saved["rows"]["neo"]} == {best["lr"]}
+    assert saved["rows"]["neo"][0]["run"] == best["run"]  # the sweep's seed-0 run is reused, not retrained
+    assert "Learning-rate sweep" in md and any("LLM-Neo" in v and "SFT" in v for v in saved["verdicts"])
     for r in saved["rows"]["neo"]:
         assert r["steps"] == 2 and r["mem_gb"] > 0 and r["time_s"] > 0
         s = r["scores"]

@@ -249,6 +249,8 @@ def test_report_scores_heldout_and_prints_answers(tiny_teacher_dir, tiny_chat_js
     printed = capsys.readouterr().out
     assert f"student before training  {ce0:8.4f}   {kl0:8.4f}" in printed
     assert f"student after  training  {ce1:8.4f}   {kl1:8.4f}" in printed
+    assert report["kl_recovered"] == pytest.approx(1 - kl1 / kl0)  # the share of the KL gap training closed
+    assert f"KL recovered: {100 * (1 - kl1 / kl0):.1f}%" in printed
     for name in ("teacher", "student", "trained student"):
         assert f"[{name:>16}]" in printed
     assert printed.count("Q: ") == len(train.PROMPTS)
