@@ -559,3 +559,19 @@ def test_damaged_latest_checkpoint_falls_back_and_resumes_exactly(finished_run, 
     printed = capsys.readouterr().out
     assert "skipped damaged checkpoint(s) step-0000002" in printed and "continuing from step-0000001" in printed
     assert_close(adapter(out), before, rel=0)  # step 2 redone from step 1: the same adapter
+
+
+# ----------------------------------------------------------------------------- defaults
+
+def test_demo_and_paper_defaults(monkeypatch):
+    """No --teacher on a CPU machine: the demo's budget (packed, adapters at 1e-3); any --teacher: the
+    paper's (unpacked, 2e-4 / 2e-5); a teacher cache turns the demo's packing off; a given flag wins."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    demo = train.parse_args([])
+    assert demo.demo and demo.pack and demo.lr == train.DEMO_ADAPTER_LR and demo.max_samples == train.DEMO["max_samples"]
+    assert train.parse_args(["--method", "kd"]).lr == 2e-5  # the demo's rate is for adapters only
+    assert not train.parse_args(["--teacher-cache", "somewhere"]).pack
+    assert not train.parse_args(["--no-pack"]).pack and train.parse_args(["--lr", "5e-4"]).lr == 5e-4
+    paper = train.parse_args(["--teacher", "some/model"])
+    assert not paper.demo and not paper.pack and paper.lr == 2e-4 and paper.grad_accum == 16
+    assert train.parse_args(["--teacher", "some/model", "--pack"]).pack
