@@ -35,7 +35,7 @@ import struct
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
-from itertools import islice
+from itertools import chain, islice
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -237,19 +237,20 @@ def _worker_encode(conversations, max_len):
 def _encoded_chunks(conversations, tok, max_len, workers):
     """Encoded chunks in data order. Small data stays in this process; larger data goes to
     `workers` processes (default: one per core), at most 2 chunks each in flight, so memory stays
-    bounded however large the stream is."""
+    bounded however large the stream is: a chunk is read from the stream only when a slot for it
+    frees up, and a chunk's result is freed once the caller has written it."""
     workers = workers or len(os.sched_getaffinity(0))
     chunks = iter(lambda: list(islice(conversations, CHUNK)), [])
     first = list(islice(chunks, workers))
     if len(first) < workers or workers == 1:  # fits in a few chunks: not worth starting processes
-        for chunk in [*first, *chunks]:
+        for chunk in chain(first, chunks):
             yield data.encode_conversations(tok, chunk, max_len)
         return
     # spawn, not fork: the parent may hold threads (torch, tokenizers, gloo) that fork would break
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
                              initargs=(tok,)) as pool:
         pending = deque()
-        for chunk in [*first, *chunks]:
+        for chunk in chain(first, chunks):
             pending.append(pool.submit(_worker_encode, chunk, max_len))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().result()

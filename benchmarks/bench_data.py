@@ -8,7 +8,8 @@ what that is worth in trained tokens per second.
    or with the reply cut in half, each with a unique first line) written as JSONL, then
    tokenised into a fresh cache by tokenized.load (hashing, reading, rendering, encoding,
    writing, worker processes: everything a first training run pays). Wall time, CPU time
-   (this process + its workers) and peak resident memory. Before that, on a sample, the old
+   (this process + its workers) and peak resident memory (this process's, each worker's own, and
+   the largest total seen at once, sampled from /proc). Before that, on a sample, the old
    one-by-one path (data.tokenize_conversation) against the batched one, interleaved.
 2. padding: the offline training set at --max-len, batches of --batch-size as train.py draws
    them (seeded shuffle), unpacked vs --pack: the share of padding and the targets per batch.
@@ -23,6 +24,7 @@ import resource
 import shutil
 import statistics
 import sys
+import threading
 import time
 from itertools import islice
 from pathlib import Path
@@ -42,6 +44,55 @@ def cpu_seconds() -> float:
     """User + system CPU time of this process and its (finished) worker processes."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class TreeMemory:
+    """Peak resident memory of this process and its children while it is open, read from /proc.
+
+    getrusage cannot give a worker's own peak: a spawned child's ru_maxrss starts from the parent's
+    resident size at the fork before exec, so every worker would look as large as the reading
+    process. /proc/PID/status's VmHWM is the peak of the process's own memory; the total is the
+    largest sum of VmRSS over the tree seen at one sample (every `every` seconds)."""
+
+    def __init__(self, every: float = 0.25):
+        self.every, self.workers, self.total = every, {}, 0  # workers: pid -> VmHWM (bytes)
+        self.done = threading.Event()
+
+    @staticmethod
+    def _status(pid) -> dict:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)
+                        if k in ("VmRSS", "VmHWM")}
+        except (OSError, ValueError):  # the process has just ended
+            return {}
+
+    def sample(self):
+        kids = []
+        for task in os.listdir("/proc/self/task"):
+            try:
+                kids += Path(f"/proc/self/task/{task}/children").read_text().split()
+            except OSError:
+                pass
+        total = self._status("self").get("VmRSS", 0)
+        for pid in kids:
+            status = self._status(pid)
+            total += status.get("VmRSS", 0)
+            self.workers[pid] = max(self.workers.get(pid, 0), status.get("VmHWM", 0))
+        self.total = max(self.total, total)
+
+    def _run(self):
+        while not self.done.wait(self.every):
+            self.sample()
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
 
 
 def write_conversations(path: Path, n: int):
@@ -86,15 +137,17 @@ def bench_tokenize(args, tok, work: Path) -> dict:
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     w, c = time.time(), cpu_seconds()
-    store = tokenized.load(path, tok, args.max_len, root=cache, workers=args.workers)
+    with TreeMemory() as memory:
+        store = tokenized.load(path, tok, args.max_len, root=cache, workers=args.workers)
     wall, cpu = time.time() - w, cpu_seconds() - c
     own_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    worker_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    worker_peak = max(memory.workers.values(), default=0) / 2**30
     workers = args.workers or len(os.sched_getaffinity(0))
     return {"conversations": len(store), "tokens": store.meta["tokens"], "file_gb": path.stat().st_size / 1e9,
             "cache_gb": sum(f.stat().st_size for f in store.folder.iterdir()) / 1e9, "wall_s": wall, "cpu_s": cpu,
             "workers": workers, "peak_gb_main": own_peak, "peak_gb_largest_worker": worker_peak,
-            "peak_gb_total_bound": own_peak + workers * worker_peak, "per_conversation": per_conversation,
+            "peak_gb_total_bound": own_peak + workers * worker_peak, "peak_gb_total_sampled": memory.total / 2**30,
+            "per_conversation": per_conversation,
             "sample": len(sample)}
 
 

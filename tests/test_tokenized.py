@@ -103,3 +103,24 @@ def test_worker_processes_write_the_same_cache(smol, tmp_path, monkeypatch):
     two = tokenized.load(path, smol, 48, root=tmp_path / "two", workers=2)
     for name in ("tokens.npy", "trained.npy", "offsets.npy", "truncated.npy", "dropped.npy"):
         assert (one.folder / name).read_bytes() == (two.folder / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_stream_is_read_at_most_a_few_chunks_ahead(smol, monkeypatch, workers):
+    # A reader that ran ahead of the encoders would hold the whole data set in memory (it once did:
+    # 1M conversations cost 2 GB in the reading process). Threads stand in for the worker processes.
+    from concurrent.futures import ThreadPoolExecutor
+    monkeypatch.setattr(tokenized, "CHUNK", 4)
+    monkeypatch.setattr(tokenized, "ProcessPoolExecutor", lambda n, mp_context, **kw: ThreadPoolExecutor(n, **kw))
+    read = written = 0
+
+    def stream():
+        nonlocal read
+        for record in chats(80):
+            read += 1
+            yield record["messages"]
+
+    for ids, trained, lengths, truncated in tokenized._encoded_chunks(stream(), smol, 48, workers):
+        assert read - written <= 2 * workers * tokenized.CHUNK  # at most 2 chunks per worker in flight
+        written += len(lengths)
+    assert read == written == 80
