@@ -259,7 +259,8 @@ def neo_loss(student_hidden, student_head_weight, teacher_hidden, teacher_head_w
     teacher_head_weight (Vt, Dt), or both None for plain CE (alpha is then ignored: loss =
     CE_sum / normalizer). labels (B, T) unshifted, ignore_index where there is no target.
     chunk_size: target rows projected to the vocabulary at once; extra memory is about
-    6 × chunk_size × V floats (None: all rows in one chunk, i.e. the unchunked computation).
+    4 × chunk_size × V fp32 values for the forward KL at T = 1, a few more for the other
+    divergences or T ≠ 1 (None: all rows in one chunk, i.e. the unchunked computation).
     normalizer: divide the summed loss by this (e.g. the global count of valid targets);
     default the local count. vocab_size: the shared tokenizer size when the heads differ.
     """
