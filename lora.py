@@ -99,8 +99,13 @@ class LoRALinear(nn.Module):
         if self.merged:  # ΔW already lives inside self.weight
             return y
         # The adapters may be kept in fp32 next to a bf16 base (the optimizer's master copy):
-        # run the branch in the adapters' dtype, add it back in the base output's dtype.
-        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
+        # run the branch in the adapters' dtype, add it back in the base output's dtype. Under
+        # autocast the matmul runs in autocast's dtype whatever x is, so x goes in as it is: upcast
+        # first, it would be cast back down into a fresh copy that backward keeps, one per projection.
+        h = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            h = h.to(self.lora_A.dtype)
+        h = F.linear(h, self.lora_A)                                      # (..., r)
         if self.lora_M is not None:
             h = F.linear(h, self.lora_M)                                  # (..., r)  M·h
         return y + (self.scale * F.linear(h, self.lora_B)).to(y.dtype)    # (..., out)

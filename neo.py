@@ -127,12 +127,13 @@ def _divergence(log_q: torch.Tensor, log_p: torch.Tensor, kind: str, beta: float
     For any f(q) with q = softmax(s), ∂q_j/∂s_i = q_j(δ_ij − q_i), so ∂f/∂s = q ⊙ (g − Σ q·g),
     g = ∂f/∂q; a constant added to g cancels (Σ q = 1), which is why the +1s below are dropped.
     """
-    q = log_q.exp()
     if kind == "forward_kl":
         # KL(p ‖ q) = Σ p log p − Σ p (s − logsumexp s)  ⇒  ∂/∂s = −p + q·Σp = q − p
         p = log_p.exp()
         div = (log_p - log_q).mul_(p).sum(-1)
-        return div, (q.sub_(p) if need_grad else None)
+        # q only now, after the (n, V) difference is freed: one chunk-sized buffer fewer at the peak
+        return div, (log_q.exp().sub_(p) if need_grad else None)
+    q = log_q.exp()
     if kind == "reverse_kl":
         # KL(q ‖ p) = Σ q (log q − log p)  ⇒  g = log q − log p + 1  ⇒  ∂/∂s = q ⊙ (log q − log p − KL)
         g, weight, rest = log_q - log_p, 1.0, 0.0
@@ -212,27 +213,30 @@ class _ChunkedNeoLoss(torch.autograd.Function):
             z = _at_least_fp32(F.linear(hs[rows], ws))        # (n, V) student logits
             log_q1 = torch.log_softmax(z, dim=-1)             # (n, V) student log-probs at T = 1
             ce_sum -= log_q1.gather(1, yc[:, None]).sum()
-            grad_z = None
+            log_q = log_q1 if T == 1 or ht is None else torch.log_softmax(z.div_(T), dim=-1)
+            del z                                             # before the teacher's (n, V) logits exist
+            grad_z = grad_ce = None
             if ht is not None:
                 zt = _at_least_fp32(F.linear(ht[rows], wt))   # (n, V) teacher logits
                 log_p = torch.log_softmax(zt.div_(T), dim=-1)
-                log_q = log_q1 if T == 1 else torch.log_softmax(z.div_(T), dim=-1)
-                del z, zt
-                div, grad_s = _divergence(log_q, log_p, kind, beta, need_grad)
+                del zt
+                div, grad_z = _divergence(log_q, log_p, kind, beta, need_grad)   # grad_z: ∂D/∂s or None
                 div_sum += div.sum()
-                del log_p, log_q
+                del log_p
                 if need_grad:                                 # s = z / T  ⇒  ∂/∂z = (1/T)·∂/∂s
-                    grad_z = grad_s.mul_(kd_weight / T)
+                    grad_z.mul_(kd_weight / T)
             if need_grad:  # CE = logsumexp(z) − z_y  ⇒  ∂CE/∂z = softmax(z) − onehot(y)
                 grad_ce = log_q1.exp_()
                 grad_ce[torch.arange(len(yc), device=yc.device), yc] -= 1.0
                 grad_z = grad_ce.mul_(alpha) if grad_z is None else grad_z.add_(grad_ce, alpha=alpha)
-            del log_q1
             if grad_z is not None:
                 if need_h:
                     grad_h[rows] = grad_z.to(ws.dtype) @ ws   # (n, D)
                 if need_w:
                     grad_w += grad_z.t() @ hs[rows].to(acc)   # (V, D)
+            # Free this chunk's (n, V) buffers now: left to the next chunk's assignments, two of
+            # them would still be alive at that chunk's peak.
+            del log_q1, log_q, grad_z, grad_ce
         loss = alpha * ce_sum + (kd_weight * div_sum if ht is not None else 0.0)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hs.dtype, ws.dtype)
@@ -255,7 +259,8 @@ def neo_loss(student_hidden, student_head_weight, teacher_hidden, teacher_head_w
     teacher_head_weight (Vt, Dt), or both None for plain CE (alpha is then ignored: loss =
     CE_sum / normalizer). labels (B, T) unshifted, ignore_index where there is no target.
     chunk_size: target rows projected to the vocabulary at once; extra memory is about
-    6 × chunk_size × V floats (None: all rows in one chunk, i.e. the unchunked computation).
+    4 × chunk_size × V fp32 values for the forward KL at T = 1, a few more for the other
+    divergences or T ≠ 1 (None: all rows in one chunk, i.e. the unchunked computation).
     normalizer: divide the summed loss by this (e.g. the global count of valid targets);
     default the local count. vocab_size: the shared tokenizer size when the heads differ.
     """
@@ -404,7 +409,8 @@ class _ChunkedSparseNeoLoss(torch.autograd.Function):
                     grad_h[rows] = grad_z.to(ws.dtype) @ ws   # (n, D)
                 if need_w:
                     grad_w += grad_z.t() @ hs[rows].to(acc)   # (V, D)
-            del log_q1
+                del grad_z, grad_ce                           # freed before the next chunk, as in _ChunkedNeoLoss
+            del log_q1, grad_s
         loss = alpha * ce_sum + kd_weight * div_sum
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hs.dtype, ws.dtype)
