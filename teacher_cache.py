@@ -24,7 +24,8 @@ will read the cache; the manifest records them and train.py refuses a cache that
 
 Layout of DIR (safetensors shards, so they are memory-mapped, not read whole, when training):
 
-    manifest.json               teacher (folder + sha256 of its weights), tokenizer.json and chat
+    manifest.json               teacher (folder + sha256 of its weights + the dtype of its forward,
+                                bf16 or fp32: a run at the other dtype is refused), tokenizer.json and chat
                                 template sha256, per split the examples, target rows and a sha256 of
                                 the token ids and labels, max_len, k, temperature, the shard list
     train-00000.safetensors     examples [first, last) of one split:
@@ -112,8 +113,13 @@ def targets_per_example(examples) -> list[int]:
     return [int((np.asarray(e["labels"][1:]) != neo.IGNORE_INDEX).sum()) for e in examples]
 
 
-def identity(args, teacher_path: str, tokenizer, splits: dict) -> dict:
-    """The fields a training run must share with the cache, in the order they are checked."""
+def identity(args, teacher_path: str, tokenizer, splits: dict, device) -> dict:
+    """The fields a training run must share with the cache, in the order they are checked.
+
+    teacher_dtype is the dtype of the teacher's weights in its forward (train.py's --dtype resolved
+    on `device`: bf16 where native, fp32 elsewhere): a live run would get its targets from a teacher
+    in that dtype, and bf16 and fp32 teachers differ by more than the cache's fp16 rounding, so a
+    bf16 cache is not reused for an fp32 run, nor the reverse."""
     return {
         "format": FORMAT,
         "tokenizer_sha256": sha256_files([Path(tokenizer.folder) / "tokenizer.json"]),
@@ -123,10 +129,11 @@ def identity(args, teacher_path: str, tokenizer, splits: dict) -> dict:
         "data": {name: {"examples": len(ex), "targets": sum(targets_per_example(ex)), "sha256": examples_sha256(ex)}
                  for name, ex in splits.items()},
         "teacher_weights_sha256": weights_sha256(teacher_path),
+        "teacher_dtype": str(train.frozen_dtype(args, device)).removeprefix("torch."),
     }
 
 
-def plan(args, k: int, shard_examples: int, teacher_path: str, tokenizer, splits: dict) -> dict:
+def plan(args, k: int, shard_examples: int, teacher_path: str, tokenizer, splits: dict, device) -> dict:
     """The whole manifest, before any teacher forward: identity, the vocabulary, and every shard."""
     vocab = llama.LlamaConfig.from_json(Path(teacher_path) / "config.json").vocab_size
     shards = []
@@ -136,7 +143,7 @@ def plan(args, k: int, shard_examples: int, teacher_path: str, tokenizer, splits
             last = min(first + shard_examples, len(examples))
             shards.append({"file": f"{name}-{i:05d}.safetensors", "split": name, "first": first, "last": last,
                            "rows": sum(rows[first:last])})
-    return {**identity(args, teacher_path, tokenizer, splits), "k": k, "vocab_size": vocab,
+    return {**identity(args, teacher_path, tokenizer, splits, device), "k": k, "vocab_size": vocab,
             "ids_dtype": "uint16" if vocab <= 2**16 else "int32", "logp_dtype": "float16",
             "teacher": teacher_path, "source": {key: getattr(args, key) for key in
                                                 ("data", "max_samples", "heldout", "seed", "dtype")},
@@ -292,7 +299,7 @@ def main(argv=None):
     tokenizer = data.Tokenizer.from_dir(teacher_path)
     train_set, held_set = train.load_data(args, tokenizer)
     splits = {"train": train_set, "heldout": held_set}
-    manifest = plan(args, own.k, own.shard_examples, teacher_path, tokenizer, splits)
+    manifest = plan(args, own.k, own.shard_examples, teacher_path, tokenizer, splits, d.device)
     if d.master:
         cache.mkdir(parents=True, exist_ok=True)
         path = cache / "manifest.json"

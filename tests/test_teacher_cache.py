@@ -94,7 +94,8 @@ def test_training_from_the_cache_never_loads_the_teacher(cache_dir, tiny_teacher
 
 @pytest.mark.parametrize("change, field", [(["--max-len", "40"], "max_len"), (["--temperature", "2"], "temperature"),
                                            (["--max-samples", "40"], "data (train split, examples)"),
-                                           (["--seed", "1", "--heldout", "4"], "data")])
+                                           (["--seed", "1", "--heldout", "4"], "data"),
+                                           (["--dtype", "bfloat16"], "teacher_dtype: cache 'float32', this run 'bfloat16'")])
 def test_a_cache_of_another_run_is_refused_by_field(change, field, cache_dir, tiny_teacher_dir, tiny_chat_jsonl,
                                                     tmp_path):
     argv = flags(tiny_teacher_dir, tiny_chat_jsonl) + change + ["--teacher-cache", str(cache_dir), "--out",
