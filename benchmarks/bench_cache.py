@@ -3,6 +3,7 @@
     python -m benchmarks.bench_cache sizes        # bytes/token and KL error against the dense loss, per k
     python -m benchmarks.bench_cache demo         # the offline demo trained from the cache vs the live teacher
     python -m benchmarks.bench --methods neo,neo-cache   # one Neo step, cache vs live teacher (tokens/s, memory)
+    python -m benchmarks.bench_cache loss         # the sparse and the dense loss alone at the bench shape
 
 `sizes`: the real SmolLM2-135M-Instruct teacher and students (train.py's untrained pruned half by
 default; --student adds trained ones), on the offline held-out conversations. The teacher runs
@@ -16,6 +17,12 @@ same tokens. The relative error (KL − D_K) / KL is what the cache gives away: 
     python -m benchmarks.bench_cache sizes --student untrained=pruned \
         --student neo-live=runs/bench_cache/demo_live_256_32/model \
         --student neo-cache=runs/bench_cache/demo_cache_256_32/model   # after `demo`: its two students
+
+`loss`: neo.sparse_neo_loss against the cached rows and neo.neo_loss against teacher hidden states,
+forward + backward, on the bench batch (4 x 512 tokens, V = 49,152, bf16 hidden states and head
+as under --dtype auto), alternated --repeats times; CPU time of this process, median (robust to
+other jobs on the machine where wall time is not). Run `python -m benchmarks.bench --methods
+neo-cache` first: it writes the batch and its rows.
 
 `demo`: train.py's offline demo budget twice, with the live teacher and with --teacher-cache, then
 the held-out KL(teacher ‖ student) of both students against the live teacher (the full KL, not
@@ -36,7 +43,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("command", choices=["sizes", "demo"])
+    p.add_argument("command", choices=["sizes", "demo", "loss"])
+    p.add_argument("--repeats", type=int, default=7, help="loss: alternations of the two losses")
+    p.add_argument("--threads", type=int, default=1, help="loss: torch CPU threads")
+    p.add_argument("--k", type=int, default=160, help="loss: the rows file of benchmarks/bench.py --k")
     p.add_argument("--ks", default="8,32,64,128,160,256,512", help="sizes: the k values to measure")
     p.add_argument("--student", action="append", default=None, metavar="NAME=DIR",
                    help="sizes: a student to score, repeatable (DIR 'pruned': train.py's untrained pruned half, "
@@ -148,6 +158,39 @@ def sizes(args):
             "table": "\n".join(table), "target_met_at": met}
 
 
+def loss(args):
+    import statistics
+    import neo
+    import teacher_cache
+    torch.set_num_threads(args.threads)
+    b = torch.load("runs/bench/batch_4x512.pt")
+    rows = torch.load(f"runs/bench/batch_4x512_top{args.k}.pt")
+    g = torch.Generator().manual_seed(0)
+    V, D = 49152, 576
+    hs = torch.randn(4, 512, D, generator=g).bfloat16().requires_grad_()
+    ws = (torch.randn(V, D, generator=g) * 0.05).bfloat16()
+    ht = torch.randn(4, 512, D, generator=g).bfloat16()
+
+    def sparse():
+        top = neo.TeacherTopK(rows["ids"].long(), teacher_cache.dequantise_logp(rows["logp"], rows["tail_logp"]),
+                              rows["tail_logp"])
+        neo.sparse_neo_loss(hs, ws, top, b["labels"]).loss.backward()
+
+    def dense():
+        neo.neo_loss(hs, ws, ht, ws, b["labels"]).loss.backward()
+    times = {"sparse": [], "dense": []}
+    for _ in range(args.repeats + 1):
+        for name, f in (("sparse", sparse), ("dense", dense)):
+            t0 = time.process_time()
+            f()
+            times[name].append(time.process_time() - t0)
+    med = {name: statistics.median(t[1:]) for name, t in times.items()}  # the first is a warm-up
+    print(f"{int(neo.count_targets(b['labels']))} target rows, k = {args.k}, {args.threads} thread(s): "
+          f"sparse loss {med['sparse']:.3f} s CPU, dense loss {med['dense']:.3f} s CPU (forward + backward, median)")
+    return {"target_rows": int(neo.count_targets(b["labels"])), "k": args.k, "threads": args.threads,
+            "cpu_s": med, "cpu_s_all": times}
+
+
 def demo(args):
     import model as llama
     import train
@@ -198,7 +241,7 @@ def run(cmd, log: Path):
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
-    result = sizes(args) if args.command == "sizes" else demo(args)
+    result = {"sizes": sizes, "demo": demo, "loss": loss}[args.command](args)
     blob = {"command": "python -m benchmarks.bench_cache " + " ".join(sys.argv[1:] if argv is None else argv),
             **result, "wall_s": time.time() - t0, "torch": torch.__version__}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
