@@ -16,7 +16,7 @@ same tokens. The relative error (KL − D_K) / KL is what the cache gives away: 
 
     python -m benchmarks.bench_cache sizes --student untrained=pruned \
         --student neo-live=runs/bench_cache/demo_live_256_32/model \
-        --student neo-cache=runs/bench_cache/demo_cache_256_32/model   # after `demo`: its two students
+        --student neo-cache64=runs/bench_cache/demo_cache_256_32/model   # after `demo`: its two students
 
 `loss`: neo.sparse_neo_loss against the cached rows and neo.neo_loss against teacher hidden states,
 forward + backward, on the bench batch (4 x 512 tokens, V = 49,152, bf16 hidden states and head
