@@ -354,25 +354,50 @@ def teacher_topk(hidden_rows: torch.Tensor, head_weight: torch.Tensor, k: int, t
                        torch.cat(tail) if tail else empty((0,), dtype=torch.float32))
 
 
-def _sparse_forward_kl(log_q: torch.Tensor, ids, log_p_k, log_p_tail, need_grad: bool):
-    """D_K(p ‖ q) per row and its gradient with respect to the student logits s (log_q = log_softmax(s)).
+def _sparse_chunk(z, ids, log_p_k, log_p_tail, y, alpha: float, T: float, kd_weight: float, need_grad: bool):
+    """One chunk of α·CE + kd_weight·D_K from the student's logits z (n, V), which it consumes
+    (bf16 logits are upcast by the log_softmax that reads them, not by a separate copy).
 
-    log_q (n, V); ids, log_p_k (n, k); log_p_tail (n,). Returns (div (n,), grad (n, V) or None).
+    ids, log_p_k (n, k) and log_p_tail (n,) are the cached teacher rows, y (n,) the targets.
+    Returns (ce (n,), div (n,), ∂/∂z of α·CE + kd_weight·D_K (n, V) or None), with s = z / T:
+
+        ∂CE/∂z  = softmax(z) − onehot(y)
+        ∂D_K/∂z = (q − r) / T,   q = softmax(s), r = p on K, r_j = q_j · p_tail / q_tail on the tail
+
+    The (n, V) tensors are the cost here, not the matmuls, so it makes few passes over them: one
+    log_softmax, one exp in place, one sum for the student's tail mass (the tail entries of q
+    summed directly: no 1 − Σ_K q cancellation, and no second logsumexp), one scale, and at T = 1
+    the CE gradient shares q (softmax(z) = q) instead of a second exp. In fp32 the tail mass is
+    floored at the smallest normal float (a student that puts under 1e-38 on all 49k tail tokens).
     """
+    acc = _at_least_fp32(z[:0]).dtype                                             # bf16 logits are read as fp32
+    log_q1 = torch.log_softmax(z, dim=-1, dtype=acc)                              # (n, V) at T = 1, for CE
+    ce = -log_q1.gather(1, y[:, None]).squeeze(1)
+    log_q = log_q1 if T == 1 else torch.log_softmax(z.to(acc).div_(T), dim=-1)  # (n, V) log q at T
+    del z
     log_q_k = log_q.gather(1, ids)                                                # (n, k)
-    log_q_tail = torch.logsumexp(log_q.scatter(1, ids, -math.inf), dim=-1)        # (n,)
+    q = log_q.exp_()                                                              # at T = 1 log_q1 is gone too
+    q_k = log_q_k.exp()
+    q_tail = q.scatter_(1, ids, 0.0).sum(-1)                                      # Σ over the tail of q
+    log_q_tail = q_tail.clamp_min(torch.finfo(q.dtype).tiny).log()
     has_tail = log_p_tail > -math.inf                                             # 0·log 0 = 0
-    p_tail = log_p_tail.exp()
-    div = (log_p_k - log_q_k).mul_(log_p_k.exp()).sum(-1)
-    div += torch.where(has_tail, p_tail * (log_p_tail - log_q_tail), 0.0)
+    p_k = log_p_k.exp()
+    div = (log_p_k - log_q_k).mul_(p_k).sum(-1)
+    div += torch.where(has_tail, log_p_tail.exp() * (log_p_tail - log_q_tail), 0.0)
     if not need_grad:
-        return div, None
-    q = log_q.exp()
-    # ∂D_K/∂s = q − r: on the tail r_j = q_j · p_tail / q_tail, so q_j − r_j = q_j (1 − p_tail / q_tail)
+        return ce, div, None
+    # On the tail q_j − r_j = q_j (1 − p_tail / q_tail); on K it is q_i − p_i. q's K entries are 0 now.
     ratio = torch.where(has_tail, (log_p_tail - log_q_tail).exp(), 0.0)
-    grad = q.mul_((1 - ratio)[:, None])
-    grad.scatter_(1, ids, log_q_k.exp() - log_p_k.exp())                          # on K: q_i − p_i
-    return div, grad
+    c = kd_weight / T                                                             # chain rule through s = z / T
+    if T == 1:  # softmax(z) = q: the CE gradient rides on the same tensor
+        grad = q.mul_((alpha + c * (1 - ratio))[:, None])
+        grad.scatter_(1, ids, alpha * q_k + c * (q_k - p_k))
+    else:
+        grad = q.mul_((c * (1 - ratio))[:, None])
+        grad.scatter_(1, ids, c * (q_k - p_k))
+        grad.add_(log_q1.exp_(), alpha=alpha)
+    grad[torch.arange(len(y), device=y.device), y] -= alpha                      # − α·onehot(y)
+    return ce, div, grad
 
 
 class _ChunkedSparseNeoLoss(torch.autograd.Function):
@@ -390,27 +415,19 @@ class _ChunkedSparseNeoLoss(torch.autograd.Function):
         grad_h = torch.zeros(hs.shape, dtype=acc, device=hs.device) if need_h else None
         grad_w = torch.zeros(ws.shape, dtype=acc, device=ws.device) if need_w else None
         for start in range(0, hs.shape[0], chunk_size):
-            rows, yc = slice(start, start + chunk_size), y[start:start + chunk_size]
-            z = _at_least_fp32(F.linear(hs[rows], ws))        # (n, V) student logits
-            log_q1 = torch.log_softmax(z, dim=-1)             # (n, V) at T = 1, for CE
-            ce_sum -= log_q1.gather(1, yc[:, None]).sum()
-            log_q = log_q1 if T == 1 else torch.log_softmax(z.div_(T), dim=-1)
+            rows = slice(start, start + chunk_size)
+            z = F.linear(hs[rows], ws)                        # (n, V) student logits, upcast inside
+            ce, div, grad_z = _sparse_chunk(z, ids[rows], log_p_k[rows].to(acc), log_p_tail[rows].to(acc),
+                                            y[rows], alpha, T, kd_weight, need_grad)
             del z
-            div, grad_s = _sparse_forward_kl(log_q, ids[rows], log_p_k[rows].to(acc), log_p_tail[rows].to(acc),
-                                             need_grad)
+            ce_sum += ce.sum()
             div_sum += div.sum()
-            del log_q
-            if need_grad:
-                grad_z = grad_s.mul_(kd_weight / T)           # chain rule through s = z / T
-                grad_ce = log_q1.exp_()                       # ∂CE/∂z = softmax(z) − onehot(y)
-                grad_ce[torch.arange(len(yc), device=yc.device), yc] -= 1.0
-                grad_z.add_(grad_ce, alpha=alpha)
+            if grad_z is not None:
                 if need_h:
                     grad_h[rows] = grad_z.to(ws.dtype) @ ws   # (n, D)
                 if need_w:
                     grad_w += grad_z.t() @ hs[rows].to(acc)   # (V, D)
-                del grad_z, grad_ce                           # freed before the next chunk, as in _ChunkedNeoLoss
-            del log_q1, grad_s
+            del grad_z                                        # freed before the next chunk, as in _ChunkedNeoLoss
         loss = alpha * ce_sum + kd_weight * div_sum
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hs.dtype, ws.dtype)

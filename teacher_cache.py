@@ -6,7 +6,7 @@ the tokenised training and held-out examples that train.py builds from the same 
 for every target position (labels[t + 1] != -100) what the sparse loss in neo.py needs:
 
     ids   (k,)  the teacher's k most likely next tokens at temperature T
-    logp  (k,)  their log-probabilities log softmax(z_t / T)
+    logp  (k,)  their log-probabilities log softmax(z_t / T), stored as uint8 steps below the top one
     tail  ()    log of the probability left over, log(1 − Σ top-k)
 
 Then `python train.py --teacher-cache DIR ...` trains kd / neo (LoRA or MoSLoRA) on
@@ -17,22 +17,29 @@ mismatch of the tails); benchmarks/bench_cache.py measures it and the cache's si
 Run it with train.py's own flags for the model and the data (they must be the ones of the runs that
 will read the cache; the manifest records them and train.py refuses a cache that differs):
 
-    python teacher_cache.py --cache runs/cache                       # the offline demo's data, k = 64
+    python teacher_cache.py --cache runs/cache                       # the offline demo's data, k = 160
     python train.py --teacher-cache runs/cache --rank 32 --lr 5e-4   # any number of runs
     torchrun --nproc_per_node 8 teacher_cache.py --cache DIR --teacher meta-llama/Llama-3.1-8B-Instruct \
         --data BAAI/Infinity-Instruct --max-len 512                  # each rank writes its share of shards
 
 Layout of DIR (safetensors shards, so they are memory-mapped, not read whole, when training):
 
-    manifest.json               teacher (folder + sha256 of its weights), tokenizer.json and chat
+    manifest.json               teacher (folder + sha256 of its weights + the dtype of its forward,
+                                bf16 or fp32: a run at the other dtype is refused), tokenizer.json and chat
                                 template sha256, per split the examples, target rows and a sha256 of
                                 the token ids and labels, max_len, k, temperature, the shard list
     train-00000.safetensors     examples [first, last) of one split:
         ids      (R, k) uint16 (int32 when the vocabulary exceeds 65,536)
-        logp     (R, k) float16
+        logp     (R, k) uint8   log p_1 − log p_i in steps of 1/16 nat (quantise_logp)
         tail     (R,)   float32
         offsets  (n + 1,) int64  rows of example first + i are offsets[i]:offsets[i + 1]
     heldout-00000.safetensors   the same for the held-out examples (train.py's before/after report)
+
+Why uint8 log-probabilities: at 3k + 4 bytes per token instead of fp16's 4k + 4, a fixed budget
+holds a third more tokens per position, and a larger k loses less than the rounding costs. Each
+row's k log-probabilities are kept as whole steps of 1/16 nat below the row's top one; the tail
+stays exact (fp32), and decoding (dequantise_logp) rescales the k buckets to hold 1 − p_tail, so
+the k + 1 buckets the loss reads are a distribution. benchmarks/bench_cache.py measures both.
 
 A kill loses at most the shards being written: each is written to a temporary name and renamed
 when whole, and a rerun with the same flags checks every finished shard (header, shapes, rows,
@@ -56,7 +63,7 @@ import model as llama
 import neo
 import train
 
-FORMAT = 1  # layout version of the files above
+FORMAT = 2  # layout version of the files above (1: fp16 log-probabilities)
 SPLITS = ("train", "heldout")
 
 
@@ -66,10 +73,9 @@ def parse_args(argv=None):
                                 "--batch-size, --dtype, ...): use the values of the runs that will read the cache.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--cache", required=True, help="output folder of the cache")
-    p.add_argument("--k", type=int, default=64,
-                   help="teacher tokens kept per position: 4k + 4 bytes per target token (k = 64: 261 bytes; "
-                        "on the offline held-out set D_K is 3.3%% below the full KL for the untrained pruned "
-                        "student, 2.3%% at k = 128; see benchmarks/bench_cache.py)")
+    p.add_argument("--k", type=int, default=160,
+                   help="teacher tokens kept per position: 3k + 4 bytes per target token (k = 160: 485 bytes; "
+                        "the measured KL error per k is in README.md, from benchmarks/bench_cache.py)")
     p.add_argument("--shard-examples", type=int, default=256, help="examples per shard file")
     own, rest = p.parse_known_args(argv)
     if own.k < 1 or own.shard_examples < 1:
@@ -112,8 +118,13 @@ def targets_per_example(examples) -> list[int]:
     return [int((np.asarray(e["labels"][1:]) != neo.IGNORE_INDEX).sum()) for e in examples]
 
 
-def identity(args, teacher_path: str, tokenizer, splits: dict) -> dict:
-    """The fields a training run must share with the cache, in the order they are checked."""
+def identity(args, teacher_path: str, tokenizer, splits: dict, device) -> dict:
+    """The fields a training run must share with the cache, in the order they are checked.
+
+    teacher_dtype is the dtype of the teacher's weights in its forward (train.py's --dtype resolved
+    on `device`: bf16 where native, fp32 elsewhere): a live run would get its targets from a teacher
+    in that dtype, and bf16 and fp32 teachers give different rows (other log-probabilities, at times
+    another top-k), so a bf16 cache is not reused for an fp32 run, nor the reverse."""
     return {
         "format": FORMAT,
         "tokenizer_sha256": sha256_files([Path(tokenizer.folder) / "tokenizer.json"]),
@@ -123,10 +134,11 @@ def identity(args, teacher_path: str, tokenizer, splits: dict) -> dict:
         "data": {name: {"examples": len(ex), "targets": sum(targets_per_example(ex)), "sha256": examples_sha256(ex)}
                  for name, ex in splits.items()},
         "teacher_weights_sha256": weights_sha256(teacher_path),
+        "teacher_dtype": str(train.frozen_dtype(args, device)).removeprefix("torch."),
     }
 
 
-def plan(args, k: int, shard_examples: int, teacher_path: str, tokenizer, splits: dict) -> dict:
+def plan(args, k: int, shard_examples: int, teacher_path: str, tokenizer, splits: dict, device) -> dict:
     """The whole manifest, before any teacher forward: identity, the vocabulary, and every shard."""
     vocab = llama.LlamaConfig.from_json(Path(teacher_path) / "config.json").vocab_size
     shards = []
@@ -136,8 +148,8 @@ def plan(args, k: int, shard_examples: int, teacher_path: str, tokenizer, splits
             last = min(first + shard_examples, len(examples))
             shards.append({"file": f"{name}-{i:05d}.safetensors", "split": name, "first": first, "last": last,
                            "rows": sum(rows[first:last])})
-    return {**identity(args, teacher_path, tokenizer, splits), "k": k, "vocab_size": vocab,
-            "ids_dtype": "uint16" if vocab <= 2**16 else "int32", "logp_dtype": "float16",
+    return {**identity(args, teacher_path, tokenizer, splits, device), "k": k, "vocab_size": vocab,
+            "ids_dtype": "uint16" if vocab <= 2**16 else "int32", "logp_dtype": "uint8", "logp_step": LOGP_STEP,
             "teacher": teacher_path, "source": {key: getattr(args, key) for key in
                                                 ("data", "max_samples", "heldout", "seed", "dtype")},
             "shards": shards}
@@ -183,7 +195,7 @@ def verify_shard(path: Path, entry: dict, k: int) -> str | None:
         header = int.from_bytes(f.read(8), "little")
     rows, n = entry["rows"], entry["last"] - entry["first"] + 1
     ids_bytes = 2 if "uint16" in str(meta.get("ids_dtype", "uint16")) else 4
-    expected = 8 + header + rows * k * (ids_bytes + 2) + rows * 4 + n * 8
+    expected = 8 + header + rows * k * (ids_bytes + 1) + rows * 4 + n * 8
     if size != expected:
         return f"{path} is truncated ({size} bytes, expected {expected})"
     return None
@@ -210,9 +222,26 @@ def write_shard(path: Path, entry: dict, examples: list, teacher, manifest: dict
     save_shard(path, entry, top, targets_per_example(examples), manifest)
 
 
+LOGP_STEP = 1 / 16  # nats per step of the uint8 log-probability codes: 255 steps span 15.9 nats
+
+
+def quantise_logp(logp: torch.Tensor) -> torch.Tensor:
+    """(N, k) top-k log-probabilities, most likely first -> uint8 codes of log p_1 − log p_i in steps
+    of LOGP_STEP (a token more than 15.9 nats below the top one is stored at 15.9)."""
+    return ((logp[:, :1] - logp) / LOGP_STEP).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def dequantise_logp(codes: torch.Tensor, tail_logp: torch.Tensor) -> torch.Tensor:
+    """The codes back to log-probabilities (N, k), fp32: their shape from the codes, their total
+    1 − p_tail from the exact fp32 tail, so the k + 1 buckets are a distribution again."""
+    rel = codes.float() * -LOGP_STEP                                           # log p_i − log p_1, rounded
+    top_mass = torch.log(-torch.expm1(tail_logp.float()))                      # log(1 − p_tail)
+    return rel - torch.logsumexp(rel, dim=-1, keepdim=True) + top_mass[:, None]
+
+
 def stored(top: neo.TeacherTopK, ids_dtype: str) -> neo.TeacherTopK:
-    """The rows in the dtypes on disk: 16-bit ids when the vocabulary fits, fp16 log-probs, fp32 tail."""
-    return neo.TeacherTopK(top.ids.to(getattr(torch, ids_dtype)), top.logp.half(), top.tail_logp.float())
+    """The rows as they are on disk: 16-bit ids when the vocabulary fits, uint8 log-prob codes, fp32 tail."""
+    return neo.TeacherTopK(top.ids.to(getattr(torch, ids_dtype)), quantise_logp(top.logp), top.tail_logp.float())
 
 
 def save_shard(path: Path, entry: dict, top: neo.TeacherTopK, rows_per_example: list, manifest: dict):
@@ -267,7 +296,8 @@ class TeacherCache:
         return self._open[entry["file"]]
 
     def rows(self, split: str, example_ids) -> neo.TeacherTopK:
-        """The cached rows of these examples, concatenated in the given order (the batch's row order)."""
+        """The cached rows of these examples, concatenated in the given order (the batch's row order),
+        with the log-probabilities decoded to fp32."""
         shards = self.shards[split]
         firsts = [e["first"] for e in shards]
         ids, logp, tail = [], [], []
@@ -278,7 +308,8 @@ class TeacherCache:
             ids.append(f.get_slice("ids")[a:b])
             logp.append(f.get_slice("logp")[a:b])
             tail.append(f.get_slice("tail")[a:b])
-        return neo.TeacherTopK(torch.cat(ids).long(), torch.cat(logp), torch.cat(tail))
+        tail = torch.cat(tail)
+        return neo.TeacherTopK(torch.cat(ids).long(), dequantise_logp(torch.cat(logp), tail), tail)
 
 
 # -----------------------------------------------------------------------------
@@ -292,7 +323,7 @@ def main(argv=None):
     tokenizer = data.Tokenizer.from_dir(teacher_path)
     train_set, held_set = train.load_data(args, tokenizer)
     splits = {"train": train_set, "heldout": held_set}
-    manifest = plan(args, own.k, own.shard_examples, teacher_path, tokenizer, splits)
+    manifest = plan(args, own.k, own.shard_examples, teacher_path, tokenizer, splits, d.device)
     if d.master:
         cache.mkdir(parents=True, exist_ok=True)
         path = cache / "manifest.json"

@@ -318,7 +318,8 @@ def main(argv=None):
     tokenizer = data.Tokenizer.from_dir(teacher_path)
     train_set, held_set = load_data(args, tokenizer)
     use_teacher = args.method in ("neo", "kd")
-    cache = open_teacher_cache(args, teacher_path, tokenizer, train_set, held_set) if args.teacher_cache else None
+    cache = open_teacher_cache(args, teacher_path, tokenizer, train_set, held_set, d.device) if args.teacher_cache \
+        else None
     teacher = load_teacher(teacher_path, args, d) if (use_teacher or not args.no_report) and cache is None else None
     student = build_student(args, teacher_path, train_set[0]["input_ids"], d.device)
     base_path = save_student_base(student, args, out, d)
@@ -610,14 +611,16 @@ def count_steps(args, loader, n_examples, d: Dist) -> int:
     return min(total_steps, args.max_steps) if args.max_steps else total_steps
 
 
-def open_teacher_cache(args, teacher_path, tokenizer, train_set, held_set):
+def open_teacher_cache(args, teacher_path, tokenizer, train_set, held_set, device):
     """The teacher cache for this run, refused (naming the field) if it was made for other tokens,
-    another teacher, tokenizer, template, max length or temperature, or if a shard is missing."""
+    another teacher or teacher dtype, tokenizer, template, max length or temperature, or if a shard
+    is missing."""
     import teacher_cache
     if args.divergence != "forward_kl":
         raise SystemExit(f"--teacher-cache holds the teacher's top-k, which gives the forward KL only; "
                          f"drop --divergence {args.divergence} or train with the live teacher")
-    expected = teacher_cache.identity(args, teacher_path, tokenizer, {"train": train_set, "heldout": held_set})
+    expected = teacher_cache.identity(args, teacher_path, tokenizer, {"train": train_set, "heldout": held_set},
+                                      device)
     cache = teacher_cache.TeacherCache(args.teacher_cache, expected)
     print0(f"teacher: not loaded; its top-{cache.k} rows come from {args.teacher_cache}")
     return cache

@@ -95,7 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--lora-alpha", type=float, default=None, help="adapter alpha (default: 2 x rank, as train.py)")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter input (train.py's default)")
     p.add_argument("--chunk-size", type=int, default=256, help="neo_loss chunk (train.py's default)")
-    p.add_argument("--k", type=int, default=64, help="neo-cache: teacher tokens per position (teacher_cache.py's default)")
+    p.add_argument("--k", type=int, default=160, help="neo-cache: teacher tokens per position (teacher_cache.py's default)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute student blocks in backward (train.py --grad-checkpoint; transformers' "
                         "gradient_checkpointing_enable() for hf-peft-neo)")
@@ -163,13 +163,13 @@ def prepare(args) -> tuple[str, str, Path]:
     torch.save(batch, batch_file)
     if "neo-cache" in args.methods:  # what teacher_cache.py would store for this batch, with its dtypes
         import neo
+        import teacher_cache
         teacher_model = llama.Llama.from_pretrained(teacher).eval()
         with torch.no_grad():
             hidden = teacher_model(batch["input_ids"], batch["attention_mask"], return_hidden=True)
         mask = batch["labels"][:, 1:] != -100
         top = neo.teacher_topk(hidden[:, :-1][mask], teacher_model.lm_head.weight, args.k)
-        torch.save({"ids": top.ids.to(torch.uint16), "logp": top.logp.half(), "tail_logp": top.tail_logp},
-                   batch_file.with_name(batch_file.stem + f"_top{args.k}.pt"))
+        torch.save(teacher_cache.stored(top, "uint16")._asdict(), batch_file.with_name(batch_file.stem + f"_top{args.k}.pt"))
         del teacher_model, hidden
     student = args.student
     if student is None:  # train.py's pruned half, saved once so every subprocess loads the same weights
@@ -226,10 +226,11 @@ def ours(method, args, teacher_dir, student_dir, device):
                               + (["--grad-checkpoint"] if args.grad_checkpoint else [])
                               + (["--compile"] if args.compile else []))
     use_teacher = targs.method in ("neo", "kd") and method != "neo-cache"
-    teacher, cached = None, None
+    teacher, rows = None, None
     if method == "neo-cache":  # the rows come from disk; the teacher is never loaded
+        import teacher_cache
         rows = torch.load(Path(args.batch_file).with_name(Path(args.batch_file).stem + f"_top{args.k}.pt"))
-        cached = neo.TeacherTopK(rows["ids"].long().to(device), rows["logp"].to(device), rows["tail_logp"].to(device))
+        rows = {key: v.to(device) for key, v in rows.items()}  # as stored; decoded every step, as TeacherCache.rows does
     if use_teacher:
         teacher = llama.Llama.from_pretrained(teacher_dir, dtype=train.frozen_dtype(targs, device), device=device)
         teacher.eval().requires_grad_(False)
@@ -243,6 +244,8 @@ def ours(method, args, teacher_dir, student_dir, device):
 
     def step(b):
         normalizer = torch.tensor(float(neo.count_targets(b["labels"])), device=device).clamp(min=1)
+        cached = None if rows is None else neo.TeacherTopK(
+            rows["ids"].long(), teacher_cache.dequantise_logp(rows["logp"], rows["tail_logp"]), rows["tail_logp"])
         res = train.forward_backward(distiller, teacher if use_teacher else None, b, normalizer, device, targs,
                                      cached)
         torch.nn.utils.clip_grad_norm_(params, targs.grad_clip)

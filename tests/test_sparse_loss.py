@@ -137,6 +137,23 @@ def test_fp16_cache_and_fp32_student_run():
     assert b.dtype == torch.float32 and abs(a - b) < 1e-3 * abs(a)
 
 
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+def test_bf16_student_matches_fp32_on_the_same_values(temp):
+    """bf16 logits go straight into the fp32 softmax (no separate upcast): the loss and gradient of
+    a bf16 student equal the fp32 ones on the same bf16 values, up to the bf16 rounding of the logits."""
+    hs, ws, ht, wt, labels = make_inputs(dtype=torch.float32)
+    top = cached(ht, wt, labels, 8, temp)
+    hb, wb = hs.detach().bfloat16().requires_grad_(), ws.detach().bfloat16()
+    hf = hb.detach().float().requires_grad_()
+    out_b = sparse_neo_loss(hb, wb, top, labels, temperature=temp)
+    out_f = sparse_neo_loss(hf, wb.float(), top, labels, temperature=temp)
+    assert out_b.loss.dtype == torch.float32
+    torch.testing.assert_close(out_b.loss, out_f.loss, rtol=1e-2, atol=0)
+    (g_b,), (g_f,) = grads(out_b.loss, hb), grads(out_f.loss, hf)
+    assert g_b.dtype == torch.bfloat16
+    torch.testing.assert_close(g_b.float(), g_f, rtol=5e-2, atol=5e-3)
+
+
 def test_rows_that_do_not_fit_the_batch_are_refused():
     hs, ws, ht, wt, labels = make_inputs()
     top = cached(ht, wt, labels, 4, 1.0)

@@ -55,8 +55,26 @@ def test_rows_are_the_teacher_top_k_of_each_shuffled_batch(cache_dir, tiny_teach
         live = neo.teacher_topk(hidden[:, :-1][mask], teacher.lm_head.weight, 16)
         got = cache.rows("train", b["example_ids"])
         assert torch.equal(got.ids, live.ids)
-        torch.testing.assert_close(got.logp, live.logp.half())
         torch.testing.assert_close(got.tail_logp, live.tail_logp)
+        assert torch.equal(got.logp, teacher_cache.dequantise_logp(teacher_cache.quantise_logp(live.logp),
+                                                                   live.tail_logp))
+        torch.testing.assert_close(got.logp, live.logp, rtol=0, atol=teacher_cache.LOGP_STEP)
+
+
+def test_uint8_log_probs_decode_to_a_distribution_within_a_step():
+    """Rounding moves each log-probability by at most one step (half a step, plus the rescaling);
+    the decoded k buckets and the exact tail sum to 1; the order is kept; k = V has no tail."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(50, 300, generator=g, dtype=torch.float64) * 3
+    for k in (1, 20, 300):
+        top = neo.teacher_topk(z, torch.eye(300, dtype=torch.float64), k)
+        codes = teacher_cache.quantise_logp(top.logp)
+        assert codes.dtype == torch.uint8 and (codes[:, 0] == 0).all()
+        logp = teacher_cache.dequantise_logp(codes, top.tail_logp)
+        torch.testing.assert_close(logp.exp().sum(-1) + top.tail_logp.float().exp(), torch.ones(50))
+        assert (logp[:, :-1] >= logp[:, 1:]).all()
+        if k < 300:  # a row's last tokens fall below the codes' 15.9-nat span when k = V
+            assert (logp - top.logp).abs().max() <= teacher_cache.LOGP_STEP
 
 
 def test_training_from_the_cache_never_loads_the_teacher(cache_dir, tiny_teacher_dir, tiny_chat_jsonl, tmp_path,
@@ -85,7 +103,8 @@ def test_training_from_the_cache_never_loads_the_teacher(cache_dir, tiny_teacher
             mask = b["labels"][:, 1:] != -100
             th = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)[:, :-1][mask]
             top = neo.teacher_topk(th, teacher.lm_head.weight, 16)
-            top = neo.TeacherTopK(top.ids, top.logp.half(), top.tail_logp)
+            top = neo.TeacherTopK(top.ids, teacher_cache.dequantise_logp(teacher_cache.quantise_logp(top.logp),
+                                                                         top.tail_logp), top.tail_logp)
             out = neo.sparse_neo_loss(base(b["input_ids"], b["attention_mask"], return_hidden=True),
                                       base.lm_head.weight, top, b["labels"])
         kl, n = kl + out.kl * out.n_tokens, n + out.n_tokens
@@ -94,7 +113,8 @@ def test_training_from_the_cache_never_loads_the_teacher(cache_dir, tiny_teacher
 
 @pytest.mark.parametrize("change, field", [(["--max-len", "40"], "max_len"), (["--temperature", "2"], "temperature"),
                                            (["--max-samples", "40"], "data (train split, examples)"),
-                                           (["--seed", "1", "--heldout", "4"], "data")])
+                                           (["--seed", "1", "--heldout", "4"], "data"),
+                                           (["--dtype", "bfloat16"], "teacher_dtype: cache 'float32', this run 'bfloat16'")])
 def test_a_cache_of_another_run_is_refused_by_field(change, field, cache_dir, tiny_teacher_dir, tiny_chat_jsonl,
                                                     tmp_path):
     argv = flags(tiny_teacher_dir, tiny_chat_jsonl) + change + ["--teacher-cache", str(cache_dir), "--out",
