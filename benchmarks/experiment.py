@@ -63,7 +63,7 @@ SCALES = {
                 sweep_ranks="4,8", sweep_lrs="1e-4,1e-3", sweep_steps=1),
     "cpu": dict(max_len=512, pack=True, batch_size=4, grad_accum=2, max_samples=880, max_steps=None, rank=128,
                 heldout=64, limit=500, ppl_passages=100, seeds="0,1,2", seeds_all="0,1",
-                lrs="neo=3e-4,1e-3,3e-3 kd=3e-5,1e-4,3e-4 lora=1e-3,3e-3",
+                lrs="neo=3e-4,1e-3,3e-3 kd=3e-5,1e-4,3e-4,1e-3 lora=3e-4,1e-3,3e-3",
                 sweep_ranks="8,32,128", sweep_lrs="1e-4,5e-4,1e-3", sweep_steps=8),
     "gpu": dict(max_len=512, pack=True, batch_size=4, grad_accum=16, max_samples=20000, max_steps=None, rank=128,
                 heldout=256, limit=None, ppl_passages=500, seeds="0,1,2", seeds_all="0,1,2",
