@@ -622,7 +622,8 @@ def open_teacher_cache(args, teacher_path, tokenizer, train_set, held_set, devic
     expected = teacher_cache.identity(args, teacher_path, tokenizer, {"train": train_set, "heldout": held_set},
                                       device)
     cache = teacher_cache.TeacherCache(args.teacher_cache, expected)
-    print0(f"teacher: not loaded; its top-{cache.k} rows come from {args.teacher_cache}")
+    print0(f"teacher: not loaded; its most likely tokens ({cache.k} per position on average, at most "
+           f"{cache.k_max}) come from {args.teacher_cache}")
     return cache
 
 
@@ -746,7 +747,7 @@ def train_step(wrapped, teacher, optimizer, params, micro, lr, step, args, d: Di
     for i, b in enumerate(micro):
         teacher_topk = None
         if cache is not None:
-            teacher_topk = neo.TeacherTopK(*(t.to(d.device) for t in cache.rows("train", b["example_ids"])))
+            teacher_topk = cache.rows("train", b["example_ids"]).to(d.device)
         b = {k: v.to(d.device) for k, v in b.items()}
         with no_grad_sync(wrapped, args, last=i == len(micro) - 1):
             res = forward_backward(wrapped, teacher, b, normalizer, d.device, args, teacher_topk)
@@ -801,6 +802,7 @@ def stop_non_finite(step, micro, out: Path):
 
 
 def memory_gb(device):
+    """Peak memory in GiB (2^30 bytes; the logs' 'G' and 'mem_gb'): CUDA max allocated, or peak RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     import resource
@@ -1041,7 +1043,8 @@ class Report:
 @torch.no_grad()
 def heldout_scores(student, teacher, batches, device, chunk_size, vocab_size, cache=None, temperature=1.0):
     """Per-token CE on the labels and forward KL(teacher ‖ student) on the held-out set; with a teacher
-    cache (teacher None) the KL is its top-k + tail form D_K, a lower bound of the full KL (neo.py)."""
+    cache (teacher None) the KL is the cache's form of it: D_K, a lower bound of the full KL, or with
+    tail draws D_S, an unbiased estimate of it (neo.py)."""
     was_training = student.training
     student.eval()
     ce = kl = n = 0.0
@@ -1050,7 +1053,7 @@ def heldout_scores(student, teacher, batches, device, chunk_size, vocab_size, ca
         b = {k: v.to(device) for k, v in b.items()}
         sh = student(b["input_ids"], b["attention_mask"], return_hidden=True)
         if top is not None:
-            top = neo.TeacherTopK(*(t.to(device) for t in top))
+            top = top.to(device)
             out = neo.sparse_neo_loss(sh.float(), student.lm_head.weight.float(), top, b["labels"], alpha=0.5,
                                       temperature=temperature, chunk_size=chunk_size, normalizer=1.0)
         else:

@@ -95,7 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--lora-alpha", type=float, default=None, help="adapter alpha (default: 2 x rank, as train.py)")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter input (train.py's default)")
     p.add_argument("--chunk-size", type=int, default=256, help="neo_loss chunk (train.py's default)")
-    p.add_argument("--k", type=int, default=160, help="neo-cache: teacher tokens per position (teacher_cache.py's default)")
+    p.add_argument("--k", type=int, default=128, help="neo-cache: teacher tokens per position on average (teacher_cache.py's default)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute student blocks in backward (train.py --grad-checkpoint; transformers' "
                         "gradient_checkpointing_enable() for hf-peft-neo)")
@@ -108,6 +108,9 @@ def parse_args(argv=None):
     # run
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {METHODS}")
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps (median reported)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="profile one more step per row (torch.profiler) and print its N costliest operators by "
+                        "self time (CPU time on the CPU, device time on CUDA)")
     p.add_argument("--rounds", type=int, default=1, help="run the whole list this many times, interleaved "
                                                          "(the median is over every round's timed steps)")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
@@ -168,7 +171,9 @@ def prepare(args) -> tuple[str, str, Path]:
         with torch.no_grad():
             hidden = teacher_model(batch["input_ids"], batch["attention_mask"], return_hidden=True)
         mask = batch["labels"][:, 1:] != -100
-        top = neo.teacher_topk(hidden[:, :-1][mask], teacher_model.lm_head.weight, args.k)
+        top = neo.teacher_topk(hidden[:, :-1][mask], teacher_model.lm_head.weight, args.k,
+                               k_max=max(args.k, teacher_cache.K_MAX), samples=teacher_cache.TAIL_SAMPLES,
+                               generator=torch.Generator().manual_seed(0))
         torch.save(teacher_cache.stored(top, "uint16")._asdict(), batch_file.with_name(batch_file.stem + f"_top{args.k}.pt"))
         del teacher_model, hidden
     student = args.student
@@ -244,8 +249,7 @@ def ours(method, args, teacher_dir, student_dir, device):
 
     def step(b):
         normalizer = torch.tensor(float(neo.count_targets(b["labels"])), device=device).clamp(min=1)
-        cached = None if rows is None else neo.TeacherTopK(
-            rows["ids"].long(), teacher_cache.dequantise_logp(rows["logp"], rows["tail_logp"]), rows["tail_logp"])
+        cached = None if rows is None else teacher_cache.decoded(neo.TeacherTopK(**rows))
         res = train.forward_backward(distiller, teacher if use_teacher else None, b, normalizer, device, targs,
                                      cached)
         torch.nn.utils.clip_grad_norm_(params, targs.grad_clip)
@@ -335,6 +339,7 @@ def worker(args):
             times.append(time.perf_counter() - t0)
     peak_flops.append(matmul_peak(precision.compute or torch.float32, device))
     step_s = statistics.median(times)
+    top_ops = profile_step(lambda: step(batch), device, args.profile) if args.profile else None
     tokens = batch["input_ids"].numel()
     peak = peak_gb(device)
     flops = step_flops("neo" if args.worker == "hf-peft-neo" else args.worker, args, batch)
@@ -349,7 +354,20 @@ def worker(args):
             # CPU: the peak less the runtime's own RSS (weights + optimizer state + activations)
             "peak_above_runtime_gb": peak - rss_start if device.type == "cpu" else peak,
             "rss_at_start_gb": rss_start, "rss_models_loaded_gb": rss_models,
-            "trainable_params": sum(p.numel() for p in params), "losses": losses}
+            "trainable_params": sum(p.numel() for p in params), "losses": losses, "top_ops": top_ops}
+
+
+def profile_step(step, device, n: int) -> list[dict]:
+    """One step under torch.profiler: its n costliest operators by self time, with their call counts."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    ops = sorted(prof.key_averages(), key=key, reverse=True)[:n]
+    return [{"op": e.key, "self_s": key(e) / 1e6, "calls": e.count} for e in ops]
 
 
 def matmul_peak(dtype, device, repeats=10) -> float:
@@ -426,7 +444,7 @@ def run_all(args):
                    "--lora-alpha", str(args.lora_alpha), "--lora-dropout", str(args.lora_dropout),
                    "--chunk-size", str(args.chunk_size), "--k", str(args.k), *(["--grad-checkpoint"] if args.grad_checkpoint else []),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
-                   "--dtype", dtype, *(["--compile"] if compiled else [])]
+                   "--dtype", dtype, *(["--compile"] if compiled else []), "--profile", str(args.profile)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
@@ -441,6 +459,8 @@ def run_all(args):
                   f"{r['peak_mem_gb']:6.2f} GB peak ({r['peak_above_runtime_gb']:.2f} above the runtime)  "
                   f"{r['trainable_params']:>12,} trainable  [{r['precision']}]"
                   + (f"  (round {round_ + 1}/{args.rounds})" if args.rounds > 1 else ""), flush=True)
+            for op in (r.get("top_ops") or []) if round_ == args.rounds - 1 else []:
+                print(f"  {'':<22} {op['self_s']:6.3f} s  {op['calls']:5d} calls  {op['op'][:70]}", flush=True)
             if round_ == args.rounds - 1 and method == "neo-cache":  # plan.py models the live teacher only
                 print(f"  {'':<22} {memory.breakdown_line(r)}\n  {'':<22} not planned: plan.py has no cached-teacher "
                       f"step", flush=True)
@@ -555,6 +575,10 @@ def markdown(rows, args):
                      f"{r['tokens_per_s']:.0f} | {r['step_flops'] / 1e12:.2f} T | {100 * r['mfu']:.0f}% of "
                      f"{r['matmul_peak_flops'] / 1e9:.0f} G | {r['peak_mem_gb']:.2f} | "
                      f"{r['peak_above_runtime_gb']:.2f} | {r['trainable_params']:,} |")
+    profiled = [(m, r["top_ops"]) for m, r in rows.items() if r.get("top_ops")]
+    for m, ops in profiled:  # --profile: where one step's time goes
+        lines += ["", f"{m}: costliest operators of one profiled step (self time)", "", "| operator | self (s) | calls |",
+                  "|---|---:|---:|"] + [f"| {op['op']} | {op['self_s']:.3f} | {op['calls']} |" for op in ops]
     return "\n".join(lines) + "\n\n" + memory_markdown(rows)
 
 
@@ -580,7 +604,8 @@ def report_markdown(blob) -> str:
     flags = (f"--max-len {c['max_len']} --batch-size {c['batch_size']} --rank {c['rank']} --steps {c['steps']} "
              f"--warmup {c['warmup']} --device {c['device']} --lora-dropout {c.get('lora_dropout', 0.05)}"
              f" --chunk-size {c.get('chunk_size', 1024)}" + (" --grad-checkpoint" if c.get("grad_checkpoint") else "")
-             + f" --dtype {c.get('dtype', 'float32')} --compile {c.get('compile', 'off')} --rounds {c.get('rounds', 1)}")
+             + f" --dtype {c.get('dtype', 'float32')} --compile {c.get('compile', 'off')} --rounds {c.get('rounds', 1)}"
+             + (f" --profile {c['profile']}" if c.get("profile") else ""))
     lines = [f"# One optimizer step per method ({c['device']})", "",
              f"Command: `python -m benchmarks.bench {flags} --methods {','.join(c['methods'])} --output {c['output']}`", "",
              f"Teacher `{blob['teacher']}`, student `{blob['student']}`; machine {json.dumps(blob['machine'])}.", "",
@@ -604,7 +629,7 @@ def main(argv=None):
         p = argparse.ArgumentParser()
         for flag in ("--worker", "--teacher", "--student", "--batch-file", "--result", "--device"):
             p.add_argument(flag)
-        for flag in ("--rank", "--chunk-size", "--steps", "--warmup", "--threads", "--k"):
+        for flag in ("--rank", "--chunk-size", "--steps", "--warmup", "--threads", "--k", "--profile"):
             p.add_argument(flag, type=int)
         p.add_argument("--lora-alpha", type=float)
         p.add_argument("--lora-dropout", type=float, default=0.0)

@@ -7,16 +7,17 @@
 
 `sizes`: the real SmolLM2-135M-Instruct teacher and students (train.py's untrained pruned half by
 default; --student adds trained ones), on the offline held-out conversations. The teacher runs
-once; for each k its rows are written as teacher_cache.py writes a shard, twice: with uint8
-log-prob codes (the format it writes) and with fp16 log-probabilities (the format before it), so
-bytes per target token is the file's size over its rows. Then the sparse KL D_K of each student
-against the rows read back is compared with the dense KL(teacher ‖ student) of neo.neo_loss on the
-same tokens. The relative error (KL − D_K) / KL is what the cache gives away: by neo.py's bound
-≥ 0 up to the rounding of the stored log-probabilities, which the two formats show.
+once; for each k its rows are written as teacher_cache.py writes a shard, in two layouts: the
+plain top-k (k tokens at every position) and the adaptive one teacher_cache.py writes (k per
+position on average, up to --k-max, where the teacher's mass is). Bytes per target token is the
+file's size over its rows. Then the sparse KL D_K of each student against the rows read back is
+compared with the dense KL(teacher ‖ student) of neo.neo_loss on the same tokens. The relative
+error (KL − D_K) / KL is what the cache gives away: by neo.py's bound ≥ 0 up to the rounding of
+the stored log-probabilities.
 
     python -m benchmarks.bench_cache sizes --student untrained=pruned \
-        --student neo-live=runs/bench_cache/demo_live_256_32/model \
-        --student neo-cache64=runs/bench_cache/demo_cache_256_32/model   # after `demo`: its two students
+        --student neo-live=runs/bench_cache/demo_live_512_32/model \
+        --student neo-cache=runs/bench_cache/demo_cache_512_32/model     # after `demo`: its two students
 
 `loss`: neo.sparse_neo_loss against the cached rows and neo.neo_loss against teacher hidden states,
 forward + backward, on the bench batch (4 x 512 tokens, V = 49,152, bf16 hidden states and head
@@ -26,7 +27,8 @@ neo-cache` first: it writes the batch and its rows.
 
 `demo`: train.py's offline demo budget twice, with the live teacher and with --teacher-cache, then
 the held-out KL(teacher ‖ student) of both students against the live teacher (the full KL, not
-the cached one). --max-samples scales the budget down on a busy machine.
+the cached one). Both runs are unpacked (--no-pack), as a cached run must be: a cache row belongs
+to one example. --max-samples scales the budget down on a busy machine.
 """
 import argparse
 import json
@@ -46,13 +48,15 @@ def parse_args(argv=None):
     p.add_argument("command", choices=["sizes", "demo", "loss"])
     p.add_argument("--repeats", type=int, default=7, help="loss: alternations of the two losses")
     p.add_argument("--threads", type=int, default=1, help="loss: torch CPU threads")
-    p.add_argument("--k", type=int, default=160, help="loss: the rows file of benchmarks/bench.py --k")
-    p.add_argument("--ks", default="8,32,64,128,160,256,512", help="sizes: the k values to measure")
+    p.add_argument("--k", type=int, default=128, help="loss: the rows file of benchmarks/bench.py --k")
+    p.add_argument("--ks", default="8,32,64,96,128,144,160,256,512", help="sizes: the k values to measure (mean per position)")
+    p.add_argument("--k-max", type=int, default=1024, help="sizes: the adaptive layout's most tokens at one position")
+    p.add_argument("--tail-samples", default="16,32,64", help="sizes: tail draws per position of the sampled layouts")
     p.add_argument("--student", action="append", default=None, metavar="NAME=DIR",
                    help="sizes: a student to score, repeatable (DIR 'pruned': train.py's untrained pruned half, "
-                        "the default as untrained=pruned; a trained one: e.g. neo=runs/bench_cache/demo_live_256_32/model)")
+                        "the default as untrained=pruned; a trained one: e.g. neo=runs/bench_cache/demo_live_512_32/model)")
     p.add_argument("--heldout", type=int, default=32, help="held-out conversations (the demo's 32)")
-    p.add_argument("--max-len", type=int, default=256, help="tokens per conversation (the demo's 256)")
+    p.add_argument("--max-len", type=int, default=512, help="tokens per conversation (the demo's 512)")
     p.add_argument("--max-samples", type=int, default=None, help="demo: training conversations (default: the demo's)")
     p.add_argument("--work-dir", default="runs/bench_cache", help="caches and runs")
     p.add_argument("--output", default=None, help="JSON results (default: benchmarks/results/cache_<command>.json)")
@@ -90,29 +94,32 @@ def sizes(args):
     tok = data.Tokenizer.from_dir(teacher_dir)
     _, held = train.load_data(train.parse_args(["--max-len", str(args.max_len), "--heldout", str(args.heldout)]), tok)
     collate = data.Batches(held, 1, pad_id=tok.pad_token_id).collate
-    batches = [collate(held[i:i + 4]) for i in range(0, len(held), 4)]
+    batches = [collate(held[i:i + 4]) for i in range(0, len(held), 4)]   # teacher_cache.py's batches of 4
+    masks = [b["labels"][:, 1:] != -100 for b in batches]
     ks = sorted(int(x) for x in args.ks.split(","))
-    with torch.no_grad():  # one teacher forward; the top-k of every smaller k is a prefix of the largest
+    with torch.no_grad():
         teacher_hidden = [teacher(b["input_ids"], b["attention_mask"], return_hidden=True) for b in batches]
-        tops = [neo.teacher_topk(th[:, :-1][b["labels"][:, 1:] != -100], teacher.lm_head.weight, ks[-1])
-                for b, th in zip(batches, teacher_hidden)]
-    n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-    stored = {}   # (k, format) -> (bytes per target token, the rows as the loss reads them back)
+    n = sum(int(m.sum()) for m in masks)
+    layouts = {"top-k": (lambda k: k, 0), f"adaptive (k_max {args.k_max})": (lambda k: max(k, args.k_max), 0)}
+    for draws in (int(x) for x in args.tail_samples.split(",") if int(x)):
+        layouts[f"adaptive + {draws} tail draws"] = (lambda k: max(k, args.k_max), draws)
+    stored = {}   # (k, layout) -> (bytes per target token, the rows as the loss reads them back, tail mass)
     for k in ks:
-        # top-k from the top-k_max: the first k columns; the tail gains the columns k..k_max
-        top = neo.TeacherTopK(torch.cat([t.ids[:, :k] for t in tops]), torch.cat([t.logp[:, :k] for t in tops]),
-                              torch.cat([torch.logsumexp(torch.cat([t.tail_logp[:, None], t.logp[:, k:]], 1), 1)
-                                         for t in tops]))
-        entry = {"split": "heldout", "first": 0, "last": len(held), "rows": top.ids.shape[0]}
-        uint8 = teacher_cache.stored(top, "uint16")          # the format teacher_cache.py writes
-        for fmt, rows in (("fp16", uint8._replace(logp=top.logp.half())), ("uint8", uint8)):
-            path = work / f"heldout_k{k}_{fmt}.safetensors"   # written exactly as teacher_cache.py writes a shard
-            teacher_cache.save_shard(path, entry, rows, teacher_cache.targets_per_example(held),
-                                     {"k": k, "ids_dtype": "uint16"})
+        for layout, (k_max, draws) in layouts.items():
+            # per batch of 4 conversations, as teacher_cache.write_shard calls it
+            parts = [teacher_cache.flat(teacher_cache.stored(
+                neo.teacher_topk(th[:, :-1][m], teacher.lm_head.weight, k, k_max=k_max(k), samples=draws,
+                                 generator=torch.Generator().manual_seed(i)), "uint16"))
+                for i, (th, m) in enumerate(zip(teacher_hidden, masks))]
+            tensors = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+            path = work / f"heldout_k{k}_{k_max(k)}_s{draws}.safetensors"  # written as teacher_cache.py writes a shard
+            teacher_cache.save_shard(path, {"split": "heldout", "first": 0, "last": len(held), "rows": n}, tensors,
+                                     teacher_cache.targets_per_example(held),
+                                     {"k": k, "k_max": k_max(k), "tail_samples": draws, "ids_dtype": "uint16"})
             back = load_file(str(path))
-            logp = back["logp"] if fmt == "fp16" else teacher_cache.dequantise_logp(back["logp"], back["tail"])
-            stored[k, fmt] = (path.stat().st_size / n, neo.TeacherTopK(back["ids"].long(), logp, back["tail"]))
-    tail_mass = {k: stored[k, "uint8"][1].tail_logp.exp().mean().item() for k in ks}
+            top = teacher_cache.decoded(teacher_cache.unflat(**{key: back[key] for key in tensors}))
+            stored[k, layout] = (path.stat().st_size / n, top, top.tail_logp.exp().mean().item(),
+                                 int(top.width.max()))
     rows = []
     for name, folder in students.items():
         student = llama.Llama.from_pretrained(folder).eval()
@@ -125,32 +132,32 @@ def sizes(args):
             dense /= n
             print(f"{name} ({folder}): {len(held)} held-out conversations, {n} target tokens; dense "
                   f"KL(teacher || student) = {dense:.4f} nats/token", flush=True)
-            for (k, fmt), (size, top) in stored.items():
+            for (k, layout), (size, top, tail_mass, widest) in stored.items():
                 sparse, first = 0.0, 0
-                for b, sh in zip(batches, hidden):
-                    m = int((b["labels"][:, 1:] != -100).sum())
-                    part = neo.TeacherTopK(*(t[first:first + m] for t in top))
-                    first += m
+                for b, sh, m in zip(batches, hidden, masks):
+                    part = top.select(slice(first, first + int(m.sum())))
+                    first += int(m.sum())
                     out = neo.sparse_neo_loss(sh, student.lm_head.weight, part, b["labels"], normalizer=1.0)
                     sparse += out.kl.item() * out.n_tokens.item()
                 sparse /= n
-                row = {"student": name, "student_dir": folder, "k": k, "logp": fmt, "bytes_per_token": size,
+                row = {"student": name, "student_dir": folder, "k": k, "layout": layout, "bytes_per_token": size,
                        "kl_sparse": sparse, "kl_dense": dense, "kl_rel_error": (dense - sparse) / dense,
-                       "mean_tail_mass": tail_mass[k]}
+                       "mean_tail_mass": tail_mass, "widest_row": widest}
                 rows.append(row)
-                print(f"  k={k:4d} {fmt:>5} log-probs: {size:6.0f} bytes/token  D_K {sparse:.4f}  "
-                      f"error {100 * row['kl_rel_error']:6.3f}%  teacher tail mass {tail_mass[k]:.4f}", flush=True)
+                print(f"  k={k:4d} {layout:>20}: {size:6.0f} bytes/token  D_K {sparse:.4f}  "
+                      f"error {100 * row['kl_rel_error']:6.3f}%  teacher tail mass {tail_mass:.4f}  "
+                      f"widest row {widest}", flush=True)
     names = list(students)
-    table = ["| k | bytes/token, fp16 log-probs | bytes/token, uint8 | teacher tail mass | "
-             + " | ".join(f"KL error, {s} (fp16 / uint8)" for s in names) + " |",
-             "|---:|---:|---:|---:|" + "---:|" * len(names)]
-    for k in ks:
-        err = {(r["student"], r["logp"]): r["kl_rel_error"] for r in rows if r["k"] == k}
-        table.append(f"| {k} | {stored[k, 'fp16'][0]:.0f} | {stored[k, 'uint8'][0]:.0f} | {tail_mass[k]:.4f} | "
-                     + " | ".join(f"{100 * err[s, 'fp16']:.2f}% / {100 * err[s, 'uint8']:.2f}%" for s in names) + " |")
+    table = ["| k (mean) | layout | bytes/token | teacher tail mass | widest row | "
+             + " | ".join(f"KL error, {s}" for s in names) + " |",
+             "|---:|---|---:|---:|---:|" + "---:|" * len(names)]
+    for (k, layout), (size, _, tail_mass, widest) in stored.items():
+        err = {r["student"]: r["kl_rel_error"] for r in rows if r["k"] == k and r["layout"] == layout}
+        table.append(f"| {k} | {layout} | {size:.0f} | {tail_mass:.4f} | {widest} | "
+                     + " | ".join(f"{100 * err[s]:.2f}%" for s in names) + " |")
     print("\n" + "\n".join(table))
-    met = {s: [(r["k"], r["logp"]) for r in rows if r["student"] == s and r["bytes_per_token"] <= 512
-               and r["kl_rel_error"] <= 0.01] for s in names}
+    met = {s: [(r["k"], r["layout"]) for r in rows if r["student"] == s and r["bytes_per_token"] <= 512
+               and abs(r["kl_rel_error"]) <= 0.01] for s in names}
     for s in names:
         print(f"target (<= 512 bytes/token at a k whose KL error <= 1%), {s}: "
               f"{'met at ' + str(met[s]) if met[s] else 'MISSED'}")
@@ -172,9 +179,7 @@ def loss(args):
     ht = torch.randn(4, 512, D, generator=g).bfloat16()
 
     def sparse():
-        top = neo.TeacherTopK(rows["ids"].long(), teacher_cache.dequantise_logp(rows["logp"], rows["tail_logp"]),
-                              rows["tail_logp"])
-        neo.sparse_neo_loss(hs, ws, top, b["labels"]).loss.backward()
+        neo.sparse_neo_loss(hs, ws, teacher_cache.decoded(neo.TeacherTopK(**rows)), b["labels"]).loss.backward()
 
     def dense():
         neo.neo_loss(hs, ws, ht, ws, b["labels"]).loss.backward()
@@ -195,9 +200,9 @@ def demo(args):
     import model as llama
     import train
     work = Path(args.work_dir)
-    budget = ["--max-len", str(args.max_len), "--heldout", str(args.heldout)]
+    budget = ["--max-len", str(args.max_len), "--heldout", str(args.heldout), "--no-pack"]  # a cache row is one example
     budget += ["--max-samples", str(args.max_samples)] if args.max_samples else []
-    tag = "_".join(budget[1::2])
+    tag = "_".join(budget[1:4:2])
     cache = work / f"teacher_cache_{tag}"  # not demo_cache_*: that is the cached run's --out
     t0 = time.time()
     run([sys.executable, "teacher_cache.py", "--cache", str(cache)] + budget, work / "demo_cache.log")

@@ -188,7 +188,7 @@ def train_run(out: Path, flags: list[str], in_process=False):
         print(f"  {out.name}: already trained with these flags, skipping", flush=True)
         return
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (done, out / "scores.json", out / "heldout.json"):  # command.txt is written again at the end
+    for stale in (done, out / "scores.json", out / "heldout.json", out / "load_avg.txt"):  # command.txt is written again at the end
         stale.unlink(missing_ok=True)
     t0 = time.time()
     if in_process:  # tests: no interpreter start-up per run (train.py's Mem then covers every run so far)
@@ -196,6 +196,7 @@ def train_run(out: Path, flags: list[str], in_process=False):
         train.main(flags + ["--out", str(out)])
         done.write_text(command)
         (out / "wall_s.txt").write_text(f"{time.time() - t0:.1f}\n")
+        (out / "load_avg.txt").write_text(f"{os.getloadavg()[0]:.2f}\n")
         print(f"  {out.name}: trained in {time.time() - t0:.0f} s", flush=True)
         return
     with open(out / "train.log", "w") as log:
@@ -205,16 +206,18 @@ def train_run(out: Path, flags: list[str], in_process=False):
                  + (out / "train.log").read_text()[-2000:])
     done.write_text(command)
     (out / "wall_s.txt").write_text(f"{time.time() - t0:.1f}\n")
+    (out / "load_avg.txt").write_text(f"{os.getloadavg()[0]:.2f}\n")  # 1-minute load as the run ended
     print(f"  {out.name}: trained in {time.time() - t0:.0f} s", flush=True)
 
 
 def run_stats(out: Path) -> dict:
-    """Mem (peak, GB), Time (s, summed optimizer steps) and the curves, from train.py's metrics.jsonl."""
+    """Mem (peak, GiB), Time (s, summed optimizer steps) and the curves, from train.py's metrics.jsonl;
+    the load average as the run ended (None for runs from before it was recorded)."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    wall = out / "wall_s.txt"
+    wall, load = out / "wall_s.txt", out / "load_avg.txt"
     return {"mem_gb": max(r["mem_gb"] for r in rows), "time_s": sum(r["step_s"] for r in rows),
             "process_s": float(wall.read_text()) if wall.exists() else None,
-            "tokens": round(sum(r["tokens_per_s"] * r["step_s"] for r in rows)), "load_avg": os.getloadavg()[0],
+            "tokens": round(sum(r["tokens_per_s"] * r["step_s"] for r in rows)), "load_avg": float(load.read_text()) if load.exists() else None,
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows), "steps": len(rows),
             "curve": {k: [r[k] for r in rows] for k in ("step", "loss", "ce", "kl")}}
 
@@ -419,7 +422,7 @@ def metric_values(runs_: list[dict]) -> dict:
 
 
 def markdown_table(rows, args):
-    cols = ["Mem (GB)", "Time (s)"] + [TASK_NAMES[t] for t in TASKS] + ["Avg", "held-out CE", "KL to teacher",
+    cols = ["Mem (GiB)", "Time (s)"] + [TASK_NAMES[t] for t in TASKS] + ["Avg", "held-out CE", "KL to teacher",
                                                                        "LAMBADA ppl"]
     formats = {"mem": "{:.2f}", "time": "{:.0f}", **{t: "{:.1f}" for t in TASKS}, "avg": "{:.1f}", "ce": "{:.3f}",
                "kl": "{:.3f}", "ppl": "{:.1f}"}
@@ -448,7 +451,8 @@ def markdown_table(rows, args):
                  + ", ".join(f"{TASK_NAMES[t]} {teacher_se[t]:.1f}" for t in TASKS)
                  + f", Avg {teacher_se['avg']:.1f} points. Mem is train.py's peak (RSS on CPU, CUDA max allocated "
                  "on GPU); Time is the train.py process's wall time (loading, packing and saving included), the "
-                 "fastest of the method's seeds (each run's time and the load average at its end are in the JSON).")
+                 "fastest of the method's seeds (each run's time, and the load average at its end where it was "
+                 "recorded, are in the JSON).")
     return "\n".join(lines), verdicts(stats)
 
 

@@ -107,7 +107,7 @@ def test_experiment_run_and_sweep(tmp_path, toy_flags):
         assert set(s["acc"]) == set(experiment.TASKS) and all(0 <= a <= 1 for a in s["acc"].values())
         assert s["heldout_kl"] >= 0 and s["lambada_ppl"] > 1
     assert saved["rows"]["teacher"][0]["scores"]["heldout_kl"] == pytest.approx(0, abs=1e-6)
-    for name in ("Teacher", "Pruned student", "LLM-Neo", "Mem (GB)", "Time (s)", "ARC-e", "WinoGrande", "Avg"):
+    for name in ("Teacher", "Pruned student", "LLM-Neo", "Mem (GiB)", "Time (s)", "ARC-e", "WinoGrande", "Avg"):
         assert name in md
     assert blob["budget"]["seeds"] == [0, 1]
 

@@ -39,26 +39,51 @@ def shard_tensors(folder):
     return {p.name: load_file(str(p)) for p in sorted(Path(folder).glob("*.safetensors"))}
 
 
+def own_tokens(top: neo.TeacherTopK):
+    """Each row's own tokens, row after row (padding dropped), its widths and its tails."""
+    keep = torch.arange(top.ids.shape[1])[None, :] < top.width[:, None]
+    return top.ids[keep], top.logp[keep], top.width.long(), top.tail_logp
+
+
 def test_rows_are_the_teacher_top_k_of_each_shuffled_batch(cache_dir, tiny_teacher_dir, tiny_chat_jsonl):
-    """The loader's shuffled batches find their own examples' rows (by id, not by position)."""
+    """The loader's shuffled batches find their own examples' rows (by id, not by position), and
+    those rows are the teacher's: 16 tokens per position on average over each batch of 2 examples
+    the cache was written in (teacher_topk with k_max), decoded from their uint8 codes, with the
+    tail draws of that batch's seed."""
     args = train.parse_args(flags(tiny_teacher_dir, tiny_chat_jsonl))
     tok = data.Tokenizer.from_dir(tiny_teacher_dir)
     train_set, _ = train.load_data(args, tok)
     teacher = llama.Llama.from_pretrained(tiny_teacher_dir).eval()
+    per_example = teacher_cache.targets_per_example(train_set)
+    live = {}   # example id -> its rows, computed here as teacher_cache.py does: 2 examples at a time
+    for start in range(0, len(train_set), 2):
+        b = data.Batches(train_set, 1, pad_id=0, shuffle=False).collate(train_set[start:start + 2])
+        with torch.no_grad():
+            hidden = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
+        top = neo.teacher_topk(hidden[:, :-1][b["labels"][:, 1:] != -100], teacher.lm_head.weight, 16,
+                               k_max=teacher_cache.K_MAX, samples=teacher_cache.TAIL_SAMPLES,
+                               generator=torch.Generator().manual_seed(args.seed * 1_000_003 + start))
+        assert top.width is not None and top.width.float().mean() == 16
+        first = 0
+        for i in range(start, min(start + 2, len(train_set))):
+            live[i] = top.select(slice(first, first + per_example[i]))
+            first += per_example[i]
     cache = teacher_cache.TeacherCache(cache_dir)
     loader = data.Batches(train_set, 2, pad_id=tok.pad_token_id, seed=0)
     for _, b in zip(range(3), loader):
         assert b["example_ids"].tolist() != list(range(b["example_ids"][0], b["example_ids"][0] + 2))  # shuffled
-        with torch.no_grad():
-            hidden = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
-        mask = b["labels"][:, 1:] != -100
-        live = neo.teacher_topk(hidden[:, :-1][mask], teacher.lm_head.weight, 16)
-        got = cache.rows("train", b["example_ids"])
-        assert torch.equal(got.ids, live.ids)
-        torch.testing.assert_close(got.tail_logp, live.tail_logp)
-        assert torch.equal(got.logp, teacher_cache.dequantise_logp(teacher_cache.quantise_logp(live.logp),
-                                                                   live.tail_logp))
-        torch.testing.assert_close(got.logp, live.logp, rtol=0, atol=teacher_cache.LOGP_STEP)
+        rows = cache.rows("train", b["example_ids"])
+        assert torch.equal(rows.samples, torch.cat([live[i].samples for i in b["example_ids"].tolist()]))
+        torch.testing.assert_close(rows.tail_plogp, torch.cat([live[i].tail_plogp for i in b["example_ids"].tolist()]))
+        got = own_tokens(rows)
+        want = [own_tokens(live[i]) for i in b["example_ids"].tolist()]
+        want_codes = [own_tokens(teacher_cache.decoded(teacher_cache.stored(live[i], "uint16")))
+                      for i in b["example_ids"].tolist()]
+        ids, logp, width, tail = (torch.cat(parts) for parts in zip(*want))
+        assert torch.equal(got[0], ids) and torch.equal(got[2], width)
+        torch.testing.assert_close(got[3], tail)
+        assert torch.equal(got[1], torch.cat([w[1] for w in want_codes]))
+        torch.testing.assert_close(got[1], logp, rtol=0, atol=teacher_cache.LOGP_STEP)
 
 
 def test_uint8_log_probs_decode_to_a_distribution_within_a_step():
@@ -77,6 +102,23 @@ def test_uint8_log_probs_decode_to_a_distribution_within_a_step():
             assert (logp - top.logp).abs().max() <= teacher_cache.LOGP_STEP
 
 
+def test_rows_of_different_widths_survive_the_disk_layout():
+    """Adaptive rows (k = 20 on average, up to 200) through stored -> flat -> unflat -> decoded: the
+    same tokens per row, the padding again copies of column 0, each row a distribution again."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(50, 300, generator=g, dtype=torch.float64) * torch.linspace(0.5, 6, 50, dtype=torch.float64)[:, None]
+    top = neo.teacher_topk(z, torch.eye(300, dtype=torch.float64), 20, k_max=200)
+    assert top.width.min() < 20 < top.width.max()
+    on_disk = teacher_cache.flat(teacher_cache.stored(top, "uint16"))
+    assert on_disk["ids"].shape == (20 * 50,) and on_disk["width"].dtype == torch.uint16
+    back = teacher_cache.decoded(teacher_cache.unflat(**on_disk))
+    keep = torch.arange(top.ids.shape[1])[None, :] < top.width[:, None]
+    assert torch.equal(back.ids, top.ids) and torch.equal(back.width, top.width)
+    torch.testing.assert_close(back.logp[keep], top.logp[keep].float(), rtol=0, atol=teacher_cache.LOGP_STEP)
+    assert torch.equal(back.logp[~keep], back.logp[:, :1].expand_as(back.logp)[~keep])
+    torch.testing.assert_close((back.logp.exp() * keep).sum(-1) + back.tail_logp.float().exp(), torch.ones(50))
+
+
 def test_training_from_the_cache_never_loads_the_teacher(cache_dir, tiny_teacher_dir, tiny_chat_jsonl, tmp_path,
                                                          monkeypatch, smollm2_dir):
     student = make_tiny_llama(tmp_path / "student", smollm2_dir, layers=2, seed=1)
@@ -91,20 +133,17 @@ def test_training_from_the_cache_never_loads_the_teacher(cache_dir, tiny_teacher
     rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["kl"] > 0 for r in rows)
     assert all(".lora_" in n for n in res["optimized"])
-    # Step 1's KL is the sparse KL of the untrained student against the live teacher's top-k on the
-    # same two shuffled micro-batches: the run read the rows of its own examples.
+    # Step 1's KL is the sparse KL of the untrained student against the cached rows of the same two
+    # shuffled micro-batches' examples (those rows are the teacher's: the test above): the run read
+    # the rows of its own examples.
     args = train.parse_args(flags(tiny_teacher_dir, tiny_chat_jsonl))
     tok = data.Tokenizer.from_dir(tiny_teacher_dir)
     train_set, _ = train.load_data(args, tok)
-    teacher, base = (real(llama.Llama, p).eval() for p in (tiny_teacher_dir, student))
+    base = real(llama.Llama, student).eval()
     kl = n = 0.0
     for _, b in zip(range(2), data.Batches(train_set, 2, pad_id=tok.pad_token_id, seed=0)):
         with torch.no_grad():
-            mask = b["labels"][:, 1:] != -100
-            th = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)[:, :-1][mask]
-            top = neo.teacher_topk(th, teacher.lm_head.weight, 16)
-            top = neo.TeacherTopK(top.ids, teacher_cache.dequantise_logp(teacher_cache.quantise_logp(top.logp),
-                                                                         top.tail_logp), top.tail_logp)
+            top = teacher_cache.TeacherCache(cache_dir).rows("train", b["example_ids"])   # its examples' rows
             out = neo.sparse_neo_loss(base(b["input_ids"], b["attention_mask"], return_hidden=True),
                                       base.lm_head.weight, top, b["labels"])
         kl, n = kl + out.kl * out.n_tokens, n + out.n_tokens
