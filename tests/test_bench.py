@@ -35,9 +35,10 @@ def test_bench_writes_table_and_targets(tmp_path, toy_flags):
     assert res["neo"]["trainable_params"] == res["hf-peft-neo"]["trainable_params"]
     # both steps start from the same weights and data with B = 0 adapters: the same first loss
     assert res["neo"]["losses"][0] == pytest.approx(res["hf-peft-neo"]["losses"][0], rel=1e-3)
-    # from the cache: the same step with the top-k KL, a lower bound of the full KL (neo.py)
+    # from the cache: the same step with D_S, the kept tokens exact and the tail by its draws, an
+    # unbiased estimate of the full KL (neo.py): near the live loss, not equal to it
     assert res["neo-cache"]["trainable_params"] == res["neo"]["trainable_params"]
-    assert res["neo-cache"]["losses"][0] <= res["neo"]["losses"][0] + 1e-4
+    assert res["neo-cache"]["losses"][0] == pytest.approx(res["neo"]["losses"][0], rel=0.05)
     assert res["neo-cache"]["losses"][0] == pytest.approx(res["neo"]["losses"][0], rel=0.05)
     assert "neo_cache_tok_s / neo_tok_s" in saved["targets"]
     assert {"neo_tok_s / hf_peft_tok_s", "neo_mem / hf_peft_mem"} <= set(saved["targets"])
