@@ -522,7 +522,7 @@ def plot_curves(rows, png: Path):
 def sweep(args):
     t_start = time.time()
     teacher = teacher_dir(args)
-    runs = args.runs_dir / "sweep"
+    runs = args.runs_dir / ("sweep_cache" if args.teacher_cache else "sweep")  # the two sweeps side by side
     runs.mkdir(parents=True, exist_ok=True)
     ranks = [int(r) for r in args.sweep_ranks.split(",")]
     lrs = [float(x) for x in args.sweep_lrs.split(",")]
@@ -556,7 +556,7 @@ def sweep(args):
                     ce, kl = train.heldout_scores(m, scorer.teacher, scorer.held, torch.device("cpu"), 1024, None)
                 cache.write_text(json.dumps({"heldout_ce": ce, "heldout_kl": kl}))
             grid[f"{r},{lr:g}"] = {"rank": r, "lr": lr, **json.loads(cache.read_text())}
-    stem = args.results_dir / f"sweep_{args.scale}"
+    stem = args.results_dir / f"sweep_{args.scale}{'_cache' if args.teacher_cache else ''}"
     args.results_dir.mkdir(parents=True, exist_ok=True)
     heatmap(grid, ranks, lrs, stem.with_suffix(".png"), args)
     blob = {"budget": budget(args), "ranks": ranks, "lrs": lrs, "steps": args.sweep_steps, "grid": grid,
@@ -565,7 +565,7 @@ def sweep(args):
     lines = ["| rank \\ lr | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
     for r in ranks:
         lines.append(f"| {r} | " + " | ".join(f"{grid[f'{r},{lr:g}']['heldout_kl']:.4f}" for lr in lrs) + " |")
-    kind = "top-k KL from the teacher cache" if args.teacher_cache else "KL(teacher || student)"
+    kind = "KL from the teacher cache (neo.py's D_S or D_K)" if args.teacher_cache else "KL(teacher || student)"
     print(f"\nheld-out {kind} after training\n" + "\n".join(lines), flush=True)
     print(f"sweep wall time {blob['wall_s']:.0f} s", flush=True)
     print(f"wrote {stem}.json, {stem}.png", flush=True)

@@ -118,9 +118,11 @@ def test_experiment_run_and_sweep(tmp_path, toy_flags):
     assert all(cell["heldout_kl"] >= 0 for cell in sweep["grid"].values())
     cached = experiment.main(["sweep", "--sweep-ranks", "4", "--sweep-lrs", "1e-4,1e-3", "--teacher-cache"]
                              + common[:-5] + ["--runs-dir", str(tmp_path / "runs_cached")] + common[-3:])
-    assert cached["teacher_cache"] and (tmp_path / "runs_cached" / "sweep" / "teacher_cache" / "manifest.json").exists()
-    for key, cell in cached["grid"].items():  # the top-k KL is a lower bound of the live sweep's full KL
-        assert 0 < cell["heldout_kl"] <= sweep["grid"][key]["heldout_kl"] * 1.01 + 1e-6
+    assert cached["teacher_cache"] and (tmp_path / "runs_cached" / "sweep_cache" / "teacher_cache" /
+                                        "manifest.json").exists()
+    assert (tmp_path / "results" / "sweep_toy_cache.png").stat().st_size > 0   # beside the live sweep's, not over it
+    for key, cell in cached["grid"].items():  # D_S: an unbiased estimate of the live sweep's full KL, near it
+        assert cell["heldout_kl"] == pytest.approx(sweep["grid"][key]["heldout_kl"], rel=0.05)
 
 
 # ----------------------------------------------------------------------------- benchmarks/bench_gpu.py
