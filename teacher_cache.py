@@ -1,4 +1,4 @@
-"""teacher_cache.py: run the teacher once, keep its top-k per target token, train many students from it.
+"""teacher_cache.py: run the teacher once, keep its likeliest tokens and draws from the rest, train many students.
 
 LLM-Neo's guidelines come from grids of runs (ranks x learning rates, 2 epochs each), and every
 run repeats the same teacher forward on the same tokens. This script runs that forward once, over

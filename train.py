@@ -617,8 +617,8 @@ def open_teacher_cache(args, teacher_path, tokenizer, train_set, held_set, devic
     is missing."""
     import teacher_cache
     if args.divergence != "forward_kl":
-        raise SystemExit(f"--teacher-cache holds the teacher's top-k, which gives the forward KL only; "
-                         f"drop --divergence {args.divergence} or train with the live teacher")
+        raise SystemExit(f"--teacher-cache holds the teacher's likeliest tokens and tail draws, which give the "
+                         f"forward KL only; drop --divergence {args.divergence} or train with the live teacher")
     expected = teacher_cache.identity(args, teacher_path, tokenizer, {"train": train_set, "heldout": held_set},
                                       device)
     cache = teacher_cache.TeacherCache(args.teacher_cache, expected)
