@@ -357,6 +357,11 @@ class TeacherTopK(NamedTuple):
         return TeacherTopK(*(None if t is None else t[rows] for t in self))
 
 
+def padding_columns(width: torch.Tensor, columns: int) -> torch.Tensor:
+    """(N, columns) True where a column lies past its row's width: TeacherTopK's padding."""
+    return torch.arange(columns, device=width.device)[None, :] >= width[:, None]
+
+
 @torch.no_grad()
 def teacher_topk(hidden_rows: torch.Tensor, head_weight: torch.Tensor, k: int, temperature: float = 1.0,
                  chunk_size: int = 256, k_max: int | None = None, samples: int = 0,
@@ -410,7 +415,7 @@ def teacher_topk(hidden_rows: torch.Tensor, head_weight: torch.Tensor, k: int, t
     chosen[rest.topk(min((k - 1) * n, rest.numel())).indices] = True
     width = 1 + chosen.view(n, k_max - 1).sum(1)        # rows are sorted, so a row's chosen are a prefix
     w = int(width.max())
-    dropped = torch.arange(k_max, device=ids.device)[None, :] >= width[:, None]        # (n, k_max)
+    dropped = padding_columns(width, k_max)                                             # (n, k_max)
     # What leaves a row joins its tail: log(exp(outside) + Σ dropped p), then the padding repeats column 0.
     tail = torch.logsumexp(torch.cat([outside[:, None], logp.masked_fill(~dropped, -math.inf)], 1), dim=1)
     tail_draws = tail_plogp = None
@@ -443,7 +448,7 @@ def _sparse_chunk(z, ids, log_p_k, log_p_tail, width, draws, tail_plogp, y, alph
         ∂D_K/∂z = (q − r) / T,   q = softmax(s), r = p on K, r_j = q_j · p_tail / q_tail on the tail
 
     The (n, V) tensors are the cost here, not the matmuls, so it makes few passes over them: one
-    log_softmax, one exp in place, one sum for the student's tail mass (the tail entries of q
+    log_softmax, one exp in place, one sum for the student's tail mass under D_K (the tail entries of q
     summed directly: no 1 − Σ_K q cancellation, and no second logsumexp), one scale, and at T = 1
     the CE gradient shares q (softmax(z) = q) instead of a second exp. In fp32 the tail mass is
     floored at the smallest normal float (a student that puts under 1e-38 on all 49k tail tokens).
@@ -457,21 +462,25 @@ def _sparse_chunk(z, ids, log_p_k, log_p_tail, width, draws, tail_plogp, y, alph
     log_q_s = None if draws is None else log_q.gather(1, draws)                   # (n, s)
     q = log_q.exp_()                                                              # at T = 1 log_q1 is gone too
     q_k = log_q_k.exp()
-    q_tail = q.scatter_(1, ids, 0.0).sum(-1)                                      # Σ over the tail of q
-    log_q_tail = q_tail.clamp_min(torch.finfo(q.dtype).tiny).log()
-    has_tail = (log_p_tail > -math.inf) & (draws is None)                         # 0·log 0 = 0; D_S: no bucket
     p_k = log_p_k.exp()
     terms = (log_p_k - log_q_k).mul_(p_k)                                         # (n, k)
     if width is not None:                                                         # padding counts nothing
-        terms.masked_fill_(torch.arange(ids.shape[1], device=ids.device) >= width[:, None], 0.0)
+        terms.masked_fill_(padding_columns(width, ids.shape[1]), 0.0)
     div = terms.sum(-1)
-    div += torch.where(has_tail, log_p_tail.exp() * (log_p_tail - log_q_tail), 0.0)
-    if draws is not None:                                                         # D_S: the tail by its draws
-        div += tail_plogp - log_p_tail.exp() * log_q_s.mean(-1)
+    p_tail = log_p_tail.exp()                                                     # 0 where nothing is left
+    if draws is None:  # D_K: the tail as one bucket, against the student's own tail mass
+        q_tail = q.scatter_(1, ids, 0.0).sum(-1)                                  # Σ over the tail of q
+        log_q_tail = q_tail.clamp_min(torch.finfo(q.dtype).tiny).log()
+        has_tail = log_p_tail > -math.inf                                         # 0·log 0 = 0
+        div += torch.where(has_tail, p_tail * (log_p_tail - log_q_tail), 0.0)
+        ratio = torch.where(has_tail, (log_p_tail - log_q_tail).exp(), 0.0)       # p_tail / q_tail
+    else:              # D_S: the tail by its draws (no pass over q for a tail mass)
+        div += tail_plogp - p_tail * log_q_s.mean(-1)
+        ratio = torch.zeros_like(p_tail)
     if not need_grad:
         return ce, div, None
-    # On the tail q_j − r_j = q_j (1 − p_tail / q_tail); on K it is q_i − p_i. q's K entries are 0 now.
-    ratio = torch.where(has_tail, (log_p_tail - log_q_tail).exp(), 0.0)
+    # On the tail q_j − r_j = q_j (1 − p_tail / q_tail) for D_K, q_j for D_S before the draws' −r_j
+    # below; on K it is q_i − p_i, written over q's K entries by the scatter.
     c = kd_weight / T                                                             # chain rule through s = z / T
     if T == 1:  # softmax(z) = q: the CE gradient rides on the same tensor
         grad = q.mul_((alpha + c * (1 - ratio))[:, None])
@@ -481,7 +490,7 @@ def _sparse_chunk(z, ids, log_p_k, log_p_tail, width, draws, tail_plogp, y, alph
         grad.scatter_(1, ids, c * (q_k - p_k))
         grad.add_(log_q1.exp_(), alpha=alpha)
     if draws is not None:                                                         # − c·r on the drawn tokens
-        grad.scatter_add_(1, draws, (-c / draws.shape[1] * log_p_tail.exp())[:, None].expand_as(draws))
+        grad.scatter_add_(1, draws, (-c / draws.shape[1] * p_tail)[:, None].expand_as(draws))
     grad[torch.arange(len(y), device=y.device), y] -= alpha                      # − α·onehot(y)
     return ce, div, grad
 

@@ -274,13 +274,8 @@ def dequantise_logp(codes: torch.Tensor, tail_logp: torch.Tensor, width: torch.T
     With width, only a row's first width columns are its tokens (the rest repeat column 0)."""
     rel = codes.float() * -LOGP_STEP                                           # log p_i − log p_1, rounded
     top_mass = torch.log(-torch.expm1(tail_logp.float()))                      # log(1 − p_tail)
-    kept = rel if width is None else rel.masked_fill(padding(width, rel.shape[1]), -torch.inf)
+    kept = rel if width is None else rel.masked_fill(neo.padding_columns(width, rel.shape[1]), -torch.inf)
     return rel - torch.logsumexp(kept, dim=-1, keepdim=True) + top_mass[:, None]
-
-
-def padding(width: torch.Tensor, columns: int) -> torch.Tensor:
-    """(N, columns) True where a column lies past its row's width."""
-    return torch.arange(columns, device=width.device)[None, :] >= width[:, None]
 
 
 def stored(top: neo.TeacherTopK, ids_dtype: str) -> neo.TeacherTopK:
@@ -302,7 +297,7 @@ def decoded(top: neo.TeacherTopK) -> neo.TeacherTopK:
 
 def flat(top: neo.TeacherTopK) -> dict:
     """Stored rows as they go to disk: each row's width tokens, row after row (no padding)."""
-    keep = ~padding(top.width.long(), top.ids.shape[1])
+    keep = ~neo.padding_columns(top.width.long(), top.ids.shape[1])
     tensors = {"ids": top.ids[keep], "logp": top.logp[keep], "width": top.width, "tail": top.tail_logp}
     return tensors if top.samples is None else {**tensors, "draws": top.samples, "plogp": top.tail_plogp}
 

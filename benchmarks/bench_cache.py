@@ -10,10 +10,11 @@ default; --student adds trained ones), on the offline held-out conversations. Th
 once; for each k its rows are written as teacher_cache.py writes a shard, in two layouts: the
 plain top-k (k tokens at every position) and the adaptive one teacher_cache.py writes (k per
 position on average, up to --k-max, where the teacher's mass is). Bytes per target token is the
-file's size over its rows. Then the sparse KL D_K of each student against the rows read back is
-compared with the dense KL(teacher ‖ student) of neo.neo_loss on the same tokens. The relative
-error (KL − D_K) / KL is what the cache gives away: by neo.py's bound ≥ 0 up to the rounding of
-the stored log-probabilities.
+file's size over its rows; the adaptive layout is also written with --tail-samples draws per
+position. Then the sparse KL of each student against the rows read back (D_K, or D_S with draws)
+is compared with the dense KL(teacher ‖ student) of neo.neo_loss on the same tokens. The relative
+error (KL − D) / KL is what the cache gives away: for D_K ≥ 0 by neo.py's bound, up to the rounding
+of the stored log-probabilities; for D_S the noise of one set of draws, of either sign.
 
     python -m benchmarks.bench_cache sizes --student untrained=pruned \
         --student neo-live=runs/bench_cache/demo_live_512_32/model \
