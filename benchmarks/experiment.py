@@ -105,10 +105,14 @@ def parse_args(argv=None):
     p.add_argument("--sweep-steps", type=int, default=None, help="sweep: optimizer steps per run")
     p.add_argument("--teacher-cache", action="store_true",
                    help="sweep: run the teacher once (teacher_cache.py) and train every cell from its top-k "
-                        "cache; the held-out KL is then the cache's top-k form (a lower bound, neo.py)")
+                        "cache; the held-out KL is then the cache's D_S estimate (neo.py), with its standard "
+                        "error over the tail draws (heldout_kl_se)")
     # where
     p.add_argument("--runs-dir", default=None, help="training outputs (default: runs/experiment_<scale>)")
     p.add_argument("--results-dir", default="benchmarks/results", help="tables, JSON and plots")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="train.py's --dtype for every run (auto depends on the CPU's bf16 flags: pin it to "
+                        "compare machines)")
     p.add_argument("--eval-batch-size", type=int, default=16, help="lm-eval requests per forward pass")
     p.add_argument("--eval-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="the benchmarks' weights (auto: train.py's --dtype auto choice)")
@@ -137,7 +141,7 @@ def parse_args(argv=None):
 
 def budget(args) -> dict:
     keys = ("scale", "data", "max_len", "pack", "batch_size", "grad_accum", "max_samples", "max_steps", "rank",
-            "heldout", "limit", "ppl_passages", "seeds", "seeds_all", "lrs")
+            "heldout", "limit", "ppl_passages", "seeds", "seeds_all", "lrs", "dtype")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -156,6 +160,8 @@ def common_flags(args, teacher, student, seed):
     flags = ["--teacher", teacher, "--student", student, "--data", args.data, "--max-len", str(args.max_len),
              "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum), "--epochs", "1",
              "--max-samples", str(args.max_samples), "--seed", str(seed), "--no-report"]
+    if args.dtype != "auto":  # left out otherwise, so that runs trained before the flag existed are reused
+        flags += ["--dtype", args.dtype]
     if args.pack:
         flags += ["--pack"]
     if args.max_steps:
@@ -551,10 +557,12 @@ def sweep(args):
                 if args.teacher_cache:
                     scorer = scorer or CachedHeldOut(args, teacher, runs / "teacher_cache")
                     ce, kl = train.heldout_scores(m, None, scorer.held, torch.device("cpu"), 1024, None, scorer.cache)
+                    extra = {"heldout_kl_se": scorer.kl_se(m)} if scorer.cache.tail_samples else {}
                 else:
                     scorer = scorer or HeldOut(args, teacher)
                     ce, kl = train.heldout_scores(m, scorer.teacher, scorer.held, torch.device("cpu"), 1024, None)
-                cache.write_text(json.dumps({"heldout_ce": ce, "heldout_kl": kl}))
+                    extra = {}
+                cache.write_text(json.dumps({"heldout_ce": ce, "heldout_kl": kl, **extra}))
             grid[f"{r},{lr:g}"] = {"rank": r, "lr": lr, **json.loads(cache.read_text())}
     stem = args.results_dir / f"sweep_{args.scale}{'_cache' if args.teacher_cache else ''}"
     args.results_dir.mkdir(parents=True, exist_ok=True)
@@ -595,6 +603,19 @@ class CachedHeldOut:
         self.held = [{**collate(held[i:i + 8]), "example_ids": torch.arange(i, min(i + 8, len(held)))}
                      for i in range(0, len(held), 8)]
         self.cache = teacher_cache.TeacherCache(cache_dir)
+
+    @torch.no_grad()
+    def kl_se(self, m) -> float:
+        """The standard error of the held-out D_S mean over its tail draws (neo.sampled_tail_se, pooled
+        over the batches): what a cached held-out KL may differ from the live one by, by chance."""
+        import neo
+        var = n = 0.0
+        for b in self.held:
+            hidden = m(b["input_ids"], b["attention_mask"], return_hidden=True)
+            rows = int(neo.count_targets(b["labels"]))
+            se = neo.sampled_tail_se(hidden, m.lm_head.weight, self.cache.rows("heldout", b["example_ids"]), b["labels"])
+            var, n = var + (se * rows) ** 2, n + rows
+        return var ** 0.5 / max(n, 1)
 
 
 def heatmap(grid, ranks, lrs, png: Path, args):

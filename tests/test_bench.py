@@ -112,17 +112,26 @@ def test_experiment_run_and_sweep(tmp_path, toy_flags):
         assert name in md
     assert blob["budget"]["seeds"] == [0, 1]
 
-    sweep = experiment.main(["sweep", "--sweep-ranks", "4", "--sweep-lrs", "1e-4,1e-3"] + common)
+    # Both sweeps in float32 on every machine (--dtype auto would pick bf16 only where the CPU has it, and
+    # with it other teacher probabilities, so other tail draws), 4 held-out conversations (~50 targets).
+    grid = ["sweep", "--sweep-ranks", "4", "--sweep-lrs", "1e-4,1e-3", "--dtype", "float32", "--max-samples", "48",
+            "--heldout", "8"]
+    sweep = experiment.main(grid + common)
     assert (tmp_path / "results" / "sweep_toy.png").stat().st_size > 0
     assert set(sweep["grid"]) == {"4,0.0001", "4,0.001"}
-    assert all(cell["heldout_kl"] >= 0 for cell in sweep["grid"].values())
-    cached = experiment.main(["sweep", "--sweep-ranks", "4", "--sweep-lrs", "1e-4,1e-3", "--teacher-cache"]
-                             + common[:-5] + ["--runs-dir", str(tmp_path / "runs_cached")] + common[-3:])
+    assert all(cell["heldout_kl"] >= 0 and "heldout_kl_se" not in cell for cell in sweep["grid"].values())
+    cached = experiment.main(grid + ["--teacher-cache"] + common[:-5] + ["--runs-dir", str(tmp_path / "runs_cached")]
+                             + common[-3:])
     assert cached["teacher_cache"] and (tmp_path / "runs_cached" / "sweep_cache" / "teacher_cache" /
                                         "manifest.json").exists()
     assert (tmp_path / "results" / "sweep_toy_cache.png").stat().st_size > 0   # beside the live sweep's, not over it
-    for key, cell in cached["grid"].items():  # D_S: an unbiased estimate of the live sweep's full KL, near it
-        assert cell["heldout_kl"] == pytest.approx(sweep["grid"][key]["heldout_kl"], rel=0.05)
+    for key, cell in cached["grid"].items():
+        # D_S is an unbiased estimate of the live sweep's full KL whose noise, over a few dozen held-out
+        # targets, is several percent: 12% of the KL at the 12 targets of 1 conversation, measured over
+        # 200 draw seeds (issue 20). The cell's own standard error over its draws sets the tolerance.
+        live, se = sweep["grid"][key]["heldout_kl"], cell["heldout_kl_se"]
+        assert 0 < se < 0.25 * live
+        assert abs(cell["heldout_kl"] - live) < 4 * se
 
 
 # ----------------------------------------------------------------------------- benchmarks/bench_gpu.py

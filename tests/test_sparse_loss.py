@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neo import TeacherTopK, neo_loss, reference_loss, sparse_neo_loss, teacher_topk
+from neo import TeacherTopK, neo_loss, reference_loss, sampled_tail_se, sparse_neo_loss, teacher_topk
 
 B, T, D, DT, V = 3, 9, 16, 24, 50
 
@@ -254,18 +254,22 @@ def test_sampled_tail_is_unbiased_for_the_full_kl_and_its_gradient(k_max):
     hs, ws, ht, wt, labels = make_inputs(seed=7)
     dense = neo_loss(hs, ws, ht, wt, labels, alpha=0.0, t2_scale=False)
     g_dense = grads(dense.loss, hs)[0]
-    values, g_sum, g_sq = [], 0.0, 0.0
+    values, g_sum, g_sq, se_sq = [], 0.0, 0.0, 0.0
     draws = 300
     for seed in range(draws):
-        out = sparse_neo_loss(hs, ws, drawn(ht, wt, labels, 2, 1.0, 4, seed, k_max), labels, alpha=0.0,
-                              t2_scale=False)
+        top = drawn(ht, wt, labels, 2, 1.0, 4, seed, k_max)
+        out = sparse_neo_loss(hs, ws, top, labels, alpha=0.0, t2_scale=False)
         values.append(out.kl.item())
+        se_sq += sampled_tail_se(hs, ws, top, labels) ** 2 / draws
         g = grads(out.loss, hs)[0]
         g_sum, g_sq = g_sum + g, g_sq + g * g
     values = torch.tensor(values, dtype=torch.float64)
     spread = values.std() / draws ** 0.5
     assert spread > 0                                                      # the draws do vary
     assert abs(values.mean() - dense.kl) < 4 * spread
+    # The standard error one set of draws reports of itself is the spread over independent sets; a
+    # spread measured from 300 sets is itself within about 4% (1/sqrt(2·300)), hence 20% (5 of them).
+    assert se_sq ** 0.5 == pytest.approx(values.std().item(), rel=0.2)
     g_mean = g_sum / draws
     g_spread = ((g_sq / draws - g_mean ** 2).clamp_min(0) / draws).sqrt()
     assert ((g_mean - g_dense).abs() <= 4 * g_spread + 1e-12).float().mean() > 0.99
