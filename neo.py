@@ -580,6 +580,56 @@ def sparse_neo_loss(student_hidden, student_head_weight, teacher: TeacherTopK, l
     return _normalised(loss_sum, ce_sum, div_sum, n, normalizer)
 
 
+
+# ----------------------------------------------------------------------------------------------
+# The trained module: the student plus the objective. Wrapping the loss inside forward() lets DDP
+# and FSDP2 see one module: FSDP2 gathers the student's LM head for the chunked projection. The
+# teacher is held beside it, not inside it: DDP and FSDP2 wrap the student only, and the module's
+# state dict (checkpoints, adapters) holds the student's weights only.
+
+
+def distill_loss(student_hidden, student_head_weight, labels, *, teacher_hidden=None, teacher_head_weight=None,
+                 teacher_topk: "TeacherTopK | None" = None, alpha: float = 0.5, temperature: float = 1.0,
+                 divergence: str = "forward_kl", chunk_size: int | None = 256, normalizer=None,
+                 vocab_size: int | None = None) -> NeoLoss:
+    """The one place that picks the loss: against the teacher's cached top-k rows (sparse_neo_loss,
+    forward KL) when given, else against its hidden states (neo_loss; CE only without a teacher)."""
+    if teacher_topk is not None:
+        return sparse_neo_loss(student_hidden, student_head_weight, teacher_topk, labels, alpha=alpha,
+                               temperature=temperature, chunk_size=chunk_size, normalizer=normalizer,
+                               vocab_size=vocab_size)
+    return neo_loss(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, labels, alpha=alpha,
+                    temperature=temperature, divergence=divergence, chunk_size=chunk_size, normalizer=normalizer,
+                    vocab_size=vocab_size)
+
+
+class Distiller(torch.nn.Module):
+    """forward(batch) -> NeoLoss: the frozen teacher's hidden states (no_grad, outside any autocast:
+    it runs in its own dtype), the student's, and α·CE + (1 − α)·T²·D between them. teacher None:
+    sft/lora (CE only), or kd/neo from a teacher cache (pass the rows as teacher_topk)."""
+
+    def __init__(self, student, teacher=None, alpha=0.5, temperature=1.0, divergence="forward_kl", chunk_size=256,
+                 vocab_size=None):
+        super().__init__()
+        self.student = student
+        self.__dict__["teacher"] = teacher  # beside the module, not a submodule (section comment above)
+        self.alpha, self.temperature, self.divergence = alpha, temperature, divergence
+        self.chunk_size, self.vocab_size = chunk_size, vocab_size
+
+    def forward(self, input_ids, attention_mask, labels, normalizer, document_ids=None, teacher_topk=None):
+        teacher_hidden = None
+        if self.teacher is not None and teacher_topk is None:
+            with torch.no_grad(), torch.autocast(input_ids.device.type, enabled=False):
+                teacher_hidden = self.teacher(input_ids, attention_mask, document_ids=document_ids,
+                                              return_hidden=True)                                   # (B, T, Dt)
+        hidden = self.student(input_ids, attention_mask, document_ids=document_ids, return_hidden=True)  # (B, T, D)
+        return distill_loss(hidden, self.student.lm_head.weight, labels, teacher_hidden=teacher_hidden,
+                            teacher_head_weight=None if self.teacher is None else self.teacher.lm_head.weight,
+                            teacher_topk=teacher_topk, alpha=self.alpha, temperature=self.temperature,
+                            divergence=self.divergence, chunk_size=self.chunk_size, normalizer=normalizer,
+                            vocab_size=self.vocab_size)
+
+
 @torch.no_grad()
 def sampled_tail_se(student_hidden, student_head_weight, teacher: TeacherTopK, labels, *, temperature: float = 1.0,
                     vocab_size: int | None = None, ignore_index: int = IGNORE_INDEX) -> float:

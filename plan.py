@@ -54,7 +54,6 @@ allocated), NCCL buffers.
 import argparse
 import contextlib
 import io
-import json
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +63,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import lora
 import model as llama
+import neo
+from runkit import flags
+from runkit.precision import checkpoint_blocks
 
 GiB = 2**30
 CATEGORIES = ("teacher weights", "frozen student weights", "trainable weights", "gradients", "optimizer state",
@@ -275,15 +278,13 @@ class Setup:
     extra_flags: list = field(default_factory=list)
 
     def train_args(self):
-        import train
-        return train.parse_args(["--method", self.method, "--adapter", self.adapter, "--rank", str(self.rank),
+        return flags.parse(["--method", self.method, "--adapter", self.adapter, "--rank", str(self.rank),
                                  "--chunk-size", str(self.chunk_size), "--targets", self.targets,
                                  "--dtype", "float32", *(["--grad-checkpoint"] if self.grad_checkpoint else [])])
 
 
 def build(setup: Setup, teacher_cfg, student_cfg, fake: bool):
     """(teacher or None, Distiller, AdamW, batch) as train.py builds them; on fake tensors if `fake`."""
-    import train
     targs = setup.train_args()
     uses_teacher = setup.method in ("kd", "neo")
     with FakeTensorMode() if fake else contextlib.nullcontext(), contextlib.redirect_stdout(io.StringIO()):
@@ -292,11 +293,18 @@ def build(setup: Setup, teacher_cfg, student_cfg, fake: bool):
             teacher = llama.Llama(teacher_cfg).eval().requires_grad_(False)
             for p in teacher.parameters():
                 p.data = p.data.to(setup.frozen_dtype)
-        student = train.prepare_student(llama.Llama(student_cfg), targs, torch.device("cpu"))
+        student = llama.Llama(student_cfg)  # made trainable as train.make_trainable does, checkpointed as asked
+        if targs.method in ("sft", "kd"):
+            student.requires_grad_(True)
+        else:
+            lora.apply_lora(student, targets=tuple(targs.targets.split(",")), rank=targs.rank, alpha=targs.lora_alpha,
+                            dropout=targs.lora_dropout, variant=targs.adapter, verbose=False)
+        if targs.grad_checkpoint:
+            checkpoint_blocks(student)
         for p in student.parameters():  # the frozen base in the frozen dtype; trainable weights stay fp32
             if not p.requires_grad:
                 p.data = p.data.to(setup.frozen_dtype)
-        distiller = train.Distiller(student, targs.alpha, targs.temperature, targs.divergence, targs.chunk_size)
+        distiller = neo.Distiller(student, teacher, targs.alpha, targs.temperature, targs.divergence, targs.chunk_size)
         params = [p for p in distiller.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=targs.lr, weight_decay=targs.weight_decay)
         shape = (setup.batch_size, setup.max_len)
@@ -305,20 +313,13 @@ def build(setup: Setup, teacher_cfg, student_cfg, fake: bool):
     return teacher, distiller, optimizer, batch
 
 
-def training_step(teacher, distiller, optimizer, batch, autocast: bool):
-    """train.py's step for one micro-batch: teacher forward, student forward + loss, backward,
-    gradient clipping, AdamW."""
-    import neo
+def training_step(distiller, optimizer, batch, autocast: bool):
+    """One micro-batch of train.py's step: the Distiller's forward (teacher forward, student forward,
+    loss), backward, gradient clipping, AdamW."""
     params = [p for p in distiller.parameters() if p.requires_grad]
     normalizer = neo.count_targets(batch["labels"]).float().clamp(min=1)
-    teacher_hidden = teacher_head = None
-    if teacher is not None:
-        with torch.no_grad():
-            teacher_hidden = teacher(batch["input_ids"], batch["attention_mask"], return_hidden=True)
-        teacher_head = teacher.lm_head.weight
     with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
-        res = distiller(batch["input_ids"], batch["attention_mask"], batch["labels"], teacher_hidden,
-                        teacher_head, normalizer)
+        res = distiller(batch["input_ids"], batch["attention_mask"], batch["labels"], normalizer)
         res.loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
@@ -331,9 +332,9 @@ def ledger_of_step(setup: Setup, teacher_cfg, student_cfg, fake: bool = True) ->
     # Fake tensors: factory calls inside the step (torch.zeros in neo_loss) must make fake ones too.
     with next(distiller.parameters()).fake_mode if fake else contextlib.nullcontext():
         with _answers(fake, setup.n_targets):
-            training_step(teacher, distiller, optimizer, batch, setup.autocast)  # AdamW state now exists
+            training_step(distiller, optimizer, batch, setup.autocast)  # AdamW state now exists
         with Ledger(teacher, distiller.student, optimizer, fake=fake, targets=setup.n_targets) as ledger:
-            training_step(teacher, distiller, optimizer, batch, setup.autocast)
+            training_step(distiller, optimizer, batch, setup.autocast)
     return ledger
 
 

@@ -1,0 +1,98 @@
+"""Precision and the speed/memory switches a run can turn on, none of which changes the method.
+
+bf16 halves the bytes of every frozen weight and, where the hardware multiplies bf16 natively,
+runs the matmuls 2-4x faster. What stays fp32 is what accumulates small updates: the trainable
+weights (the optimizer's master copy), their gradients and AdamW's moments. Under autocast each
+matmul gets a bf16 copy of its fp32 weight, and neo.py upcasts every logit chunk before its
+softmax, so the loss is fp32 too.
+
+Also here: activation checkpointing (--grad-checkpoint) and torch.compile of the blocks (--compile).
+"""
+import contextlib
+import functools
+from typing import NamedTuple
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+class Precision(NamedTuple):
+    frozen: torch.dtype               # the teacher and the frozen student base (neo, lora)
+    compute: torch.dtype | None       # autocast dtype for the student's matmuls; None: plain fp32
+    why: str                          # one line, printed at start-up
+
+
+def bf16_native(device) -> tuple[bool, str]:
+    """Does `device` multiply bf16 in hardware? -> (yes/no, the evidence). Without it bf16 is
+    emulated, slower than fp32, so auto keeps fp32 there."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return major >= 8, f"CUDA compute capability {major}.{minor} (bf16 tensor cores from 8.0)"
+    if device.type == "cpu":
+        found = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+        return bool(found), (f"CPU flags {' '.join(found)}" if found else "no avx512_bf16/amx_bf16 CPU flag")
+    return False, f"device {device.type}"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports in /proc/cpuinfo (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def choose_dtype(requested: str, device) -> Precision:
+    """--dtype auto|float32|bfloat16 -> the Precision used on `device`: auto picks bf16 (frozen
+    weights and autocast) where bf16 matmul is native, fp32 elsewhere; an explicit dtype wins."""
+    fp32, bf16 = torch.float32, torch.bfloat16
+    if requested == "float32":
+        return Precision(fp32, None, "float32 (--dtype float32)")
+    native, evidence = bf16_native(device)
+    if requested == "bfloat16":
+        return Precision(bf16, bf16, f"bfloat16 (--dtype bfloat16; {evidence}"
+                                     f"{'' if native else ': emulated, expect it slower than float32'})")
+    if requested != "auto":
+        raise ValueError(f"--dtype {requested!r}: choose auto, float32 or bfloat16")
+    if native:
+        return Precision(bf16, bf16, f"bfloat16 (--dtype auto: {evidence})")
+    return Precision(fp32, None, f"float32 (--dtype auto: {evidence}; bf16 would be emulated)")
+
+
+def frozen_dtype(args, device):
+    return choose_dtype(args.dtype, device).frozen
+
+
+def autocast(device, args):
+    """bf16 autocast for the student's forward and loss when the precision asks for it."""
+    compute = choose_dtype(args.dtype, device).compute
+    return torch.autocast(device.type, dtype=compute) if compute else contextlib.nullcontext()
+
+
+def checkpoint_blocks(student):
+    """Activation checkpointing: each decoder block keeps only its input for backward and recomputes
+    its activations there (torch.utils.checkpoint; dropout masks are replayed from the saved RNG
+    state). Each block's forward is wrapped in place rather than the block put inside a new module,
+    so every parameter keeps its Hugging Face name (adapter files, checkpoints, FSDP2's state dict)
+    and FSDP2 shards the block as before: its hooks stay on the block, around the wrapped forward."""
+    for block in student.model.layers:
+        block.forward = functools.partial(_recomputed_in_backward, block.forward)
+
+
+def _recomputed_in_backward(forward, *inputs):
+    if not torch.is_grad_enabled():  # evaluation and generation store nothing for backward anyway
+        return forward(*inputs)
+    return checkpoint(forward, *inputs, use_reentrant=False)
+
+
+def compile_blocks(*models):
+    """torch.compile each transformer block in place, as torchtune does: one block's graph is
+    compiled once and reused by every layer, and inductor fuses the elementwise work between the
+    matmuls (RMSNorm, RoPE, SiLU·up, the adapter's add) into a few kernels. The loss stays eager:
+    its chunk loop already runs at matmul speed. Blocks, not the whole model, keep compilation
+    short and leave activation checkpointing and FSDP2 (which wrap blocks) working as before."""
+    for m in models:
+        if m is not None:
+            for layer in m.model.layers:
+                layer.compile()
