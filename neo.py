@@ -20,6 +20,11 @@ prompt and padding). The paper's reference code masks the KL with the unshifted 
 skips the first response token and scores the token after the last one; here both terms use the
 same shifted mask.
 
+On-policy rows (GKD, Agarwal et al. 2024): a reply the student sampled itself has no ground truth,
+only the teacher's scores. `ce_mask` (B, T), aligned with labels, says where CE counts; at a target
+where it is False the α·CE term is dropped and the (1 − α)·T²·D term keeps its weight, and the
+token still counts in the normaliser (the loss stays a sum over tokens over their number).
+
 The file has three parts. `reference_loss` is the equation written the plain way, on full logits
 with F.cross_entropy and F.kl_div: read it first; the tests and benchmarks measure against it.
 `neo_loss` computes the same numbers without the B×T×V logits, which is what training uses.
@@ -55,7 +60,7 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 class NeoLoss(NamedTuple):
     loss: torch.Tensor      # scalar to backpropagate: (α·CE_sum + (1−α)·T²·D_sum) / normalizer
-    ce: torch.Tensor        # detached mean CE per local valid target (for logging)
+    ce: torch.Tensor        # detached mean CE per local CE-counted target (for logging; 0 if none)
     kl: torch.Tensor        # detached mean divergence per local valid target (0 without teacher)
     n_tokens: torch.Tensor  # local number of valid targets (long scalar)
 
@@ -63,7 +68,7 @@ class NeoLoss(NamedTuple):
 def reference_loss(student_logits, teacher_logits, labels, *, alpha: float = 0.5,
                    temperature: float = 1.0, divergence: str = "forward_kl", beta: float = 0.5,
                    t2_scale: bool = True, normalizer=None, vocab_size: int | None = None,
-                   ignore_index: int = IGNORE_INDEX) -> NeoLoss:
+                   ignore_index: int = IGNORE_INDEX, ce_mask=None) -> NeoLoss:
     """The LLM-Neo loss the plain way: full logits, F.cross_entropy and F.kl_div.
 
     student_logits (B, T, V); teacher_logits (B, T, V), or None for plain CE (alpha is then
@@ -81,7 +86,10 @@ def reference_loss(student_logits, teacher_logits, labels, *, alpha: float = 0.5
     s = s.to(torch.promote_types(s.dtype, torch.float32))        # bf16 -> fp32; fp32, fp64 stay
     targets = labels[:, 1:]                                       # (B, T-1)
     mask = targets != ignore_index                                # (B, T-1), the shifted mask
-    ce = F.cross_entropy(s.flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="sum")
+    ce_targets = targets                                          # where CE counts (on-policy rows: not there)
+    if ce_mask is not None:
+        ce_targets = targets.masked_fill(~_checked_ce_mask(ce_mask, labels)[:, 1:], ignore_index)
+    ce = F.cross_entropy(s.flatten(0, 1), ce_targets.flatten(), ignore_index=ignore_index, reduction="sum")
     div = torch.zeros_like(ce)
     if teacher_logits is None:
         alpha = 1.0
@@ -109,7 +117,8 @@ def reference_loss(student_logits, teacher_logits, labels, *, alpha: float = 0.5
     denom = denom.clamp(min=1).to(ce.dtype)                       # all-ignored batch: loss 0, not NaN
     loss = (alpha * ce + (1 - alpha) * (T * T if t2_scale else 1.0) * div) / denom
     local = n.clamp(min=1).to(ce.dtype)
-    return NeoLoss(loss, (ce / local).detach(), (div / local).detach(), n)
+    ce_local = local if ce_mask is None else (ce_targets != ignore_index).sum().clamp(min=1).to(ce.dtype)
+    return NeoLoss(loss, (ce / ce_local).detach(), (div / local).detach(), n)
 
 
 # ----------------------------------------------------------------------------- the same numbers
@@ -169,13 +178,22 @@ def _targets(labels, vocab: int, ignore_index: int):
     return mask, y
 
 
-def _normalised(loss_sum, ce_sum, div_sum, n, normalizer) -> NeoLoss:
+def _checked_ce_mask(ce_mask, labels) -> torch.Tensor:
+    """ce_mask as given, once it is a bool tensor shaped like labels (it is aligned with them)."""
+    if not torch.is_tensor(ce_mask) or ce_mask.dtype != torch.bool or ce_mask.shape != labels.shape:
+        what = f"{ce_mask.dtype} {tuple(ce_mask.shape)}" if torch.is_tensor(ce_mask) else type(ce_mask).__name__
+        raise ValueError(f"ce_mask must be a bool tensor shaped like labels {tuple(labels.shape)}, got {what}")
+    return ce_mask
+
+
+def _normalised(loss_sum, ce_sum, div_sum, n, normalizer, n_ce=None) -> NeoLoss:
     """The summed loss over `normalizer` (default the local target count); CE and the divergence
-    as local per-token means, for logging."""
+    as local per-token means, for logging (CE over its n_ce counted targets, default all n)."""
     denom = n if normalizer is None else torch.as_tensor(normalizer, device=loss_sum.device)
     denom = denom.clamp(min=1).to(loss_sum.dtype)                  # all-ignored batch: loss 0, not NaN
     local = n.clamp(min=1).float()
-    return NeoLoss(loss_sum / denom, (ce_sum / local).detach(), (div_sum / local).detach(), n)
+    ce_local = local if n_ce is None else n_ce.clamp(min=1).float()
+    return NeoLoss(loss_sum / denom, (ce_sum / ce_local).detach(), (div_sum / local).detach(), n)
 
 
 def _scaled_grads(ctx, grad_loss):
@@ -192,18 +210,20 @@ class _ChunkedNeoLoss(torch.autograd.Function):
     projecting to the vocabulary chunk by chunk.
 
     Inputs are the valid rows only: hs (N, D) student hidden, ws (V, D) student head,
-    ht (N, Dt) / wt (V, Dt) teacher (or None), y (N,) targets. Gradients for hs and ws are
+    ht (N, Dt) / wt (V, Dt) teacher (or None), y (N,) targets, ce_rows (N,) bool or None: the
+    rows whose CE counts (None: all; False rows keep only their divergence). Gradients for hs and ws are
     computed during forward (the chunk logits never outlive their chunk) and scaled by the
     incoming gradient in backward. The teacher never receives a gradient.
     """
 
     @staticmethod
-    def forward(ctx, hs, ws, ht, wt, y, alpha, temperature, kind, beta, t2_scale, chunk_size):
+    def forward(ctx, hs, ws, ht, wt, y, ce_rows, alpha, temperature, kind, beta, t2_scale, chunk_size):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_grad = need_h or need_w
         T = temperature
         kd_weight = (1 - alpha) * (T * T if t2_scale else 1.0)
         acc = _at_least_fp32(hs[:0]).dtype                     # fp32 (fp64 stays fp64, for tests)
+        ce_weight = None if ce_rows is None else ce_rows.to(acc)[:, None]  # (N, 1): 1 = CE counts, 0 = not
         ce_sum = torch.zeros((), dtype=acc, device=hs.device)
         div_sum = torch.zeros((), dtype=acc, device=hs.device)
         grad_h = torch.zeros(hs.shape, dtype=acc, device=hs.device) if need_h else None
@@ -212,7 +232,11 @@ class _ChunkedNeoLoss(torch.autograd.Function):
             rows, yc = slice(start, start + chunk_size), y[start:start + chunk_size]
             z = _at_least_fp32(F.linear(hs[rows], ws))        # (n, V) student logits
             log_q1 = torch.log_softmax(z, dim=-1)             # (n, V) student log-probs at T = 1
-            ce_sum -= log_q1.gather(1, yc[:, None]).sum()
+            cw = None if ce_weight is None else ce_weight[rows]
+            if cw is None:
+                ce_sum -= log_q1.gather(1, yc[:, None]).sum()
+            else:
+                ce_sum -= (log_q1.gather(1, yc[:, None]) * cw).sum()
             log_q = log_q1 if T == 1 or ht is None else torch.log_softmax(z.div_(T), dim=-1)
             del z                                             # before the teacher's (n, V) logits exist
             grad_z = grad_ce = None
@@ -228,6 +252,8 @@ class _ChunkedNeoLoss(torch.autograd.Function):
             if need_grad:  # CE = logsumexp(z) − z_y  ⇒  ∂CE/∂z = softmax(z) − onehot(y)
                 grad_ce = log_q1.exp_()
                 grad_ce[torch.arange(len(yc), device=yc.device), yc] -= 1.0
+                if cw is not None:                            # rows without CE: their gradient is D's alone
+                    grad_ce.mul_(cw)
                 grad_z = grad_ce.mul_(alpha) if grad_z is None else grad_z.add_(grad_ce, alpha=alpha)
             if grad_z is not None:
                 if need_h:
@@ -245,14 +271,14 @@ class _ChunkedNeoLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_div):
-        return *_scaled_grads(ctx, grad_loss), *[None] * 9   # nothing else the forward took has a gradient
+        return *_scaled_grads(ctx, grad_loss), *[None] * 10  # nothing else the forward took has a gradient
 
 
 def neo_loss(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, labels, *,
              alpha: float = 0.5, temperature: float = 1.0, divergence: str = "forward_kl",
              beta: float = 0.5, t2_scale: bool = True, chunk_size: int | None = 256,
              normalizer=None, vocab_size: int | None = None,
-             ignore_index: int = IGNORE_INDEX) -> NeoLoss:
+             ignore_index: int = IGNORE_INDEX, ce_mask=None) -> NeoLoss:
     """LLM-Neo loss from final hidden states and LM head weights (see the module docstring).
 
     student_hidden (B, T, D), student_head_weight (V, D); teacher_hidden (B, T, Dt) and
@@ -263,6 +289,9 @@ def neo_loss(student_hidden, student_head_weight, teacher_hidden, teacher_head_w
     divergences or T ≠ 1 (None: all rows in one chunk, i.e. the unchunked computation).
     normalizer: divide the summed loss by this (e.g. the global count of valid targets);
     default the local count. vocab_size: the shared tokenizer size when the heads differ.
+    ce_mask: None, or (B, T) bool aligned with labels: CE counts only at valid targets where it is
+    True (False on replies the student sampled, which have no ground truth); the divergence counts
+    at every valid target, and so does n_tokens. Applied as a per-row CE weight inside the chunks.
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
@@ -293,11 +322,12 @@ def neo_loss(student_hidden, student_head_weight, teacher_hidden, teacher_head_w
     wt = wt.detach() if wt is not None else None
     if not torch.is_grad_enabled():  # evaluation: skip the gradient work inside the chunk loop
         hs, ws = hs.detach(), ws.detach()
+    ce_rows = None if ce_mask is None else _checked_ce_mask(ce_mask, labels)[:, 1:][mask]   # (N,)
     n = mask.sum()
     chunk = chunk_size or max(1, hs.shape[0])
     loss_sum, ce_sum, div_sum = _ChunkedNeoLoss.apply(
-        hs, ws, ht, wt, y, alpha, temperature, divergence, beta, t2_scale, chunk)
-    return _normalised(loss_sum, ce_sum, div_sum, n, normalizer)
+        hs, ws, ht, wt, y, ce_rows, alpha, temperature, divergence, beta, t2_scale, chunk)
+    return _normalised(loss_sum, ce_sum, div_sum, n, normalizer, None if ce_rows is None else ce_rows.sum())
 
 
 # ----------------------------------------------------------------------------------------------

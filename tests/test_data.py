@@ -526,3 +526,74 @@ def test_packed_rows_collate_with_document_ids():
     assert set(batch) == {"input_ids", "attention_mask", "labels", "document_ids"}
     assert ((batch["document_ids"] == -1) == (batch["attention_mask"] == 0)).all()
     assert int((batch["labels"] != IGNORE_INDEX).sum()) == sum(n - 1 for n in (3, 4, 8, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# On-policy rows
+
+def first_prompt(tok, messages):
+    """The conversation up to its first assistant reply, rendered with the generation prompt."""
+    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return tok.encode(tok.apply_chat_template(messages[:first], add_generation_prompt=True))
+
+
+def test_prompts_are_the_conversation_up_to_the_first_reply(smol):
+    """Against the chat template rendered on its own: system and user turns plus the assistant
+    header, nothing of the reply, and only the first exchange of a multi-turn conversation."""
+    conversations = [CONVERSATION, [{"role": "user", "content": "Name a colour."},
+                                    {"role": "assistant", "content": "Blue."}]]
+    batch = collate(data.tokenize_batch(smol, conversations, 512))
+    got = data.prompts(batch)
+    assert got == [first_prompt(smol, c) for c in conversations]
+    assert smol.decode(got[0], skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+    batch["labels"][1] = IGNORE_INDEX
+    with pytest.raises(ValueError, match=r"row 1 \(example 8\) has no target"):
+        data.prompts({**batch, "example_ids": torch.tensor([7, 8])})
+
+
+def collate(rows):
+    """Batches' right-padded tensors of exactly these rows."""
+    return Batches(rows, len(rows), pad_id=0, shuffle=False).collate(rows)
+
+
+def on_policy_batch():
+    """Three right-padded rows: prompt tokens 1xx (no label), then reply tokens 2xx (labelled);
+    row 2 has a second exchange after its reply."""
+    rows = [{"input_ids": [101, 102, 103, 201, 202], "labels": [IGNORE_INDEX] * 3 + [201, 202]},
+            {"input_ids": [111, 112, 211, 212, 213, 214], "labels": [IGNORE_INDEX] * 2 + [211, 212, 213, 214]},
+            {"input_ids": [121, 221, 122, 222], "labels": [IGNORE_INDEX, 221, IGNORE_INDEX, 222]}]
+    return {**collate(rows), "example_ids": torch.tensor([4, 5, 6])}
+
+
+def test_with_replies_marks_exactly_the_sampled_tokens():
+    batch = on_policy_batch()
+    before = {k: v.clone() for k, v in batch.items()}
+    replies = [[301, 302, 303, 304, 305], [321]]
+    out = data.with_replies(batch, [0, 2], replies, max_len=16, pad_id=9)
+    assert out["sampled"].tolist() == [True, False, True] and torch.equal(out["example_ids"], before["example_ids"])
+    assert all(torch.equal(batch[k], before[k]) for k in before)  # the batch given is left alone
+    assert data.prompts(out) == data.prompts(before)               # prompts kept token for token
+    for row, prompt, reply in ((0, [101, 102, 103], replies[0]), (2, [121], replies[1])):
+        n = len(prompt) + len(reply)
+        assert out["input_ids"][row, :n].tolist() == prompt + reply
+        assert out["labels"][row].tolist() == [IGNORE_INDEX] * len(prompt) + reply + [IGNORE_INDEX] * (8 - n)
+        assert out["attention_mask"][row].tolist() == [1] * n + [0] * (8 - n)
+        assert out["input_ids"][row, n:].eq(9).all()
+    assert out["input_ids"].shape == (3, 8)                        # right padded to the longest row
+    for key in ("input_ids", "labels", "attention_mask"):         # the untouched row, as it was
+        assert torch.equal(out[key][1, :6], before[key][1])
+    assert out["labels"][1, 6:].eq(IGNORE_INDEX).all() and not out["attention_mask"][1, 6:].any()
+    assert int((out["labels"][:, 1:] != IGNORE_INDEX).sum()) == 5 + 1 + 4
+    unchanged = data.with_replies(batch, [], [], max_len=16, pad_id=0)
+    assert not unchanged["sampled"].any() and all(torch.equal(unchanged[k], batch[k]) for k in before)
+
+
+def test_with_replies_cuts_replies_to_max_len():
+    batch = on_policy_batch()
+    out = data.with_replies(batch, [0, 1], [list(range(300, 320)), [7, 8]], max_len=7, pad_id=0)
+    assert out["input_ids"].shape == (3, 7)
+    assert out["input_ids"][0].tolist() == [101, 102, 103, 300, 301, 302, 303]
+    assert out["labels"][0].tolist() == [IGNORE_INDEX] * 3 + [300, 301, 302, 303]
+    assert out["labels"][1].tolist() == [IGNORE_INDEX] * 2 + [7, 8] + [IGNORE_INDEX] * 3
+    with pytest.raises(ValueError, match="row 0: its prompt of 3 tokens leaves no room"):
+        data.with_replies(batch, [0], [[300]], max_len=3, pad_id=0)

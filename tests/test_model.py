@@ -164,6 +164,68 @@ def test_generate_stops_and_samples(tmp_path):
     assert ours.generate([prompt], 8, temperature=1.0, top_p=1e-6, seed=0, stop_token_ids=[])[0] == greedy
 
 
+def test_sampling_with_a_generator_per_row_does_not_depend_on_the_batch(tmp_path):
+    """generate(generators=...): row i draws only from generators[i], so its sample is the same in a
+    batch of prompts of other lengths as alone (on-policy distillation: 2 ranks sample what 1 does)."""
+    ours = ours_from(hf_model(), tmp_path)
+    prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (9, 4, 6)]
+    generators = lambda: [torch.Generator().manual_seed(100 + i) for i in range(len(prompts))]
+    batch = ours.generate(prompts, 12, temperature=1.0, stop_token_ids=[], generators=generators())
+    for i, prompt in enumerate(prompts):
+        alone = ours.generate([prompt], 12, temperature=1.0, stop_token_ids=[], generators=[generators()[i]])
+        assert alone == [batch[i]]
+    assert batch != ours.generate(prompts, 12, stop_token_ids=[])  # really sampled, not greedy
+    with pytest.raises(ValueError, match="3 prompts, 2 generators"):
+        ours.generate(prompts, 2, temperature=1.0, generators=generators()[:2])
+
+
+def test_keep_stop_returns_the_stop_token_once_at_the_end(tmp_path):
+    ours = ours_from(hf_model(), tmp_path)
+    prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (5, 8)]
+    greedy = ours.generate(prompts, 10, stop_token_ids=[])
+    stop = greedy[0][4]
+    kept = ours.generate(prompts, 10, stop_token_ids=[stop], keep_stop=True)
+    dropped = ours.generate(prompts, 10, stop_token_ids=[stop])
+    assert kept[0][-1] == stop and kept[0].count(stop) == 1
+    for k, d, g in zip(kept, dropped, greedy):
+        end = g.index(stop) if stop in g else len(g)
+        assert d == g[:end]                  # the default: up to, not including, the stop token
+        assert k == g[:end + 1]              # keep_stop: the stop token too, and nothing after it
+
+
+def test_greedy_generate_with_lora_matches_peft(tmp_path):
+    """The student as on-policy distillation samples it: LoRA adapters with B ≠ 0, left-padded
+    prompts, the KV cache, in eval() (adapter dropout off). Greedy tokens equal transformers + PEFT
+    generate on the same base weights and adapter files, and generate leaves the mode alone."""
+    import peft
+    import lora
+    hf = hf_model(num_hidden_layers=3)
+    hf.save_pretrained(tmp_path / "base")
+    student = lora.apply_lora(Llama.from_pretrained(tmp_path / "base"), rank=4, dropout=0.1, verbose=False)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in lora.lora_layers(student).values():
+            layer.lora_B.copy_(0.2 * torch.randn(layer.lora_B.shape, generator=g))
+    lora.save_adapter(student, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    theirs.generation_config.eos_token_id = None  # fixed-length generations
+    theirs = peft.PeftModel.from_pretrained(theirs, tmp_path / "adapter").eval()
+    prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (9, 4, 6)]
+    ids = torch.zeros(3, 9, dtype=torch.long)
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, 9 - len(p):], mask[i, 9 - len(p):] = torch.tensor(p), 1
+    ref = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    ref = ref[:, 9:].tolist()
+    student.eval()
+    assert student.generate(prompts, 12, stop_token_ids=[]) == ref
+    assert not student.training
+    assert Llama.from_pretrained(tmp_path / "base").generate(prompts, 12, stop_token_ids=[]) != ref  # B ≠ 0 matters
+    student.train()
+    student.generate(prompts, 2, stop_token_ids=[])
+    assert all(m.training for m in student.modules())
+
+
 # ----------------------------------------------------------------------------- saving and pruning
 
 def state_equal(a: Llama, b: Llama):

@@ -5,7 +5,8 @@ F.cross_entropy, F.kl_div) equals the equation written token by token from log_s
 and F.cross_entropy alone when there is no teacher, so the chain test -> reference -> chunked loss
 does not rest on neo.py alone. Then neo_loss against it: values and gradients for every
 α / T / divergence, chunking, the shifted mask, empty batches, frozen heads, teacher isolation,
-vocabulary alignment and the global normaliser for gradient accumulation.
+vocabulary alignment, the global normaliser for gradient accumulation, and ce_mask (on-policy
+rows, whose sampled replies get the divergence only).
 """
 import math
 
@@ -36,17 +37,20 @@ def reference(hs, ws, ht, wt, labels, **kw):
     return reference_loss(F.linear(hs, ws), F.linear(ht, wt) if ht is not None else None, labels, **kw)
 
 
-def by_hand(hs, ws, ht, wt, labels, alpha, temp, divergence, beta=0.5, t2_scale=True):
-    """The equation in neo.py's docstring, one target at a time, from log_softmax and sums only."""
+def by_hand(hs, ws, ht, wt, labels, alpha, temp, divergence, beta=0.5, t2_scale=True, ce_mask=None):
+    """The equation in neo.py's docstring, one target at a time, from log_softmax and sums only.
+    ce_mask: CE only where it is True; the divergence everywhere. Returns (loss, mean CE, mean D)."""
     zs, zt = hs @ ws.T, ht @ wt.T                          # (B, T, V)
-    ce, div, n = 0.0, 0.0, 0
+    ce, div, n, n_ce = 0.0, 0.0, 0, 0
     for b in range(labels.shape[0]):
         for t in range(1, labels.shape[1]):                # the label at t is predicted at t - 1
             y = labels[b, t]
             if y == -100:
                 continue
             n += 1
-            ce = ce - torch.log_softmax(zs[b, t - 1], -1)[y]
+            if ce_mask is None or ce_mask[b, t]:
+                n_ce += 1
+                ce = ce - torch.log_softmax(zs[b, t - 1], -1)[y]
             log_q = torch.log_softmax(zs[b, t - 1] / temp, -1)
             log_p = torch.log_softmax(zt[b, t - 1] / temp, -1)
             q, p = log_q.exp(), log_p.exp()
@@ -58,7 +62,7 @@ def by_hand(hs, ws, ht, wt, labels, alpha, temp, divergence, beta=0.5, t2_scale=
                 m = beta * p + (1 - beta) * q
                 div = div + beta * (p * (log_p - m.log())).sum() + (1 - beta) * (q * (log_q - m.log())).sum()
     scale = temp ** 2 if t2_scale else 1.0
-    return (alpha * ce + (1 - alpha) * scale * div) / n, ce / n, div / n
+    return (alpha * ce + (1 - alpha) * scale * div) / n, ce / max(n_ce, 1), div / n
 
 
 def grads(loss, *tensors):
@@ -75,6 +79,30 @@ def test_reference_loss_is_the_equation_token_by_token(temp, t2_scale, divergenc
     ref = reference(hs, ws, ht, wt, labels, alpha=0.3, temperature=temp, divergence=divergence,
                     beta=0.3, t2_scale=t2_scale)
     loss, ce, div = by_hand(hs, ws, ht, wt, labels, **kw)
+    torch.testing.assert_close(ref.loss, loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ref.ce, ce.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ref.kl, div.detach(), rtol=1e-10, atol=1e-12)
+    assert ref.n_tokens == count_targets(labels)
+    for g, g_ref in zip(grads(ref.loss, hs, ws), grads(loss, hs, ws)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
+
+
+def on_policy_mask():
+    """ce_mask of a batch whose row 1 is a sampled reply (no CE anywhere) and where one target of
+    row 0 is also left out, so that the chunks below cut through rows of both kinds."""
+    ce_mask = torch.ones(B, T, dtype=torch.bool)
+    ce_mask[1] = False
+    ce_mask[0, 6] = False
+    return ce_mask
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_reference_loss_with_ce_mask_is_the_equation_token_by_token(divergence):
+    hs, ws, ht, wt, labels = make_inputs()
+    ce_mask = on_policy_mask()
+    ref = reference(hs, ws, ht, wt, labels, alpha=0.3, temperature=2.0, divergence=divergence, beta=0.3,
+                    ce_mask=ce_mask)
+    loss, ce, div = by_hand(hs, ws, ht, wt, labels, 0.3, 2.0, divergence, beta=0.3, ce_mask=ce_mask)
     torch.testing.assert_close(ref.loss, loss, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ref.ce, ce.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ref.kl, div.detach(), rtol=1e-10, atol=1e-12)
@@ -107,6 +135,60 @@ def test_matches_reference_loss(alpha, temp, divergence):
     assert out.n_tokens == ref.n_tokens
     for g, g_ref in zip(grads(out.loss, hs, ws), grads(ref.loss, hs, ws)):
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+@pytest.mark.parametrize("chunk_size", [4, 7])
+def test_ce_mask_matches_reference_loss(chunk_size, temp, divergence):
+    hs, ws, ht, wt, labels = make_inputs()
+    kw = dict(alpha=0.4, temperature=temp, divergence=divergence, beta=0.3, ce_mask=on_policy_mask())
+    out = neo_loss(hs, ws, ht, wt, labels, chunk_size=chunk_size, **kw)
+    ref = reference(hs, ws, ht, wt, labels, **kw)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.ce, ref.ce, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.kl, ref.kl, rtol=1e-10, atol=1e-12)
+    assert out.n_tokens == ref.n_tokens == count_targets(labels)
+    for g, g_ref in zip(grads(out.loss, hs, ws), grads(ref.loss, hs, ws)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
+    unmasked = neo_loss(hs, ws, ht, wt, labels, chunk_size=chunk_size, **{**kw, "ce_mask": None})
+    assert not torch.allclose(out.loss, unmasked.loss)  # the mask really drops CE terms
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("teacher", [True, False])
+def test_ce_mask_all_true_is_no_mask_exactly(teacher, divergence):
+    hs, ws, ht, wt, labels = make_inputs(dtype=torch.float32)
+    ht, wt = (ht, wt) if teacher else (None, None)
+    everywhere = torch.ones(B, T, dtype=torch.bool)
+    for loss, kw in ((neo_loss, dict(chunk_size=5)), (reference, {})):
+        kw.update(alpha=0.4, temperature=2.0, divergence=divergence)
+        a, b = loss(hs, ws, ht, wt, labels, **kw), loss(hs, ws, ht, wt, labels, ce_mask=everywhere, **kw)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        assert all(torch.equal(x, y) for x, y in zip(grads(a.loss, hs, ws), grads(b.loss, hs, ws)))
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_ce_mask_all_false_leaves_the_divergence_alone(divergence):
+    """Every row sampled: loss = (1 − α)·T²·D·n / normalizer, the divergence keeps its weight."""
+    hs, ws, ht, wt, labels = make_inputs()
+    alpha, temp, normalizer = 0.3, 2.0, 40
+    nowhere = torch.zeros(B, T, dtype=torch.bool)
+    for loss in (neo_loss, reference):
+        out = loss(hs, ws, ht, wt, labels, alpha=alpha, temperature=temp, divergence=divergence,
+                   normalizer=normalizer, ce_mask=nowhere)
+        torch.testing.assert_close(out.loss, (1 - alpha) * temp ** 2 * out.kl * out.n_tokens / normalizer,
+                                   rtol=1e-12, atol=0)
+        assert out.ce == 0 and out.n_tokens == count_targets(labels)
+
+
+def test_ce_mask_of_the_wrong_shape_is_refused():
+    hs, ws, ht, wt, labels = make_inputs()
+    for loss in (neo_loss, reference):
+        with pytest.raises(ValueError, match=rf"ce_mask must be a bool tensor shaped like labels \({B}, {T}\)"):
+            loss(hs, ws, ht, wt, labels, ce_mask=torch.ones(B, T - 1, dtype=torch.bool))
+        with pytest.raises(ValueError, match="torch.int64"):
+            loss(hs, ws, ht, wt, labels, ce_mask=torch.ones(B, T, dtype=torch.long))
 
 
 def test_matches_reference_in_fp32_without_t2():
