@@ -621,22 +621,24 @@ def sparse_neo_loss(student_hidden, student_head_weight, teacher: TeacherTopK, l
 def distill_loss(student_hidden, student_head_weight, labels, *, teacher_hidden=None, teacher_head_weight=None,
                  teacher_topk: "TeacherTopK | None" = None, alpha: float = 0.5, temperature: float = 1.0,
                  divergence: str = "forward_kl", chunk_size: int | None = 256, normalizer=None,
-                 vocab_size: int | None = None) -> NeoLoss:
+                 vocab_size: int | None = None, ce_mask=None) -> NeoLoss:
     """The one place that picks the loss: against the teacher's cached top-k rows (sparse_neo_loss,
-    forward KL) when given, else against its hidden states (neo_loss; CE only without a teacher)."""
+    forward KL) when given, else against its hidden states (neo_loss; CE only without a teacher).
+    ce_mask (B, T): where CE counts (neo_loss; a cache holds no rows for sampled replies)."""
     if teacher_topk is not None:
         return sparse_neo_loss(student_hidden, student_head_weight, teacher_topk, labels, alpha=alpha,
                                temperature=temperature, chunk_size=chunk_size, normalizer=normalizer,
                                vocab_size=vocab_size)
     return neo_loss(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, labels, alpha=alpha,
                     temperature=temperature, divergence=divergence, chunk_size=chunk_size, normalizer=normalizer,
-                    vocab_size=vocab_size)
+                    vocab_size=vocab_size, ce_mask=ce_mask)
 
 
 class Distiller(torch.nn.Module):
     """forward(batch) -> NeoLoss: the frozen teacher's hidden states (no_grad, outside any autocast:
     it runs in its own dtype), the student's, and α·CE + (1 − α)·T²·D between them. teacher None:
-    sft/lora (CE only), or kd/neo from a teacher cache (pass the rows as teacher_topk)."""
+    sft/lora (CE only), or kd/neo from a teacher cache (pass the rows as teacher_topk). ce_mask:
+    where CE counts (False on the student's own sampled replies, which have no ground truth)."""
 
     def __init__(self, student, teacher=None, alpha=0.5, temperature=1.0, divergence="forward_kl", chunk_size=256,
                  vocab_size=None):
@@ -646,7 +648,8 @@ class Distiller(torch.nn.Module):
         self.alpha, self.temperature, self.divergence = alpha, temperature, divergence
         self.chunk_size, self.vocab_size = chunk_size, vocab_size
 
-    def forward(self, input_ids, attention_mask, labels, normalizer, document_ids=None, teacher_topk=None):
+    def forward(self, input_ids, attention_mask, labels, normalizer, document_ids=None, teacher_topk=None,
+                ce_mask=None):
         teacher_hidden = None
         if self.teacher is not None and teacher_topk is None:
             with torch.no_grad(), torch.autocast(input_ids.device.type, enabled=False):
@@ -657,7 +660,7 @@ class Distiller(torch.nn.Module):
                             teacher_head_weight=None if self.teacher is None else self.teacher.lm_head.weight,
                             teacher_topk=teacher_topk, alpha=self.alpha, temperature=self.temperature,
                             divergence=self.divergence, chunk_size=self.chunk_size, normalizer=normalizer,
-                            vocab_size=self.vocab_size)
+                            vocab_size=self.vocab_size, ce_mask=ce_mask)
 
 
 @torch.no_grad()

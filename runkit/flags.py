@@ -74,6 +74,16 @@ FLAGS = {  # group -> {dest: (flag, argparse keywords)}
         "temperature": ("--temperature", dict(type=float, default=1.0, help="distillation temperature T")),
         "divergence": ("--divergence", dict(choices=DIVERGENCES, default="forward_kl",
                                             help="teacher-student divergence")),
+        "on_policy": ("--on-policy", dict(type=float, default=0.0, metavar="LAMBDA",
+                                          help="share of training rows whose reply the student samples itself, "
+                                               "scored token by token by the teacher (GKD's lambda; 0: the data "
+                                               "set's replies only, 1: the student's samples only; neo/kd)")),
+        "on_policy_temperature": ("--on-policy-temperature", dict(type=float, default=1.0,
+                                                                  help="sampling temperature of the student's "
+                                                                       "replies (0: greedy)")),
+        "on_policy_max_new": ("--on-policy-max-new", dict(type=int, default=128,
+                                                          help="most tokens of a sampled reply (and at most "
+                                                               "--max-len with its prompt)")),
         "chunk_size": ("--chunk-size", dict(type=int, default=256,
                                             help="target tokens projected to the vocabulary at once "
                                                  "(memory: ~8 x chunk x vocab x 4 bytes)")),
@@ -139,7 +149,7 @@ RESUME_FLAGS = ["method", "adapter", "rank", "lora_alpha", "lora_dropout", "targ
                 "prune_to", "data", "max_samples", "heldout", "skip_bad_lines", "max_len", "pack", "alpha",
                 "temperature", "divergence", "chunk_size", "batch_size", "grad_accum", "epochs", "max_steps",
                 "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "dtype", "seed", "world_size",
-                "teacher_cache"]
+                "teacher_cache", "on_policy", "on_policy_temperature", "on_policy_max_new"]
 
 
 def add(parser, *dests, **defaults):
@@ -170,8 +180,9 @@ def parse(argv=None, description=None):
     for key, value in (DEMO if args.demo else PAPER).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.pack and args.teacher_cache and "pack" not in args.given:
-        args.pack = False  # the demo's packing gives way to a teacher cache, which holds unpacked rows
+    if args.pack and (args.teacher_cache or args.on_policy) and "pack" not in args.given:
+        args.pack = False  # the demo's packing gives way to a teacher cache or sampled replies: both need one
+        #                    conversation per row
     full = args.method in ("sft", "kd")
     args.lr = args.lr if args.lr is not None else (2e-5 if full else DEMO_ADAPTER_LR if args.demo else 2e-4)
     args.min_lr = args.min_lr if args.min_lr is not None else (1e-6 if full else 1e-5)
@@ -240,6 +251,25 @@ def check(args, teacher_config, student_config=None, say=print):
     if args.teacher_cache and args.divergence != "forward_kl":
         refuse("divergence", "--teacher-cache holds the teacher's likeliest tokens and tail draws, which give the "
                              "forward KL only: drop --divergence or train with the live teacher")
+    if not 0 <= args.on_policy <= 1:
+        refuse("on_policy", "is the share of rows the student answers itself: must lie in [0, 1]")
+    if not args.on_policy_temperature >= 0:
+        refuse("on_policy_temperature", "must be 0 (greedy) or more")
+    if not args.on_policy_max_new >= 1:
+        refuse("on_policy_max_new", "must be 1 or more")
+    if args.on_policy:
+        if args.method not in ("neo", "kd"):
+            refuse("on_policy", f"a sampled reply has no ground truth, only the teacher can score it; --method "
+                                f"{args.method} has no teacher term: use neo or kd")
+        if args.alpha >= 1:
+            refuse("on_policy", "a sampled reply is scored by the teacher term only, which --alpha 1 switches off")
+        if args.teacher_cache:
+            refuse("teacher_cache", "holds the teacher's rows for the data set's replies; the student's sampled "
+                                    "replies are new tokens the live teacher must score: drop --teacher-cache or "
+                                    "--on-policy")
+        if args.pack:
+            refuse("pack", "a sampled reply replaces one conversation's reply, and a packed row holds several: "
+                           "train on-policy unpacked")
     if args.resume and args.overwrite:
         refuse("overwrite", "would delete the checkpoints that --resume continues from: pass one of them")
 

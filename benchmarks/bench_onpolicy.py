@@ -1,0 +1,157 @@
+"""On-policy distillation (train.py --on-policy λ) against off-policy, at equal wall time.
+
+    python -m benchmarks.bench_onpolicy                       # λ = 0, 0.5, 1 (reverse KL), seeds 0 and 1
+    python -m benchmarks.bench_onpolicy --max-samples 400 --seeds 0,1,2
+
+For each seed: the off-policy run (λ = 0) trains the offline demo's models and data for its
+budget; each on-policy run then gets the same wall time, as a step count measured from a short
+probe of its own steps (the schedule then runs to its end, as the off-policy one does). Every
+trained student is scored on the demo's held-out set (CE, and KL to the teacher: train.py's
+report) and answers fixed prompts greedily: the 3 of train.py's report and the user turns of
+the first held-out conversations. An answer repeats itself when some word 4-gram occurs in it
+twice or more; rep-4 is the share of an answer's 4-grams that are repeats (Welleck et al. 2019).
+
+Also measured, from the runs' metrics.jsonl: the sampling step's generation tokens/s and its
+share of a training step.
+
+Run it on an otherwise idle machine: it times training runs.
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+import model as llama  # noqa: E402
+from runkit import flags, offline, report, tokenized  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--lambdas", default="0,0.5,1", help="--on-policy values; the first is the off-policy reference")
+    p.add_argument("--seeds", default="0,1", help="seeds, each a full set of runs")
+    p.add_argument("--prompts", type=int, default=20, help="held-out user turns answered, besides train.py's 3")
+    p.add_argument("--probe-steps", type=int, default=3, help="steps of the probe that times an on-policy step")
+    p.add_argument("--work-dir", default="runs/bench_onpolicy")
+    p.add_argument("--output", default="benchmarks/results/bench_onpolicy.json")
+    flags.add(p, "max_samples", "divergence", "on_policy_temperature", "on_policy_max_new", "max_len",
+              max_samples=400, divergence="reverse_kl", on_policy_max_new=96)
+    return p.parse_args(argv)
+
+
+def train(out: Path, flags_: list[str]) -> float:
+    """`python train.py FLAGS` in its own process; its wall time in seconds."""
+    t0 = time.time()
+    cmd = [sys.executable, str(ROOT / "train.py"), *flags_, "--out", str(out), "--overwrite"]
+    with open(out.parent / f"{out.name}.log", "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    if proc.returncode != 0:
+        sys.exit(f"training failed: {' '.join(cmd)}; see {out.parent / (out.name + '.log')}")
+    return time.time() - t0
+
+
+def rep4(text: str) -> float:
+    words = text.split()
+    grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+@torch.no_grad()
+def answers(model_dir: Path, questions: list[str]) -> list[str]:
+    m = llama.Llama.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    tok = data.Tokenizer.from_dir(str(model_dir))
+    return report.answers({"m": m}, tok, torch.device("cpu"), max_new_tokens=64, prompts=questions)["m"]
+
+
+def heldout_questions(n: int, max_len: int) -> list[str]:
+    """The first user turn of the first n held-out conversations of the offline set."""
+    teacher = str(offline.smollm2_dir())
+    args = flags.parse(["--max-len", str(max_len)])
+    tok = data.Tokenizer.from_dir(teacher)
+    _, held = tokenized.load_splits(args, tok)
+    out = []
+    for e in held:
+        ids = list(e["input_ids"])
+        first = next(i for i, y in enumerate(e["labels"]) if y != -100)
+        text = tok.decode(ids[:first])
+        user = text.split("user\n", 1)[-1].rsplit("<|im_end|>", 1)[0].strip()
+        if user and user not in out:
+            out.append(user)
+        if len(out) == n:
+            break
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    lambdas = [float(x) for x in args.lambdas.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    questions = report.PROMPTS + heldout_questions(args.prompts, args.max_len or 512)
+    base = ["--max-samples", str(args.max_samples), "--divergence", args.divergence, "--no-pack",
+            "--on-policy-temperature", str(args.on_policy_temperature),
+            "--on-policy-max-new", str(args.on_policy_max_new)] + (["--max-len", str(args.max_len)] if args.max_len else [])
+    rows = []
+    for seed in seeds:
+        budget = None
+        for lam in lambdas:
+            name = f"lam{lam:g}_s{seed}"
+            run = base + ["--seed", str(seed), "--on-policy", str(lam)]
+            if budget is not None and lam > 0:  # equal wall time: steps from a probe of this λ's own steps
+                probe = work / f"probe_{name}"
+                train(probe, run + ["--max-steps", str(args.probe_steps), "--no-report"])
+                step_s = statistics.median(json.loads(r)["step_s"] for r in (probe / "metrics.jsonl").read_text().splitlines())
+                run += ["--max-steps", str(max(1, round(budget / step_s)))]
+            wall = train(work / name, run)
+            metrics = [json.loads(r) for r in (work / name / "metrics.jsonl").read_text().splitlines()]
+            train_s = sum(r["step_s"] for r in metrics)
+            if budget is None:
+                budget = train_s
+            rep = json.loads((work / name / "report.json").read_text())
+            said = answers(work / name / "model", questions)
+            gen_s = sum(r.get("gen_s", 0) for r in metrics)
+            gen_tok = sum(r.get("gen_tokens", 0) for r in metrics)
+            rows.append({"lambda": lam, "seed": seed, "steps": len(metrics), "train_s": train_s, "wall_s": wall,
+                         "heldout_ce": rep["after"][0], "heldout_kl": rep["after"][1],
+                         "repeating": sum(rep4(a) > 0 for a in said) / len(said),
+                         "rep4": statistics.mean(rep4(a) for a in said),
+                         "gen_tokens_per_s": gen_tok / gen_s if gen_s else None,
+                         "gen_share": gen_s / train_s if gen_s else 0.0, "answers": dict(zip(questions, said))})
+            r = rows[-1]
+            print(f"λ={lam:g} seed {seed}: {r['steps']} steps, {train_s:.0f} s; held-out CE {r['heldout_ce']:.4f} "
+                  f"KL {r['heldout_kl']:.4f}; repeating {100 * r['repeating']:.0f}%, rep-4 {r['rep4']:.3f}; "
+                  f"sampling {r['gen_tokens_per_s'] or 0:.0f} tok/s, {100 * r['gen_share']:.0f}% of a step",
+                  flush=True)
+            Path(args.output).write_text(json.dumps({"args": vars(args), "questions": questions, "runs": rows},
+                                                    indent=1))
+    lines = ["| λ | seeds | steps | held-out KL | held-out CE | answers repeating (4-gram) | rep-4 | sampling tok/s | "
+             "sampling share |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for lam in lambdas:
+        rs = [r for r in rows if r["lambda"] == lam]
+        def ms(key, scale=1.0, fmt=".4f"):
+            v = [r[key] * scale for r in rs if r[key] is not None]
+            if not v:
+                return "-"
+            half = (max(v) - min(v)) / 2
+            return f"{statistics.mean(v):{fmt}} ± {half:{fmt}}"
+        lines.append(f"| {lam:g} | {','.join(str(r['seed']) for r in rs)} | {ms('steps', fmt='.0f')} | "
+                     f"{ms('heldout_kl')} | {ms('heldout_ce')} | {ms('repeating', 100, '.0f')}% | {ms('rep4', fmt='.3f')} | "
+                     f"{ms('gen_tokens_per_s', fmt='.0f')} | {ms('gen_share', 100, '.0f')}% |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    Path(args.output).with_suffix(".md").write_text(table + "\n\n± is half the range over the seeds.\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
