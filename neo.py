@@ -54,7 +54,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # label of every token the loss skips (data.py writes it into the labels)
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 

@@ -49,8 +49,7 @@ import data
 import lora
 import model as llama
 import neo
-import run_folder
-import tokenized
+from runkit import adapters, files, run_folder, tokenized
 
 # -----------------------------------------------------------------------------
 # Arguments. Paper values are the defaults; the offline demo (no --teacher, no GPU) swaps in a
@@ -462,7 +461,7 @@ def autocast(device, args):
 
 
 def offline_model():
-    import offline
+    from runkit import offline
     return offline.smollm2_dir()
 
 
@@ -563,17 +562,17 @@ def shared_vocab(student, teacher, tokenizer):
 
 
 def load_data(args, tokenizer):
-    """Training and held-out examples, read from the tokenised cache (tokenized.py: built by the
+    """Training and held-out examples, read from the tokenised cache (runkit/tokenized.py: built by the
     first run, rank 0, and shared). The offline set has its own fixed held-out split; for user
     data the held-out conversations are a seeded sample set aside before training."""
     offline_data = args.data in (None, "offline")
     store = tokenized.load("offline" if offline_data else args.data, tokenizer, args.max_len,
                            skip_bad_lines=args.skip_bad_lines)
     stats = store.stats()
-    order = data.sample_indices(len(store), args.max_samples, args.seed)
+    order = files.sample_indices(len(store), args.max_samples, args.seed)
     if offline_data:
         held_store = tokenized.load("offline:heldout", tokenizer, args.max_len)
-        held = data.sample_indices(len(held_store), args.heldout, args.seed)
+        held = files.sample_indices(len(held_store), args.heldout, args.seed)
     else:
         random.Random(args.seed).shuffle(order)
         n_held = min(args.heldout, len(order) // 10)
@@ -840,9 +839,9 @@ def save_checkpoint(out: Path, step, wrapped, optimizer, loader, args, d: Dist, 
                    folder / "state.pt")
         if args.method in ("neo", "lora"):  # the adapter so far, in PEFT's layout, usable on its own
             student = module_of(wrapped).student
-            lora.save_adapter(student, folder / "adapter", base_path,
-                              state_dict={k.removeprefix("student."): v for k, v in model_sd.items()},
-                              base_fingerprint=args.bases["student"])  # None: from the student_base folder
+            adapters.save_adapter(student, folder / "adapter", base_path,
+                                  state_dict={k.removeprefix("student."): v for k, v in model_sd.items()},
+                                  base_fingerprint=args.bases["student"])  # None: from the student_base folder
 
     if d.master:  # into a temporary folder, then swapped in; the newest two are kept
         run_folder.publish_checkpoint(out / "checkpoints", step, write, keep=2)
@@ -892,10 +891,10 @@ def load_checkpoint(out: Path, args):
 
 
 def base_fingerprints(args, teacher_path) -> dict:
-    """Fingerprints (lora.fingerprint) of the models the adapter's base is made from: the teacher, which
+    """Fingerprints (adapters.fingerprint) of the models the adapter's base is made from: the teacher, which
     the student is pruned from, and --student when given. Kept in checkpoints, checked by --resume."""
-    return {"teacher": lora.fingerprint(teacher_path),
-            "student": lora.fingerprint(llama.resolve_folder(args.student)) if args.student else None}
+    return {"teacher": adapters.fingerprint(teacher_path),
+            "student": adapters.fingerprint(llama.resolve_folder(args.student)) if args.student else None}
 
 
 def restore_optimizer(wrapped, optimizer, state, args, d):
@@ -939,8 +938,8 @@ def final_student(wrapped, student, args, d):
 def export(student, out: Path, args, base_path):
     """The adapter (PEFT layout) and a merged Hugging Face folder; or the full student for sft/kd."""
     if args.method in ("neo", "lora"):
-        lora.save_adapter(student, out / "adapter", base_model_name_or_path=base_path,
-                          base_fingerprint=args.bases["student"])  # None: from the student_base folder
+        adapters.save_adapter(student, out / "adapter", base_model_name_or_path=base_path,
+                              base_fingerprint=args.bases["student"])  # None: from the student_base folder
         lora.save_merged(student, out / "model")
     else:
         student.save_pretrained(out / "model")

@@ -12,10 +12,10 @@ neo.neo_loss, the pruned student), so it is the step `python train.py` runs:
     neo-moslora   MoSLoRA adapters      the same
     neo-cache     LoRA adapters         the same with the teacher's top-k read from a cache
                                         (teacher_cache.py, neo.sparse_neo_loss): no teacher in memory
-    hf-peft-neo   the Neo step written the way most users write it today: transformers
-                  LlamaForCausalLM for teacher and student (the same weights, from the same
-                  folders), PEFT LoRA with the same rank/alpha/dropout/targets, and the loss on the
-                  full (B, T, V) logits upcast to fp32 (F.cross_entropy + F.kl_div: neo.reference_loss)
+    hf-peft-neo   the Neo step written the way most users write it today (benchmarks/peers.py):
+                  transformers LlamaForCausalLM for teacher and student (the same weights, from the
+                  same folders), PEFT LoRA with the same rank/alpha/dropout/targets, and the loss on
+                  the full (B, T, V) logits upcast to fp32 (F.cross_entropy + F.kl_div: neo.reference_loss)
 
 Precision: --dtype as train.py (auto: bf16 frozen weights + bf16 autocast where bf16 matmul
 is native, else fp32; trainable weights and AdamW state fp32 either way); hf-peft-neo follows the
@@ -58,7 +58,6 @@ two config.json files on fake tensors, without loading weights.
     python -m benchmarks.bench --methods neo,hf-peft-neo --dtype float32,auto --rounds 2   # bf16 vs fp32
 """
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -71,6 +70,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks import peers
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root: workers run as `python -m benchmarks.<name>`
 
@@ -154,11 +155,12 @@ def prepare(args) -> tuple[str, str, Path]:
     import data
     import model as llama
     import train
+    from runkit import files
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     teacher = str(llama.resolve_folder(args.teacher or train.offline_model()))
     tok = data.Tokenizer.from_dir(teacher)
-    conversations, _ = data.load_conversations(args.data, None, 0)
+    conversations, _ = files.load_conversations(args.data, None, 0)
     # whole conversations (no truncation), packed back to back into the fixed-shape batch
     examples = data.tokenize_all(tok, conversations[:args.batch_size * args.max_len // 64 + 64], 10**9)
     batch = pack(examples, args.batch_size, args.max_len)
@@ -259,55 +261,6 @@ def ours(method, args, teacher_dir, student_dir, device):
     return step, params, (teacher, distiller.student, optimizer)
 
 
-def hf_peft(args, teacher_dir, student_dir, device):
-    """The common way: transformers + PEFT LoRA + a full-logits CE + KL loss (fp32 upcast)."""
-    from transformers import LlamaForCausalLM
-    import train
-    precision = train.choose_dtype(args.dtype, device)  # the same choice as ours: bf16 weights + autocast, or fp32
-    dtype = precision.frozen
-    teacher = LlamaForCausalLM.from_pretrained(teacher_dir, dtype=dtype).to(device).eval().requires_grad_(False)
-    student = LlamaForCausalLM.from_pretrained(student_dir, dtype=dtype).to(device)
-    return hf_peft_step(args, teacher, student, precision, device)
-
-
-def hf_peft_step(args, teacher, student, precision, device):
-    """PEFT LoRA on the transformers student, AdamW, and the full-logits step (also run on fake
-    tensors by benchmarks/memory.py to predict this baseline's memory)."""
-    from peft import LoraConfig, get_peft_model
-    import neo
-    import train
-    targs = train.parse_args(["--method", "neo"])  # the same α, T, targets, lr as ours
-    config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=targs.targets.split(","), task_type="CAUSAL_LM")
-    student = get_peft_model(student, config)  # adapters fp32 (PEFT's autocast_adapter_dtype) on a bf16 base
-    if args.compile:
-        for layer in student.base_model.model.model.layers:
-            layer.compile()
-        for layer in teacher.model.layers:
-            layer.compile()
-    compute = (lambda: torch.autocast(device.type, dtype=precision.compute)) if precision.compute else contextlib.nullcontext
-    if args.grad_checkpoint:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    student.train()
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=targs.lr, betas=(0.9, 0.999), weight_decay=targs.weight_decay)
-    alpha, T = targs.alpha, targs.temperature
-
-    def step(b):
-        with torch.no_grad():
-            t_logits = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, T, V)
-        with compute():
-            s_logits = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, T, V)
-            # F.cross_entropy + F.kl_div on the full logits, upcast to fp32 (neo.reference_loss)
-            loss = neo.reference_loss(s_logits, t_logits, b["labels"], alpha=alpha, temperature=T).loss
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, targs.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-    return step, params, (teacher, student, optimizer)
-
-
 def worker(args):
     device = torch.device(args.device)
     if args.threads:
@@ -320,7 +273,7 @@ def worker(args):
     rss_start = rss_gb()  # the runtime alone: Python, torch and the libraries, no weights yet
     batch = {k: v.to(device) for k, v in torch.load(args.batch_file).items()}
     if args.worker == "hf-peft-neo":
-        step, params, parts = hf_peft(args, args.teacher, args.student, device)
+        step, params, parts = peers.hf_peft(args, args.teacher, args.student, device)
     else:
         step, params, parts = ours(args.worker, args, args.teacher, args.student, device)
     rss_models = rss_gb()

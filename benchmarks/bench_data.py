@@ -36,8 +36,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import neo  # noqa: E402
-import offline  # noqa: E402
-import tokenized  # noqa: E402
+from runkit import files, offline, tokenized  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -121,7 +120,7 @@ def bench_tokenize(args, tok, work: Path) -> dict:
         print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.time() - t0:.0f} s", flush=True)
 
     # One by one (the old path) against the batched encoder, on the same sample, interleaved.
-    sample = list(islice(data.iter_conversations(path), args.sample))
+    sample = list(islice(files.iter_conversations(path), args.sample))
     timing = {"one_by_one": [], "batched": []}
     for _ in range(2):
         for name in timing:

@@ -32,7 +32,7 @@ def main():
 
     import datasets
     import eval as neo_eval
-    import offline
+    from runkit import offline
     from lm_eval.models.huggingface import HFLM
 
     datasets.disable_progress_bars()

@@ -283,7 +283,7 @@ class Scorer:
 
 def lambada_ids(tok, n_passages: int) -> list[int]:
     """The first n LAMBADA passages (context + final word) joined by blank lines, tokenised."""
-    import offline
+    from runkit import offline
     return tok.encode("\n\n".join(offline.lambada_passages(n_passages)))
 
 

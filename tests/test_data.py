@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import data
-import offline
-from data import IGNORE_INDEX, Batches, DataStats, Tokenizer, load_conversations, tokenize_all, tokenize_conversation
+from data import IGNORE_INDEX, Batches, DataStats, Tokenizer, tokenize_all, tokenize_conversation
+from runkit import offline
+from runkit.files import load_conversations
 
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
           "{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}"
@@ -335,7 +336,6 @@ def write_records(path, records):
     """records in the file type of path's suffix: JSON Lines, a JSON list, Parquet, or gzip'd JSON Lines."""
     import gzip
     if path.name.endswith(".parquet"):
-        import pyarrow as pa
         import pyarrow.parquet as pq
         pq.write_table(parquet_table(records), path)
     elif path.name.endswith(".jsonl.gz"):

@@ -18,6 +18,7 @@ import torch
 
 import eval as neo_eval
 from lm_eval.api.instance import Instance
+from runkit import adapters
 
 TOL = 1e-4
 MAX_LEN = 32  # small, so that some requests need left truncation and rolling windows
@@ -175,7 +176,7 @@ def test_adapter_merged_equals_unmerged_and_peft(tiny_dir, tmp_path):
     with torch.no_grad():
         for layer in lora.lora_layers(base).values():
             layer.lora_B.normal_(0.0, 0.5)  # a non-trivial update (B starts at zero)
-    lora.save_adapter(base, tmp_path / "adapter", base_model_name_or_path=str(tiny_dir))
+    adapters.save_adapter(base, tmp_path / "adapter", base_model_name_or_path=str(tiny_dir))
 
     requests = ll_requests([(c, x) for c in CONTEXTS[:3] for x in CONTINUATIONS[:3]])
     plain = neo_eval.NeoLM(str(tiny_dir), device="cpu").loglikelihood(requests, disable_tqdm=True)
@@ -199,7 +200,7 @@ def test_adapter_shape_mismatch_names_module(tiny_dir, tmp_path):
 
     base = model_lib.Llama.from_pretrained(tiny_dir)
     lora.apply_lora(base, rank=4, alpha=8, verbose=False)
-    lora.save_adapter(base, tmp_path / "adapter")
+    adapters.save_adapter(base, tmp_path / "adapter")
     weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     key = "base_model.model.model.layers.1.mlp.up_proj.lora_A.weight"
     weights[key] = torch.zeros(4, 99)  # as if trained on a model of another width
@@ -235,7 +236,7 @@ def adapter_for(base_dir, folder):
     import model as model_lib
     base = model_lib.Llama.from_pretrained(base_dir)
     lora.apply_lora(base, rank=4, alpha=8, verbose=False)
-    lora.save_adapter(base, folder, base_model_name_or_path=str(base_dir))
+    adapters.save_adapter(base, folder, base_model_name_or_path=str(base_dir))
     return folder
 
 

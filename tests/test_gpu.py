@@ -12,7 +12,6 @@ Nothing here needs weights, a tokenizer, data, lm-eval or gguf: the models are r
 a config in the test, so the tests run on a GPU machine with torch, transformers and pytest alone.
 Run on a GPU: pytest -m gpu tests/test_gpu.py -v -rs
 """
-import copy
 import gc
 
 import pytest
@@ -353,7 +352,8 @@ def test_gpu_modules_import_without_lm_eval_or_gguf():
     root = Path(__file__).resolve().parent.parent
     code = ("import sys; sys.modules['lm_eval'] = None; sys.modules['gguf'] = None\n"  # None: ImportError on import
             f"sys.path[:0] = [{str(root)!r}, {str(root / 'tests')!r}]\n"
-            "import model, lora, neo, data, offline, train, plan, test_gpu\n"
+            "import model, lora, neo, data, train, plan, test_gpu\n"
+            "from runkit import offline\n"
             "from benchmarks import bench, bench_gpu\n"
             "try:\n    import eval\nexcept ImportError:\n    pass\nelse:\n    sys.exit('the blocker did not block')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)

@@ -16,8 +16,10 @@ from safetensors.torch import load_file
 
 import lora
 import model
-from lora import LoRALinear, apply_lora, load_adapter, lora_parameters, merge_lora, save_adapter, unmerge_lora
+from lora import LoRALinear, apply_lora, lora_parameters, merge_lora, unmerge_lora
 from neo import count_targets, neo_loss
+from runkit import adapters
+from runkit.adapters import load_adapter, save_adapter
 
 
 def random_adapter_(layer: LoRALinear, seed=0):
@@ -353,7 +355,7 @@ def test_peft_loads_our_adapter_onto_transformers_llama_with_our_logits(tmp_path
         random_adapter_(layer)
     save_adapter(student, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
 
-    assert lora.adapter_base(tmp_path / "adapter") == (str(tmp_path / "base"), lora.fingerprint(tmp_path / "base"))
+    assert adapters.adapter_base(tmp_path / "adapter") == (str(tmp_path / "base"), adapters.fingerprint(tmp_path / "base"))
 
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
     import warnings
@@ -377,13 +379,13 @@ def test_fingerprint_tells_bases_apart(tmp_path):
     base = tiny(STUDENT, 0)
     base.save_pretrained(tmp_path / "a")
     base.save_pretrained(tmp_path / "same")
-    fp = lora.fingerprint(tmp_path / "a")
-    assert fp == lora.fingerprint(tmp_path / "same") and fp["parameters"] == sum(
+    fp = adapters.fingerprint(tmp_path / "a")
+    assert fp == adapters.fingerprint(tmp_path / "same") and fp["parameters"] == sum(
         p.numel() for n, p in base.state_dict().items() if n != "lm_head.weight" or not base.config.tie_word_embeddings)
     with torch.no_grad():
         base.model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3  # one value
     base.save_pretrained(tmp_path / "nudged")
-    nudged = lora.fingerprint(tmp_path / "nudged")
+    nudged = adapters.fingerprint(tmp_path / "nudged")
     assert nudged["shapes"] == fp["shapes"] and nudged["weights"] != fp["weights"]
     llama.prune_layers(tiny(STUDENT, 0), [0]).save_pretrained(tmp_path / "pruned")
-    assert lora.fingerprint(tmp_path / "pruned")["shapes"] != fp["shapes"]
+    assert adapters.fingerprint(tmp_path / "pruned")["shapes"] != fp["shapes"]

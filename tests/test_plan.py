@@ -46,10 +46,10 @@ def test_plan_predicts_the_measured_peak(method, adapter, ckpt, bf16):
 
 
 def test_plan_predicts_hf_peft_baseline(tiny_teacher_dir):
-    from benchmarks import bench
+    from benchmarks import peers
     args = argparse.Namespace(rank=4, lora_alpha=8.0, lora_dropout=0.0, grad_checkpoint=False, batch_size=2,
                               max_len=64, chunk_size=256, dtype="float32", compile=False)
-    step, _, parts = bench.hf_peft(args, tiny_teacher_dir, tiny_teacher_dir, CPU)
+    step, _, parts = peers.hf_peft(args, tiny_teacher_dir, tiny_teacher_dir, CPU)
     ids = torch.randint(0, 49152, (2, 64))
     batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
     step(batch)

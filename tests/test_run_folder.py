@@ -1,16 +1,15 @@
-"""run_folder.py: the output folder is the user's, one run at a time, writes complete or not at all,
+"""runkit/run_folder.py: the output folder is the user's, one run at a time, writes complete or not at all,
 and --resume finds the newest checkpoint that loads. train.py's own use of it is in test_train.py."""
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-import run_folder
+from runkit import run_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +32,7 @@ def test_a_folder_with_files_is_refused_unless_resume_or_overwrite(tmp_path):
 
 
 def test_a_second_run_is_refused_with_the_first_ones_pid_and_a_killed_one_leaves_no_stale_lock(tmp_path):
-    code = f"import run_folder, time; run_folder.claim({str(tmp_path)!r}, False, False); print('locked', flush=True); time.sleep(60)"
+    code = f"from runkit import run_folder; import time; run_folder.claim({str(tmp_path)!r}, False, False); print('locked', flush=True); time.sleep(60)"
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(SystemExit, match=rf"in use by another train.py run \(PID {holder.pid} on "):

@@ -1,4 +1,4 @@
-"""tokenized.py: the cached tokenisation equals data.tokenize_all, is built once and reused, is rebuilt
+"""runkit/tokenized.py: the cached tokenisation equals data.tokenize_all, is built once and reused, is rebuilt
 when its key changes, is never left half-written, and worker processes give the same bytes."""
 import json
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import data
-import tokenized
 from data import DataStats, Tokenizer
+from runkit import files, tokenized
 
 TEMPLATE_B = ("{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>{% endfor %}"
               "{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}")
@@ -44,7 +44,7 @@ def test_cache_equals_tokenize_all_and_is_reused(smol, tmp_path, monkeypatch):
     store = tokenized.load(path, smol, 48, root=tmp_path / "cache")
     stats = store.stats()
     examples = store.select(range(len(store)), stats)
-    conversations, ref_stats = data.load_conversations(path)
+    conversations, ref_stats = files.load_conversations(path)
     reference = data.tokenize_all(smol, conversations, 48, ref_stats)
     assert as_lists(examples) == as_lists(reference)
     assert stats == ref_stats and stats.truncated > 0 and stats.dropped > 0 and stats.no_assistant == 1
@@ -55,7 +55,7 @@ def test_cache_equals_tokenize_all_and_is_reused(smol, tmp_path, monkeypatch):
     monkeypatch.setattr(tokenized, "build", lambda *a, **k: pytest.fail("rebuilt an existing cache"))
     assert tokenized.load(path, smol, 48, root=tmp_path / "cache").folder == store.folder
     # A subset selects the same examples as tokenising that subset.
-    keep = data.sample_indices(len(store), 10, seed=1)
+    keep = files.sample_indices(len(store), 10, seed=1)
     sub_stats = DataStats()
     assert as_lists(store.select(keep, sub_stats)) == as_lists(
         data.tokenize_all(smol, [conversations[i] for i in keep], 48, DataStats()))

