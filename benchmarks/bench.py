@@ -72,6 +72,9 @@ from pathlib import Path
 import torch
 
 from benchmarks import peers
+from runkit import cache_store, flags, offline
+from runkit.distributed import Dist
+from runkit.precision import choose_dtype, compile_blocks, frozen_dtype
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root: workers run as `python -m benchmarks.<name>`
 
@@ -158,7 +161,7 @@ def prepare(args) -> tuple[str, str, Path]:
     from runkit import files
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    teacher = str(llama.resolve_folder(args.teacher or train.offline_model()))
+    teacher = str(llama.resolve_folder(args.teacher or offline.smollm2_dir()))
     tok = data.Tokenizer.from_dir(teacher)
     conversations, _ = files.load_conversations(args.data, None, 0)
     # whole conversations (no truncation), packed back to back into the fixed-shape batch
@@ -168,22 +171,21 @@ def prepare(args) -> tuple[str, str, Path]:
     torch.save(batch, batch_file)
     if "neo-cache" in args.methods:  # what teacher_cache.py would store for this batch, with its dtypes
         import neo
-        import teacher_cache
         teacher_model = llama.Llama.from_pretrained(teacher).eval()
         with torch.no_grad():
             hidden = teacher_model(batch["input_ids"], batch["attention_mask"], return_hidden=True)
         mask = batch["labels"][:, 1:] != -100
         top = neo.teacher_topk(hidden[:, :-1][mask], teacher_model.lm_head.weight, args.k,
-                               k_max=max(args.k, teacher_cache.K_MAX), samples=teacher_cache.TAIL_SAMPLES,
+                               k_max=max(args.k, cache_store.K_MAX), samples=cache_store.TAIL_SAMPLES,
                                generator=torch.Generator().manual_seed(0))
-        torch.save(teacher_cache.stored(top, "uint16")._asdict(), batch_file.with_name(batch_file.stem + f"_top{args.k}.pt"))
+        torch.save(cache_store.stored(top, "uint16")._asdict(), batch_file.with_name(batch_file.stem + f"_top{args.k}.pt"))
         del teacher_model, hidden
     student = args.student
     if student is None:  # train.py's pruned half, saved once so every subprocess loads the same weights
         tag = Path(teacher).name + f"-prune{args.prune_to or 'half'}"
         student = str(work / tag)
         if not (Path(student) / "config.json").exists():
-            targs = train.parse_args(["--teacher", teacher] + (["--prune-to", str(args.prune_to)]
+            targs = flags.parse(["--teacher", teacher] + (["--prune-to", str(args.prune_to)]
                                                                if args.prune_to else []))
             train.build_student(targs, teacher, examples[0]["input_ids"], torch.device("cpu")).save_pretrained(student)
     return teacher, student, batch_file
@@ -221,12 +223,23 @@ def peak_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+class OneBatchOfRows:
+    """The bench batch's cached teacher rows, decoded at every step as TeacherCache.rows does."""
+
+    def __init__(self, rows):
+        self.stored = rows
+
+    def rows(self, split, example_ids):
+        import neo
+        return cache_store.decoded(neo.TeacherTopK(**self.stored))
+
+
 def ours(method, args, teacher_dir, student_dir, device):
     """train.py's models, trainable set, Distiller and step: returns (step function, trainable params)."""
     import model as llama
     import neo
     import train
-    targs = train.parse_args(TRAIN_FLAGS[method] + ["--teacher", teacher_dir, "--student", student_dir,
+    targs = flags.parse(TRAIN_FLAGS[method] + ["--teacher", teacher_dir, "--student", student_dir,
                                                     "--rank", str(args.rank), "--lora-alpha", str(args.lora_alpha),
                                                     "--lora-dropout", str(args.lora_dropout),
                                                     "--chunk-size", str(args.chunk_size), "--dtype", args.dtype]
@@ -235,29 +248,24 @@ def ours(method, args, teacher_dir, student_dir, device):
     use_teacher = targs.method in ("neo", "kd") and method != "neo-cache"
     teacher, rows = None, None
     if method == "neo-cache":  # the rows come from disk; the teacher is never loaded
-        import teacher_cache
         rows = torch.load(Path(args.batch_file).with_name(Path(args.batch_file).stem + f"_top{args.k}.pt"))
         rows = {key: v.to(device) for key, v in rows.items()}  # as stored; decoded every step, as TeacherCache.rows does
     if use_teacher:
-        teacher = llama.Llama.from_pretrained(teacher_dir, dtype=train.frozen_dtype(targs, device), device=device)
+        teacher = llama.Llama.from_pretrained(teacher_dir, dtype=frozen_dtype(targs, device), device=device)
         teacher.eval().requires_grad_(False)
     student = train.build_student(targs, teacher_dir, None, device)  # --student given: just loads it
     student = train.prepare_student(student, targs, device)
     if targs.compile:
-        train.compile_blocks(student, teacher)
-    distiller = train.Distiller(student, targs.alpha, targs.temperature, targs.divergence, targs.chunk_size)
+        compile_blocks(student, teacher)
+    distiller = neo.Distiller(student, teacher if use_teacher else None, targs.alpha, targs.temperature,
+                              targs.divergence, targs.chunk_size)
     params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=targs.lr, betas=(0.9, 0.999), weight_decay=targs.weight_decay)
+    cache = None if rows is None else OneBatchOfRows(rows)
+    ctx = train.Step(distiller, optimizer, params, cache, targs, Dist(device=device), Path("."), None)
 
-    def step(b):
-        normalizer = torch.tensor(float(neo.count_targets(b["labels"])), device=device).clamp(min=1)
-        cached = None if rows is None else teacher_cache.decoded(neo.TeacherTopK(**rows))
-        res = train.forward_backward(distiller, teacher if use_teacher else None, b, normalizer, device, targs,
-                                     cached)
-        torch.nn.utils.clip_grad_norm_(params, targs.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return res.loss.item()
+    def step(b):  # train.py's step, on one micro-batch
+        return train.train_step(ctx, [b], targs.lr, 0)["loss"]
     return step, params, (teacher, distiller.student, optimizer)
 
 
@@ -277,8 +285,7 @@ def worker(args):
     else:
         step, params, parts = ours(args.worker, args, args.teacher, args.student, device)
     rss_models = rss_gb()
-    import train
-    precision = train.choose_dtype(args.dtype, device)
+    precision = choose_dtype(args.dtype, device)
     peak_flops = [matmul_peak(precision.compute or torch.float32, device)]
     times, losses = [], []
     for i in range(args.warmup + args.steps):
@@ -364,8 +371,7 @@ def step_flops(method, args, batch) -> float:
     # student: linears fwd + input grad (+ weight grad when trained); attention fwd + grads of Q, K, V
     student = n_tok * s.num_hidden_layers * (matmuls(s) * (3 if full else 2) + attention(s) * 3)
     if method not in ("sft", "kd"):
-        import train
-        targets = train.parse_args([]).targets.split(",")  # the adapters ours and hf-peft-neo place
+        targets = flags.parse([]).targets.split(",")  # the adapters ours and hf-peft-neo place
         extra = args.rank if method == "neo-moslora" else 0
         student += n_tok * s.num_hidden_layers * sum(3 * 2 * args.rank * (i + o + extra)
                                                      for name, (i, o) in linears(s).items() if name in targets)

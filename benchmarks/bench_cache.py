@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import torch
+from runkit import cache_store, flags, offline, report, tokenized
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,11 +72,11 @@ def student_and_teacher(work: Path, max_len: int):
     import data
     import model as llama
     import train
-    teacher_dir = str(llama.resolve_folder(train.offline_model()))
+    teacher_dir = str(llama.resolve_folder(offline.smollm2_dir()))
     student_dir = work / "student"
     if not (student_dir / "config.json").exists():
-        targs = train.parse_args(["--max-len", str(max_len)])
-        train_set, _ = train.load_data(targs, data.Tokenizer.from_dir(teacher_dir))
+        targs = flags.parse(["--max-len", str(max_len)])
+        train_set, _ = tokenized.load_splits(targs, data.Tokenizer.from_dir(teacher_dir))
         train.build_student(targs, teacher_dir, train_set[0]["input_ids"], torch.device("cpu")).save_pretrained(student_dir)
     return teacher_dir, str(student_dir)
 
@@ -84,8 +85,6 @@ def sizes(args):
     import data
     import model as llama
     import neo
-    import teacher_cache
-    import train
     from safetensors.torch import load_file
     work = Path(args.work_dir)
     teacher_dir, pruned_dir = student_and_teacher(work, args.max_len)
@@ -93,7 +92,7 @@ def sizes(args):
     students = {name: pruned_dir if d == "pruned" else d for name, d in students.items()}
     teacher = llama.Llama.from_pretrained(teacher_dir).eval()
     tok = data.Tokenizer.from_dir(teacher_dir)
-    _, held = train.load_data(train.parse_args(["--max-len", str(args.max_len), "--heldout", str(args.heldout)]), tok)
+    _, held = tokenized.load_splits(flags.parse(["--max-len", str(args.max_len), "--heldout", str(args.heldout)]), tok)
     collate = data.Batches(held, 1, pad_id=tok.pad_token_id).collate
     batches = [collate(held[i:i + 4]) for i in range(0, len(held), 4)]   # teacher_cache.py's batches of 4
     masks = [b["labels"][:, 1:] != -100 for b in batches]
@@ -108,17 +107,17 @@ def sizes(args):
     for k in ks:
         for layout, (k_max, draws) in layouts.items():
             # per batch of 4 conversations, as teacher_cache.write_shard calls it
-            parts = [teacher_cache.flat(teacher_cache.stored(
+            parts = [cache_store.flat(cache_store.stored(
                 neo.teacher_topk(th[:, :-1][m], teacher.lm_head.weight, k, k_max=k_max(k), samples=draws,
                                  generator=torch.Generator().manual_seed(i)), "uint16"))
                 for i, (th, m) in enumerate(zip(teacher_hidden, masks))]
             tensors = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
             path = work / f"heldout_k{k}_{k_max(k)}_s{draws}.safetensors"  # written as teacher_cache.py writes a shard
-            teacher_cache.save_shard(path, {"split": "heldout", "first": 0, "last": len(held), "rows": n}, tensors,
-                                     teacher_cache.targets_per_example(held),
+            cache_store.save_shard(path, {"split": "heldout", "first": 0, "last": len(held), "rows": n}, tensors,
+                                     cache_store.targets_per_example(held),
                                      {"k": k, "k_max": k_max(k), "tail_samples": draws, "ids_dtype": "uint16"})
             back = load_file(str(path))
-            top = teacher_cache.decoded(teacher_cache.unflat(**{key: back[key] for key in tensors}))
+            top = cache_store.decoded(cache_store.unflat(**{key: back[key] for key in tensors}))
             stored[k, layout] = (path.stat().st_size / n, top, top.tail_logp.exp().mean().item(),
                                  int(top.width.max()))
     rows = []
@@ -169,7 +168,6 @@ def sizes(args):
 def loss(args):
     import statistics
     import neo
-    import teacher_cache
     torch.set_num_threads(args.threads)
     b = torch.load("runs/bench/batch_4x512.pt")
     rows = torch.load(f"runs/bench/batch_4x512_top{args.k}.pt")
@@ -180,7 +178,7 @@ def loss(args):
     ht = torch.randn(4, 512, D, generator=g).bfloat16()
 
     def sparse():
-        neo.sparse_neo_loss(hs, ws, teacher_cache.decoded(neo.TeacherTopK(**rows)), b["labels"]).loss.backward()
+        neo.sparse_neo_loss(hs, ws, cache_store.decoded(neo.TeacherTopK(**rows)), b["labels"]).loss.backward()
 
     def dense():
         neo.neo_loss(hs, ws, ht, ws, b["labels"]).loss.backward()
@@ -199,7 +197,6 @@ def loss(args):
 
 def demo(args):
     import model as llama
-    import train
     work = Path(args.work_dir)
     budget = ["--max-len", str(args.max_len), "--heldout", str(args.heldout), "--no-pack"]  # a cache row is one example
     budget += ["--max-samples", str(args.max_samples)] if args.max_samples else []
@@ -216,23 +213,23 @@ def demo(args):
         times[name] = time.time() - t0
     # Both students against the live teacher: the full KL on the demo's held-out conversations.
     import data
-    targs = train.parse_args(budget)
-    teacher_dir = str(llama.resolve_folder(train.offline_model()))
+    targs = flags.parse(budget)
+    teacher_dir = str(llama.resolve_folder(offline.smollm2_dir()))
     tok = data.Tokenizer.from_dir(teacher_dir)
-    _, held = train.load_data(targs, tok)
+    _, held = tokenized.load_splits(targs, tok)
     batches = [data.Batches(held, 1, pad_id=tok.pad_token_id).collate(held[i:i + 4]) for i in range(0, len(held), 4)]
     teacher = llama.Llama.from_pretrained(teacher_dir).eval()
     scores = {}
     for name in ("live", "cache"):
         out = work / f"demo_{name}_{tag}"
         m = llama.Llama.from_pretrained(str(out / "model")).eval()
-        ce, kl = train.heldout_scores(m, teacher, batches, torch.device("cpu"), 256, None)
+        ce, kl = report.heldout_scores(m, teacher, batches, torch.device("cpu"), 256, None)
         scores[name] = {"heldout_ce": ce, "heldout_kl": kl, "wall_s": times[name]}
         print(f"{name:>5}: held-out CE {ce:.4f}  KL(teacher || student) {kl:.4f}  train.py wall {times[name]:.0f} s")
     diff = abs(scores["cache"]["heldout_kl"] - scores["live"]["heldout_kl"]) / scores["live"]["heldout_kl"]
     print(f"cache written in {t_cache:.0f} s; held-out KL differs by {100 * diff:.2f}% (target <= 2%): "
           f"{'met' if diff <= 0.02 else 'MISSED'}")
-    return {"budget": {k: getattr(targs, k) for k in train.DEMO}, "cache_s": t_cache,
+    return {"budget": {k: getattr(targs, k) for k in flags.DEMO}, "cache_s": t_cache,
             "scores": scores, "kl_rel_diff": diff}
 
 

@@ -35,8 +35,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import data  # noqa: E402
+import model as llama  # noqa: E402
 import neo  # noqa: E402
-from runkit import files, offline, tokenized  # noqa: E402
+from runkit import files, flags, offline, tokenized  # noqa: E402
+from runkit.distributed import Dist  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -174,24 +176,18 @@ def bench_steps(args, tok) -> dict:
     import train
     teacher_dir = str(offline.smollm2_dir())
     examples = offline_examples(tok, args.max_len)
-    targs = train.parse_args(["--teacher", teacher_dir, "--rank", str(args.rank), "--method", "neo"])
+    targs = flags.parse(["--teacher", teacher_dir, "--rank", str(args.rank), "--method", "neo"])
     device = torch.device("cpu")
-    teacher = train.llama.Llama.from_pretrained(teacher_dir).eval().requires_grad_(False)
+    teacher = llama.Llama.from_pretrained(teacher_dir).eval().requires_grad_(False)
     student = train.prepare_student(train.build_student(targs, teacher_dir, examples[0]["input_ids"].tolist(), device),
                                     targs, device)
-    distiller = train.Distiller(student, targs.alpha, targs.temperature, targs.divergence, targs.chunk_size)
+    distiller = neo.Distiller(student, teacher, targs.alpha, targs.temperature, targs.divergence, targs.chunk_size)
     params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=targs.lr)
+    ctx = train.Step(distiller, optimizer, params, None, targs, Dist(), Path(args.work_dir), tok)
 
-    def step(b):
-        normalizer = neo.count_targets(b["labels"]).float().clamp(min=1)
-        with torch.no_grad():
-            th = teacher(b["input_ids"], b["attention_mask"], document_ids=b.get("document_ids"), return_hidden=True)
-        res = distiller(b["input_ids"], b["attention_mask"], b["labels"], th, teacher.lm_head.weight, normalizer,
-                        b.get("document_ids"))
-        res.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step(b):  # train.py's step, on one micro-batch
+        train.train_step(ctx, [b], targs.lr, 0)
 
     loaders = {"unpacked": iter(data.Batches(examples, args.batch_size, pad_id=tok.pad_token_id, seed=0)),
                "packed": iter(data.Batches(data.pack(examples, args.max_len, seed=0), args.batch_size,

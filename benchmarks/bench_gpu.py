@@ -40,7 +40,6 @@ on an H200.
 """
 import argparse
 import contextlib
-import gc
 import json
 import math
 import os
@@ -53,6 +52,9 @@ import time
 from pathlib import Path
 
 import torch
+from runkit import flags
+from runkit.distributed import Dist
+from runkit.precision import autocast, choose_dtype, frozen_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -164,23 +166,19 @@ def our_step(method, tcfg, scfg, args, device):
     """train.py's pieces, as benchmarks/bench.py's `ours`, on random models: -> (step, trainable params)."""
     import neo
     import train
-    targs = train.parse_args(["--method", method, "--teacher", "random", "--rank", str(args.rank),
+    targs = flags.parse(["--method", method, "--teacher", "random", "--rank", str(args.rank),
                               "--chunk-size", str(args.chunk_size), "--dtype", args.dtype])
     use_teacher = method in ("neo", "kd")
-    teacher = random_llama(tcfg, train.frozen_dtype(targs, device), device, seed=0).eval().requires_grad_(False) \
+    teacher = random_llama(tcfg, frozen_dtype(targs, device), device, seed=0).eval().requires_grad_(False) \
         if use_teacher else None
     student = train.prepare_student(random_llama(scfg, torch.float32, device, seed=1), targs, device)
-    distiller = train.Distiller(student, targs.alpha, targs.temperature, targs.divergence, targs.chunk_size)
+    distiller = neo.Distiller(student, teacher, targs.alpha, targs.temperature, targs.divergence, targs.chunk_size)
     params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=targs.lr, betas=(0.9, 0.999), weight_decay=targs.weight_decay)
+    ctx = train.Step(distiller, optimizer, params, None, targs, Dist(device=device), Path("."), None)
 
-    def step(b):
-        normalizer = neo.count_targets(b["labels"]).float().clamp(min=1)
-        res = train.forward_backward(distiller, teacher if use_teacher else None, b, normalizer, device, targs)
-        torch.nn.utils.clip_grad_norm_(params, targs.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return res.loss.item()
+    def step(b):  # train.py's step, on one micro-batch
+        return train.train_step(ctx, [b], targs.lr, 0)["loss"]
     return step, params
 
 
@@ -190,9 +188,8 @@ def peer_step(tcfg, scfg, args, device):
     import transformers
     from peft import LoraConfig, get_peft_model
     import neo
-    import train
-    targs = train.parse_args(["--method", "neo", "--teacher", "random", "--rank", str(args.rank), "--dtype", args.dtype])
-    dtype = train.frozen_dtype(targs, device)
+    targs = flags.parse(["--method", "neo", "--teacher", "random", "--rank", str(args.rank), "--dtype", args.dtype])
+    dtype = frozen_dtype(targs, device)
 
     def hf(cfg, seed):
         torch.manual_seed(seed)
@@ -208,7 +205,7 @@ def peer_step(tcfg, scfg, args, device):
     def step(b):
         with torch.no_grad():
             t_logits = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, T, V)
-        with train.autocast(device, targs):
+        with autocast(device, targs):
             s_logits = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, T, V)
             loss = neo.reference_loss(s_logits, t_logits, b["labels"], alpha=targs.alpha,
                                       temperature=targs.temperature).loss
@@ -250,8 +247,7 @@ def step_worker(pair, method, args, device):
 
 
 def precision(args, device) -> str:
-    import train
-    return train.choose_dtype(args.dtype, device).why + "; trainable weights and AdamW state float32"
+    return choose_dtype(args.dtype, device).why + "; trainable weights and AdamW state float32"
 
 
 def step_flops(method, tcfg, scfg, rank, batch) -> float:
@@ -379,8 +375,7 @@ def measured_matmul(device, dtype, n=None) -> float:
 
 def compute_dtype(args, device):
     """The dtype the step's matmuls run in: autocast's, or float32 without it."""
-    import train
-    return train.choose_dtype(args.dtype, device).compute or torch.float32
+    return choose_dtype(args.dtype, device).compute or torch.float32
 
 
 def peak_flops(device, dtype) -> tuple[float, str]:

@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from runkit import cache_store, flags, offline, precision, report, tokenized
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root
 METHODS = ("sft", "lora", "kd", "neo", "neo-moslora")
@@ -151,8 +152,7 @@ def budget(args) -> dict:
 
 def teacher_dir(args) -> str:
     import model as llama
-    import train
-    return str(llama.resolve_folder(args.teacher or train.offline_model()))
+    return str(llama.resolve_folder(args.teacher or offline.smollm2_dir()))
 
 
 def common_flags(args, teacher, student, seed):
@@ -175,10 +175,10 @@ def build_student(args, teacher) -> str:
     import train
     folder = args.runs_dir / "student_base"
     if not (folder / "config.json").exists():
-        targs = train.parse_args(["--teacher", teacher, "--data", args.data, "--max-len", str(args.max_len),
+        targs = flags.parse(["--teacher", teacher, "--data", args.data, "--max-len", str(args.max_len),
                                   "--max-samples", str(args.max_samples), "--seed", "0"]
                                  + (["--prune-to", str(args.prune_to)] if args.prune_to else []))
-        train_set, _ = train.load_data(targs, data.Tokenizer.from_dir(teacher))
+        train_set, _ = tokenized.load_splits(targs, data.Tokenizer.from_dir(teacher))
         student = train.build_student(targs, teacher, train_set[0]["input_ids"], torch.device("cpu"))
         student.save_pretrained(folder)
     return str(folder)
@@ -238,19 +238,18 @@ class Scorer:
     def __init__(self, args, teacher: str):
         import data
         import model as llama
-        import train
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         self.args, self.teacher_path = args, teacher
         self.tok = data.Tokenizer.from_dir(teacher)
         self.teacher = llama.Llama.from_pretrained(teacher, dtype=torch.float32).eval().requires_grad_(False)
-        targs = train.parse_args(["--teacher", teacher, "--data", args.data, "--max-len", str(args.max_len),
+        targs = flags.parse(["--teacher", teacher, "--data", args.data, "--max-len", str(args.max_len),
                                   "--max-samples", str(args.max_samples), "--heldout", str(args.heldout)])
-        _, held = train.load_data(targs, self.tok)
+        _, held = tokenized.load_splits(targs, self.tok)
         loader = data.Batches(held, min(len(held), 8), pad_id=self.tok.pad_token_id, shuffle=False)
         self.held = [loader.collate(held[i:i + 8]) for i in range(0, len(held), 8)]
         self.lambada = lambada_ids(self.tok, args.ppl_passages)
         self.tasks = None  # lm-eval's offline task manager, built on first use
-        self.eval_dtype = train.choose_dtype(args.eval_dtype, torch.device("cpu")).frozen
+        self.eval_dtype = precision.choose_dtype(args.eval_dtype, torch.device("cpu")).frozen
 
     @torch.no_grad()
     def score(self, path: str, benchmarks: bool = True) -> dict:
@@ -258,11 +257,10 @@ class Scorer:
         import eval as neo_eval
         import lm_eval
         import model as llama
-        import train
         t0 = time.time()
         m = self.teacher if path == self.teacher_path else llama.Llama.from_pretrained(path, dtype=torch.float32)
         m.eval()
-        ce, kl = train.heldout_scores(m, self.teacher, self.held, torch.device("cpu"), 1024, None)
+        ce, kl = report.heldout_scores(m, self.teacher, self.held, torch.device("cpu"), 1024, None)
         if not benchmarks:
             return {"heldout_ce": ce, "heldout_kl": kl}
         ppl = perplexity(m, self.lambada, self.args.max_len)
@@ -552,15 +550,14 @@ def sweep(args):
             cache = out / "heldout.json"
             if not cache.exists():
                 import model as llama
-                import train
                 m = llama.Llama.from_pretrained(str(out / "model"), dtype=torch.float32)
                 if args.teacher_cache:
                     scorer = scorer or CachedHeldOut(args, teacher, runs / "teacher_cache")
-                    ce, kl = train.heldout_scores(m, None, scorer.held, torch.device("cpu"), 1024, None, scorer.cache)
+                    ce, kl = report.heldout_scores(m, None, scorer.held, torch.device("cpu"), 1024, None, scorer.cache)
                     extra = {"heldout_kl_se": scorer.kl_se(m)} if scorer.cache.tail_samples else {}
                 else:
                     scorer = scorer or HeldOut(args, teacher)
-                    ce, kl = train.heldout_scores(m, scorer.teacher, scorer.held, torch.device("cpu"), 1024, None)
+                    ce, kl = report.heldout_scores(m, scorer.teacher, scorer.held, torch.device("cpu"), 1024, None)
                     extra = {}
                 cache.write_text(json.dumps({"heldout_ce": ce, "heldout_kl": kl, **extra}))
             grid[f"{r},{lr:g}"] = {"rank": r, "lr": lr, **json.loads(cache.read_text())}
@@ -593,16 +590,14 @@ class CachedHeldOut:
 
     def __init__(self, args, teacher, cache_dir):
         import data
-        import teacher_cache
-        import train
         tok = data.Tokenizer.from_dir(teacher)
-        targs = train.parse_args(["--teacher", teacher, "--data", args.data, "--max-len", str(args.max_len),
+        targs = flags.parse(["--teacher", teacher, "--data", args.data, "--max-len", str(args.max_len),
                                   "--max-samples", str(args.max_samples), "--heldout", str(args.heldout)])
-        _, held = train.load_data(targs, tok)
+        _, held = tokenized.load_splits(targs, tok)
         collate = data.Batches(held, 1, pad_id=tok.pad_token_id, shuffle=False).collate
         self.held = [{**collate(held[i:i + 8]), "example_ids": torch.arange(i, min(i + 8, len(held)))}
                      for i in range(0, len(held), 8)]
-        self.cache = teacher_cache.TeacherCache(cache_dir)
+        self.cache = cache_store.TeacherCache(cache_dir)
 
     @torch.no_grad()
     def kl_se(self, m) -> float:

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import plan  # noqa: E402
 from benchmarks import peers  # noqa: E402
+from runkit.precision import choose_dtype
 
 SHOWN = ("teacher weights", "frozen student weights", "trainable weights", "gradients", "optimizer state",
          "saved activations", "loss-time transients", "teacher activations", "other transients")
@@ -102,8 +103,7 @@ def breakdown_line(m: dict) -> str:
 
 def bench_setup(method, args, device, n_targets=None) -> "plan.Setup":
     """The plan.Setup of bench.py's step for one of our methods (bench.TRAIN_FLAGS)."""
-    import train
-    precision = train.choose_dtype(args.dtype, device)  # the bench row's precision, chosen as train.py does
+    precision = choose_dtype(args.dtype, device)  # the bench row's precision, chosen as train.py does
     return plan.Setup(method="neo" if method == "neo-moslora" else method,
                       adapter="moslora" if method == "neo-moslora" else "lora", rank=args.rank,
                       batch_size=args.batch_size, max_len=args.max_len, chunk_size=args.chunk_size,
@@ -129,8 +129,7 @@ def hf_ledger(args, teacher_dir, student_dir, device) -> "plan.Ledger":
     import contextlib
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import LlamaConfig, LlamaForCausalLM
-    import train
-    precision = train.choose_dtype(args.dtype, device)
+    precision = choose_dtype(args.dtype, device)
     dtype = precision.frozen
     # Built on the meta device (Module.to(), which PEFT calls, cannot swap fake parameters), then
     # every meta tensor is replaced by a fake CPU one of the same shape and dtype, ties kept.
@@ -201,7 +200,7 @@ def main(argv=None):
                                batch_size=args.batch_size, max_len=args.max_len, autocast=bf16,
                                frozen_dtype=torch.bfloat16 if bf16 else torch.float32)
             teacher, distiller, optimizer, batch = plan.build(setup, teacher_cfg, student_cfg, fake=False)
-            run = functools.partial(plan.training_step, teacher, distiller, optimizer, batch, setup.autocast)
+            run = functools.partial(plan.training_step, distiller, optimizer, batch, setup.autocast)
             run()
             m = measure(run, teacher, distiller.student, optimizer, torch.device("cpu"))
             del run, teacher, distiller, optimizer  # free this method's models before the next one is built

@@ -8,13 +8,14 @@ memory.py runs the same step on fake tensors to predict its memory.
 import contextlib
 
 import torch
+from runkit import flags
+from runkit.precision import choose_dtype
 
 
 def hf_peft(args, teacher_dir, student_dir, device):
     """The common way: transformers + PEFT LoRA + a full-logits CE + KL loss (fp32 upcast)."""
     from transformers import LlamaForCausalLM
-    import train
-    precision = train.choose_dtype(args.dtype, device)  # the same choice as ours: bf16 weights + autocast, or fp32
+    precision = choose_dtype(args.dtype, device)  # the same choice as ours: bf16 weights + autocast, or fp32
     dtype = precision.frozen
     teacher = LlamaForCausalLM.from_pretrained(teacher_dir, dtype=dtype).to(device).eval().requires_grad_(False)
     student = LlamaForCausalLM.from_pretrained(student_dir, dtype=dtype).to(device)
@@ -26,8 +27,7 @@ def hf_peft_step(args, teacher, student, precision, device):
     tensors by memory.py to predict this baseline's memory)."""
     from peft import LoraConfig, get_peft_model
     import neo
-    import train
-    targs = train.parse_args(["--method", "neo"])  # the same α, T, targets, lr as ours
+    targs = flags.parse(["--method", "neo"])  # the same α, T, targets, lr as ours
     config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=targs.targets.split(","), task_type="CAUSAL_LM")
     student = get_peft_model(student, config)  # adapters fp32 (PEFT's autocast_adapter_dtype) on a bf16 base

@@ -30,6 +30,7 @@ Run `python -m runkit.tokenized --data FILE` to build (or find) a cache and prin
 import hashlib
 import json
 import os
+import random
 import shutil
 import struct
 from collections import deque
@@ -44,6 +45,7 @@ import numpy as np
 import data
 from data import IGNORE_INDEX, DataStats
 from runkit import files, offline
+from runkit.distributed import print0
 
 FORMAT = 1    # bump when tokenisation or label rules change, so old caches are not reused
 CHUNK = 2048  # conversations per work item
@@ -299,3 +301,42 @@ if __name__ == "__main__":
     store = load(args.data, data.Tokenizer.from_dir(args.tokenizer or offline.smollm2_dir()), args.max_len,
                  skip_bad_lines=args.skip_bad_lines)
     print(f"{store.folder}: {len(store)} conversations, {store.meta['tokens']:,} tokens ({time.time() - t0:.1f} s)")
+
+
+# -----------------------------------------------------------------------------
+# The run's two splits, as train.py and the commands built on it read them
+
+
+def load_splits(args, tokenizer):
+    """Training and held-out examples for train.py's flags (--data, --max-len, --max-samples,
+    --heldout, --seed, --skip-bad-lines), read from the tokenised cache (built by the first run,
+    rank 0, and shared). The offline set has its own fixed held-out split; for user data the
+    held-out conversations are a seeded sample set aside before training."""
+    offline_data = args.data in (None, "offline")
+    store = load("offline" if offline_data else args.data, tokenizer, args.max_len, skip_bad_lines=args.skip_bad_lines)
+    stats = store.stats()
+    order = files.sample_indices(len(store), args.max_samples, args.seed)
+    if offline_data:
+        held_store = load("offline:heldout", tokenizer, args.max_len)
+        held = files.sample_indices(len(held_store), args.heldout, args.seed)
+    else:
+        random.Random(args.seed).shuffle(order)
+        n_held = min(args.heldout, len(order) // 10)
+        held_store, held, order = store, order[:n_held], order[n_held:]
+    train_set = store.select(order, stats)
+    print0(f"data: {stats.summary()} (tokenised in {store.folder})")
+    held_set = held_store.select(held) if held else []
+    print0(f"data: {len(train_set)} training and {len(held_set)} held-out examples, max {args.max_len} tokens")
+    return train_set, held_set
+
+
+def check_labels(examples, n_rows: int):
+    """Every label is a row of the LM head (or -100). Checked once, before training, so that no
+    training step has to ask the GPU. Examples from the cache answer with the largest token id of
+    the whole cache (labels are token ids), one pass over its memory-mapped ids."""
+    if not len(examples):
+        return
+    top = examples.max_token_id() if isinstance(examples, Examples) else max(max(e["labels"]) for e in examples)
+    if top >= n_rows:
+        raise ValueError(f"data: token id {top} is outside the model's vocabulary of {n_rows} rows; the "
+                         f"tokenizer does not belong to this model (use the teacher's own tokenizer)")

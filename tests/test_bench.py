@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+from runkit import flags
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def test_step_flops_match_torch_flop_counter(method, tiny_teacher_dir, tmp_path)
     import train
     from benchmarks import bench
     student = tmp_path / "student"
-    targs = train.parse_args(["--teacher", str(tiny_teacher_dir), "--prune-to", "2"])
+    targs = flags.parse(["--teacher", str(tiny_teacher_dir), "--prune-to", "2"])
     train.build_student(targs, str(tiny_teacher_dir), list(range(1, 40)), torch.device("cpu")).save_pretrained(student)
     args = types.SimpleNamespace(teacher=str(tiny_teacher_dir), student=str(student), rank=4, lora_alpha=8.0,
                                  lora_dropout=0.0, chunk_size=256, grad_checkpoint=False, dtype="float32",

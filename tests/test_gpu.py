@@ -24,6 +24,7 @@ import model as llama
 import neo
 import plan
 import train
+from runkit import distributed, flags, precision
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
 
@@ -90,7 +91,7 @@ def batch(s, seed, device):
 
 
 def train_args(method, s, dtype, teacher, student):
-    return train.parse_args(["--method", method, "--teacher", str(teacher), "--student", str(student),
+    return flags.parse(["--method", method, "--teacher", str(teacher), "--student", str(student),
                              "--rank", str(s["rank"]), "--chunk-size", str(s["chunk"]), "--dtype", dtype])
 
 
@@ -103,22 +104,27 @@ def build(method, device, dtype, folders_of_device, s, adapter_seed=0):
     args = train_args(method, s, dtype, teacher_dir, student_dir)
     teacher = None
     if method in ("neo", "kd"):
-        teacher = llama.Llama.from_pretrained(teacher_dir, dtype=train.frozen_dtype(args, dev), device=dev)
+        teacher = llama.Llama.from_pretrained(teacher_dir, dtype=precision.frozen_dtype(args, dev), device=dev)
         teacher.eval().requires_grad_(False)
     student = train.prepare_student(train.build_student(args, str(teacher_dir), None, dev), args, dev)
     gen = torch.Generator().manual_seed(adapter_seed)
     with torch.no_grad():
         for p in lora.lora_parameters(student):
             p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    return args, teacher, train.Distiller(student, args.alpha, args.temperature, args.divergence, args.chunk_size)
+    return args, teacher, neo.Distiller(student, teacher, args.alpha, args.temperature, args.divergence,
+                                        args.chunk_size)
 
 
 def forward_backward(args, teacher, distiller, b, device, normalizer=None):
-    """train.py's micro-batch: teacher forward under no_grad, student forward + chunked loss under
-    the precision's autocast, backward."""
+    """train.py's micro-batch: the Distiller's forward (teacher forward under no_grad, student forward +
+    chunked loss) under the precision's autocast, then backward."""
     dev = torch.device(device)
     normalizer = normalizer if normalizer is not None else neo.count_targets(b["labels"]).float().clamp(min=1)
-    return train.forward_backward(distiller, teacher, b, normalizer, dev, args)
+    b = {k: v.to(dev) for k, v in b.items()}
+    with precision.autocast(dev, args):
+        res = distiller(b["input_ids"], b["attention_mask"], b["labels"], normalizer, b.get("document_ids"))
+        res.loss.backward()
+    return res
 
 
 def gradients(distiller) -> dict:
@@ -268,7 +274,7 @@ def test_ddp_one_process_equals_no_ddp(device, folders, tmp_path):
             wrapped = DDP(distiller, device_ids=[torch.cuda.current_device()] if device == "cuda" else None) \
                 if use_ddp else distiller
             for i, b in enumerate(micro):
-                with train.no_grad_sync(wrapped, args, last=i == len(micro) - 1):
+                with distributed.no_grad_sync(wrapped, args.zero, last=i == len(micro) - 1):
                     forward_backward(args, teacher, wrapped, b, device, normalizer)
             grads[use_ddp] = gradients(wrapped)
             del args, teacher, distiller, wrapped

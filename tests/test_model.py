@@ -199,6 +199,7 @@ def test_greedy_generate_with_lora_matches_peft(tmp_path):
     generate on the same base weights and adapter files, and generate leaves the mode alone."""
     import peft
     import lora
+    from runkit import adapters
     hf = hf_model(num_hidden_layers=3)
     hf.save_pretrained(tmp_path / "base")
     student = lora.apply_lora(Llama.from_pretrained(tmp_path / "base"), rank=4, dropout=0.1, verbose=False)
@@ -206,7 +207,7 @@ def test_greedy_generate_with_lora_matches_peft(tmp_path):
     with torch.no_grad():
         for layer in lora.lora_layers(student).values():
             layer.lora_B.copy_(0.2 * torch.randn(layer.lora_B.shape, generator=g))
-    lora.save_adapter(student, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
+    adapters.save_adapter(student, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
     theirs.generation_config.eos_token_id = None  # fixed-length generations
     theirs = peft.PeftModel.from_pretrained(theirs, tmp_path / "adapter").eval()

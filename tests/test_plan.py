@@ -25,7 +25,7 @@ def measured(setup):
     teacher, distiller, optimizer, batch = plan.build(setup, TEACHER, STUDENT, fake=False)
 
     def run():
-        plan.training_step(teacher, distiller, optimizer, batch, setup.autocast)
+        plan.training_step(distiller, optimizer, batch, setup.autocast)
     run()  # AdamW's state exists from here on, as in every step but the first
     return memory.measure(run, teacher, distiller.student, optimizer, CPU)
 
@@ -79,7 +79,7 @@ def test_saved_activations_are_what_autograd_saves():
     distiller.student.register_forward_hook(keep_size)
     with plan.Ledger(None, distiller.student, optimizer) as ledger, \
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        plan.training_step(None, distiller, optimizer, batch, False)
+        plan.training_step(distiller, optimizer, batch, False)
     saved = sum(ledger.size[k] for k in ledger.saved)
     assert saved == sum(packed.values()) + out["bytes"]
 

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import model as llama
+import neo
 import train
 from test_train import adapter, base_args, run_cli
+from runkit import flags, precision
 
 CPU = torch.device("cpu")
 
@@ -32,9 +34,9 @@ CPU = torch.device("cpu")
     ("cuda", set(), (9, 0), "float32", torch.float32, None),
 ])
 def test_choose_dtype(device, flags, capability, requested, frozen, compute, monkeypatch):
-    monkeypatch.setattr(train, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
-    p = train.choose_dtype(requested, torch.device(device))
+    p = precision.choose_dtype(requested, torch.device(device))
     assert (p.frozen, p.compute) == (frozen, compute)
     assert p.why.startswith(str(frozen).removeprefix("torch."))
     if requested == "bfloat16" and not flags:
@@ -42,22 +44,22 @@ def test_choose_dtype(device, flags, capability, requested, frozen, compute, mon
 
 
 def test_choose_dtype_rejects_unknown_and_defaults_to_auto():
-    assert train.parse_args([]).dtype == "auto"
+    assert flags.parse([]).dtype == "auto"
     with pytest.raises(ValueError, match="float16.*auto, float32 or bfloat16"):
-        train.choose_dtype("float16", CPU)
+        precision.choose_dtype("float16", CPU)
 
 
 def test_autocast_follows_the_choice(monkeypatch):
-    args = train.parse_args(["--dtype", "bfloat16"])
-    with train.autocast(CPU, args):
+    args = flags.parse(["--dtype", "bfloat16"])
+    with precision.autocast(CPU, args):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    monkeypatch.setattr(train, "cpu_flags", lambda: set())
-    with train.autocast(CPU, train.parse_args(["--dtype", "auto"])):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: set())
+    with precision.autocast(CPU, flags.parse(["--dtype", "auto"])):
         assert not torch.is_autocast_enabled("cpu")
 
 
 def test_training_prints_its_precision(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"})
     train.main(base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, "--max-steps", "1", "--dtype", "auto"))
     assert "precision: bfloat16 (--dtype auto: CPU flags avx512_bf16)" in capsys.readouterr().out
 
@@ -67,8 +69,8 @@ def test_training_prints_its_precision(tiny_teacher_dir, tiny_chat_jsonl, tmp_pa
 def adapter_gradient(student_fp32, teacher_dir, dtype, ids, compile=False):
     """The Neo step's adapter gradient, (n_adapter_params,), with train.py's pieces in `dtype`
     (and the student's blocks torch.compile'd, as train.py --compile does, if asked)."""
-    args = train.parse_args(["--teacher", str(teacher_dir), "--prune-to", "2", "--rank", "4", "--dtype", dtype])
-    teacher = llama.Llama.from_pretrained(teacher_dir, dtype=train.frozen_dtype(args, CPU)).eval().requires_grad_(False)
+    args = flags.parse(["--teacher", str(teacher_dir), "--prune-to", "2", "--rank", "4", "--dtype", dtype])
+    teacher = llama.Llama.from_pretrained(teacher_dir, dtype=precision.frozen_dtype(args, CPU)).eval().requires_grad_(False)
     torch.manual_seed(0)  # the same A matrices in every call
     student = train.prepare_student(copy.deepcopy(student_fp32), args, CPU)
     with torch.no_grad():  # B = 0 would leave A without gradient: give B a spread too
@@ -76,13 +78,11 @@ def adapter_gradient(student_fp32, teacher_dir, dtype, ids, compile=False):
             if name.endswith("lora_B"):
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
     if compile:
-        train.compile_blocks(student)
-    distiller = train.Distiller(student, alpha=0.5, temperature=1.0, divergence="forward_kl", chunk_size=64)
+        precision.compile_blocks(student)
+    distiller = neo.Distiller(student, teacher, alpha=0.5, temperature=1.0, divergence="forward_kl", chunk_size=64)
     mask = torch.ones_like(ids)
-    with torch.no_grad():
-        teacher_hidden = teacher(ids, mask, return_hidden=True)
-    with train.autocast(CPU, args):
-        distiller(ids, mask, ids, teacher_hidden, teacher.lm_head.weight, None).loss.backward()
+    with precision.autocast(CPU, args):
+        distiller(ids, mask, ids, None).loss.backward()
     return torch.cat([p.grad.flatten() for p in student.parameters() if p.requires_grad])
 
 
@@ -95,7 +95,7 @@ def test_bf16_adapter_gradients_match_fp32(tiny_teacher_dir):
     vector by 1.5%; bf16 autocast alone by 2.5%; the bf16 step by 3.1% (3 batches: 2.9-3.1%).
     The bound, 8%, leaves 2.5x margin for other CPUs' kernels; a gradient of the wrong batch
     is 130% away, and halving the LoRA scale in the bf16 path alone gives 57%."""
-    args = train.parse_args(["--teacher", str(tiny_teacher_dir), "--prune-to", "2", "--rank", "4"])
+    args = flags.parse(["--teacher", str(tiny_teacher_dir), "--prune-to", "2", "--rank", "4"])
     student = train.build_student(args, str(tiny_teacher_dir), list(range(1, 40)), CPU)
     gen = torch.Generator().manual_seed(0)
     batch, other = torch.randint(0, 49152, (2, 4, 48), generator=gen)
@@ -177,7 +177,7 @@ def test_compiled_step_equals_eager(tiny_teacher_dir):
     eager up to fp32 reordering (inductor fuses RMSNorm, RoPE and SiLU·up and may sum in another
     order: u = 2^-24 per rounding; measured 1e-6 relative on this model; bound 1e-5). A compiled
     block that dropped the adapter branch or reused the wrong weights is O(1) away."""
-    args = train.parse_args(["--teacher", str(tiny_teacher_dir), "--prune-to", "2", "--rank", "4"])
+    args = flags.parse(["--teacher", str(tiny_teacher_dir), "--prune-to", "2", "--rank", "4"])
     student = train.build_student(args, str(tiny_teacher_dir), list(range(1, 40)), CPU)
     batch = torch.randint(0, 49152, (4, 48), generator=torch.Generator().manual_seed(0))
     torch._dynamo.reset()

@@ -17,11 +17,12 @@ import neo
 import teacher_cache
 import train
 from conftest import make_tiny_llama
+from runkit import cache_store, flags, tokenized
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def flags(teacher, chat, *extra):
+def run_flags(teacher, chat, *extra):
     return ["--teacher", str(teacher), "--data", str(chat), "--max-len", "48", "--batch-size", "2", "--heldout", "4",
             "--dtype", "float32",  # the exact comparisons below are in fp32
             *extra]
@@ -31,7 +32,7 @@ def flags(teacher, chat, *extra):
 def cache_dir(tiny_teacher_dir, tiny_chat_jsonl, tmp_path_factory):
     out = tmp_path_factory.mktemp("cache") / "c"
     teacher_cache.main(["--cache", str(out), "--k", "16", "--shard-examples", "16",
-                        *flags(tiny_teacher_dir, tiny_chat_jsonl)])
+                        *run_flags(tiny_teacher_dir, tiny_chat_jsonl)])
     return out
 
 
@@ -50,25 +51,25 @@ def test_rows_are_the_teacher_top_k_of_each_shuffled_batch(cache_dir, tiny_teach
     those rows are the teacher's: 16 tokens per position on average over each batch of 2 examples
     the cache was written in (teacher_topk with k_max), decoded from their uint8 codes, with the
     tail draws of that batch's seed."""
-    args = train.parse_args(flags(tiny_teacher_dir, tiny_chat_jsonl))
+    args = flags.parse(run_flags(tiny_teacher_dir, tiny_chat_jsonl))
     tok = data.Tokenizer.from_dir(tiny_teacher_dir)
-    train_set, _ = train.load_data(args, tok)
+    train_set, _ = tokenized.load_splits(args, tok)
     teacher = llama.Llama.from_pretrained(tiny_teacher_dir).eval()
-    per_example = teacher_cache.targets_per_example(train_set)
+    per_example = cache_store.targets_per_example(train_set)
     live = {}   # example id -> its rows, computed here as teacher_cache.py does: 2 examples at a time
     for start in range(0, len(train_set), 2):
         b = data.Batches(train_set, 1, pad_id=0, shuffle=False).collate(train_set[start:start + 2])
         with torch.no_grad():
             hidden = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
         top = neo.teacher_topk(hidden[:, :-1][b["labels"][:, 1:] != -100], teacher.lm_head.weight, 16,
-                               k_max=teacher_cache.K_MAX, samples=teacher_cache.TAIL_SAMPLES,
+                               k_max=cache_store.K_MAX, samples=cache_store.TAIL_SAMPLES,
                                generator=torch.Generator().manual_seed(args.seed * 1_000_003 + start))
         assert top.width is not None and top.width.float().mean() == 16
         first = 0
         for i in range(start, min(start + 2, len(train_set))):
             live[i] = top.select(slice(first, first + per_example[i]))
             first += per_example[i]
-    cache = teacher_cache.TeacherCache(cache_dir)
+    cache = cache_store.TeacherCache(cache_dir)
     loader = data.Batches(train_set, 2, pad_id=tok.pad_token_id, seed=0)
     for _, b in zip(range(3), loader):
         assert b["example_ids"].tolist() != list(range(b["example_ids"][0], b["example_ids"][0] + 2))  # shuffled
@@ -77,13 +78,13 @@ def test_rows_are_the_teacher_top_k_of_each_shuffled_batch(cache_dir, tiny_teach
         torch.testing.assert_close(rows.tail_plogp, torch.cat([live[i].tail_plogp for i in b["example_ids"].tolist()]))
         got = own_tokens(rows)
         want = [own_tokens(live[i]) for i in b["example_ids"].tolist()]
-        want_codes = [own_tokens(teacher_cache.decoded(teacher_cache.stored(live[i], "uint16")))
+        want_codes = [own_tokens(cache_store.decoded(cache_store.stored(live[i], "uint16")))
                       for i in b["example_ids"].tolist()]
         ids, logp, width, tail = (torch.cat(parts) for parts in zip(*want))
         assert torch.equal(got[0], ids) and torch.equal(got[2], width)
         torch.testing.assert_close(got[3], tail)
         assert torch.equal(got[1], torch.cat([w[1] for w in want_codes]))
-        torch.testing.assert_close(got[1], logp, rtol=0, atol=teacher_cache.LOGP_STEP)
+        torch.testing.assert_close(got[1], logp, rtol=0, atol=cache_store.LOGP_STEP)
 
 
 def test_uint8_log_probs_decode_to_a_distribution_within_a_step():
@@ -93,13 +94,13 @@ def test_uint8_log_probs_decode_to_a_distribution_within_a_step():
     z = torch.randn(50, 300, generator=g, dtype=torch.float64) * 3
     for k in (1, 20, 300):
         top = neo.teacher_topk(z, torch.eye(300, dtype=torch.float64), k)
-        codes = teacher_cache.quantise_logp(top.logp)
+        codes = cache_store.quantise_logp(top.logp)
         assert codes.dtype == torch.uint8 and (codes[:, 0] == 0).all()
-        logp = teacher_cache.dequantise_logp(codes, top.tail_logp)
+        logp = cache_store.dequantise_logp(codes, top.tail_logp)
         torch.testing.assert_close(logp.exp().sum(-1) + top.tail_logp.float().exp(), torch.ones(50))
         assert (logp[:, :-1] >= logp[:, 1:]).all()
         if k < 300:  # a row's last tokens fall below the codes' 15.9-nat span when k = V
-            assert (logp - top.logp).abs().max() <= teacher_cache.LOGP_STEP
+            assert (logp - top.logp).abs().max() <= cache_store.LOGP_STEP
 
 
 def test_rows_of_different_widths_survive_the_disk_layout():
@@ -109,12 +110,12 @@ def test_rows_of_different_widths_survive_the_disk_layout():
     z = torch.randn(50, 300, generator=g, dtype=torch.float64) * torch.linspace(0.5, 6, 50, dtype=torch.float64)[:, None]
     top = neo.teacher_topk(z, torch.eye(300, dtype=torch.float64), 20, k_max=200)
     assert top.width.min() < 20 < top.width.max()
-    on_disk = teacher_cache.flat(teacher_cache.stored(top, "uint16"))
+    on_disk = cache_store.flat(cache_store.stored(top, "uint16"))
     assert on_disk["ids"].shape == (20 * 50,) and on_disk["width"].dtype == torch.uint16
-    back = teacher_cache.decoded(teacher_cache.unflat(**on_disk))
+    back = cache_store.decoded(cache_store.unflat(**on_disk))
     keep = torch.arange(top.ids.shape[1])[None, :] < top.width[:, None]
     assert torch.equal(back.ids, top.ids) and torch.equal(back.width, top.width)
-    torch.testing.assert_close(back.logp[keep], top.logp[keep].float(), rtol=0, atol=teacher_cache.LOGP_STEP)
+    torch.testing.assert_close(back.logp[keep], top.logp[keep].float(), rtol=0, atol=cache_store.LOGP_STEP)
     assert torch.equal(back.logp[~keep], back.logp[:, :1].expand_as(back.logp)[~keep])
     torch.testing.assert_close((back.logp.exp() * keep).sum(-1) + back.tail_logp.float().exp(), torch.ones(50))
 
@@ -126,7 +127,7 @@ def test_training_from_the_cache_never_loads_the_teacher(cache_dir, tiny_teacher
     real = llama.Llama.from_pretrained.__func__
     monkeypatch.setattr(llama.Llama, "from_pretrained",
                         classmethod(lambda cls, path, *a, **k: loaded.append(str(path)) or real(cls, path, *a, **k)))
-    res = train.main(flags(tiny_teacher_dir, tiny_chat_jsonl, "--teacher-cache", str(cache_dir), "--student",
+    res = train.main(run_flags(tiny_teacher_dir, tiny_chat_jsonl, "--teacher-cache", str(cache_dir), "--student",
                            str(student), "--out", str(tmp_path / "run"), "--grad-accum", "2", "--rank", "4",
                            "--max-steps", "2", "--lr", "1e-2"))
     assert loaded and all(Path(p).resolve() != Path(tiny_teacher_dir).resolve() for p in loaded)
@@ -136,14 +137,14 @@ def test_training_from_the_cache_never_loads_the_teacher(cache_dir, tiny_teacher
     # Step 1's KL is the sparse KL of the untrained student against the cached rows of the same two
     # shuffled micro-batches' examples (those rows are the teacher's: the test above): the run read
     # the rows of its own examples.
-    args = train.parse_args(flags(tiny_teacher_dir, tiny_chat_jsonl))
+    args = flags.parse(run_flags(tiny_teacher_dir, tiny_chat_jsonl))
     tok = data.Tokenizer.from_dir(tiny_teacher_dir)
-    train_set, _ = train.load_data(args, tok)
+    train_set, _ = tokenized.load_splits(args, tok)
     base = real(llama.Llama, student).eval()
     kl = n = 0.0
     for _, b in zip(range(2), data.Batches(train_set, 2, pad_id=tok.pad_token_id, seed=0)):
         with torch.no_grad():
-            top = teacher_cache.TeacherCache(cache_dir).rows("train", b["example_ids"])   # its examples' rows
+            top = cache_store.TeacherCache(cache_dir).rows("train", b["example_ids"])   # its examples' rows
             out = neo.sparse_neo_loss(base(b["input_ids"], b["attention_mask"], return_hidden=True),
                                       base.lm_head.weight, top, b["labels"])
         kl, n = kl + out.kl * out.n_tokens, n + out.n_tokens
@@ -156,7 +157,7 @@ def test_training_from_the_cache_never_loads_the_teacher(cache_dir, tiny_teacher
                                            (["--dtype", "bfloat16"], "teacher_dtype: cache 'float32', this run 'bfloat16'")])
 def test_a_cache_of_another_run_is_refused_by_field(change, field, cache_dir, tiny_teacher_dir, tiny_chat_jsonl,
                                                     tmp_path):
-    argv = flags(tiny_teacher_dir, tiny_chat_jsonl) + change + ["--teacher-cache", str(cache_dir), "--out",
+    argv = run_flags(tiny_teacher_dir, tiny_chat_jsonl) + change + ["--teacher-cache", str(cache_dir), "--out",
                                                                 str(tmp_path), "--prune-to", "2", "--no-report"]
     with pytest.raises(SystemExit, match=rf"made for another run; {field.replace('(', '.').replace(')', '.')}"):
         train.main(argv)
@@ -168,18 +169,18 @@ def test_missing_or_truncated_shard_is_named(cache_dir, tmp_path):
     shutil.copytree(cache_dir, broken)
     (broken / "train-00001.safetensors").unlink()
     with pytest.raises(SystemExit, match="train-00001.safetensors is missing"):
-        teacher_cache.TeacherCache(broken)
+        cache_store.TeacherCache(broken)
     shutil.copy(cache_dir / "train-00001.safetensors", broken / "train-00001.safetensors")
     whole = (broken / "heldout-00000.safetensors").read_bytes()
     (broken / "heldout-00000.safetensors").write_bytes(whole[:-100])
     with pytest.raises(SystemExit, match="heldout-00000.safetensors is truncated"):
-        teacher_cache.TeacherCache(broken)
+        cache_store.TeacherCache(broken)
 
 
 def test_a_killed_write_resumes_without_rewriting_finished_shards(cache_dir, tiny_teacher_dir, tiny_chat_jsonl,
                                                                   tmp_path, monkeypatch):
     out = tmp_path / "c"
-    argv = ["--cache", str(out), "--k", "16", "--shard-examples", "16", *flags(tiny_teacher_dir, tiny_chat_jsonl)]
+    argv = ["--cache", str(out), "--k", "16", "--shard-examples", "16", *run_flags(tiny_teacher_dir, tiny_chat_jsonl)]
     real, written = teacher_cache.write_shard, []
 
     def dies_after_two(path, *a, **k):
@@ -193,7 +194,7 @@ def test_a_killed_write_resumes_without_rewriting_finished_shards(cache_dir, tin
     with pytest.raises(KeyboardInterrupt):
         teacher_cache.main(argv)
     with pytest.raises(SystemExit, match="is missing"):   # a half-written cache is not usable
-        teacher_cache.TeacherCache(out)
+        cache_store.TeacherCache(out)
     first = {n: (out / n).stat().st_mtime_ns for n in written}
     damaged = out / "heldout-00000.safetensors"
     monkeypatch.setattr(teacher_cache, "write_shard", real)
@@ -214,7 +215,7 @@ def test_torchrun_ranks_write_the_same_cache(cache_dir, tiny_teacher_dir, tiny_c
     out = tmp_path / "c"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(29600 + os.getpid() % 1000), str(ROOT / "teacher_cache.py"), "--cache", str(out), "--k", "16",
-           "--shard-examples", "16", *flags(tiny_teacher_dir, tiny_chat_jsonl)]
+           "--shard-examples", "16", *run_flags(tiny_teacher_dir, tiny_chat_jsonl)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -227,7 +228,7 @@ def test_torchrun_ranks_write_the_same_cache(cache_dir, tiny_teacher_dir, tiny_c
 
 def test_packing_and_the_cache_are_refused_together(cache_dir, tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
     """A cache row belongs to one example and a packed row holds several: the pair stops before any work."""
-    argv = flags(tiny_teacher_dir, tiny_chat_jsonl) + ["--teacher-cache", str(cache_dir), "--pack",
+    argv = run_flags(tiny_teacher_dir, tiny_chat_jsonl) + ["--teacher-cache", str(cache_dir), "--pack",
                                                        "--out", str(tmp_path / "run"), "--prune-to", "2"]
     with pytest.raises(SystemExit, match="--pack True: the teacher cache holds one row per example"):
         train.main(argv)

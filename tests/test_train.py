@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import lora
 import model as llama
 import train
-from runkit import adapters
+from runkit import adapters, checkpoint, flags, precision, report, tokenized
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -135,12 +135,13 @@ def test_killed_run_resumes_exactly(dtype, tiny_teacher_dir, tiny_chat_jsonl, tm
     # comes from inside the run at that step, not from a poller racing it, so load cannot move it.
     cut = tmp_path / "cut"
     kill_at_step_5 = ("import os, signal, sys, train\n"
-                      "log_step = train.log_step\n"
+                      "from runkit import report\n"
+                      "log_step = report.log_step\n"
                       "def log_then_die(row, *rest):\n"
                       "    log_step(row, *rest)\n"
                       "    if row['step'] == 5:\n"
                       "        os.kill(os.getpid(), signal.SIGKILL)\n"
-                      "train.log_step = log_then_die\n"
+                      "report.log_step = log_then_die\n"
                       "train.main(sys.argv[1:])\n")
     proc = subprocess.run([sys.executable, "-c", kill_at_step_5, *args(cut)], env={**os.environ, "OMP_NUM_THREADS": "1"},
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -245,17 +246,17 @@ def test_report_scores_heldout_and_prints_answers(tiny_teacher_dir, tiny_chat_js
     args = [a for a in base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, "--max-steps", "3", "--alpha", "0")
             if a != "--no-report"]
     train.main(args)
-    report = json.loads((tmp_path / "report.json").read_text())
-    (ce0, kl0), (ce1, kl1) = report["before"], report["after"]
+    scores = json.loads((tmp_path / "report.json").read_text())
+    (ce0, kl0), (ce1, kl1) = scores["before"], scores["after"]
     assert kl1 < kl0  # three steps on the KL term alone move the student towards the teacher
     printed = capsys.readouterr().out
     assert f"student before training  {ce0:8.4f}   {kl0:8.4f}" in printed
     assert f"student after  training  {ce1:8.4f}   {kl1:8.4f}" in printed
-    assert report["kl_recovered"] == pytest.approx(1 - kl1 / kl0)  # the share of the KL gap training closed
+    assert scores["kl_recovered"] == pytest.approx(1 - kl1 / kl0)  # the share of the KL gap training closed
     assert f"KL recovered: {100 * (1 - kl1 / kl0):.1f}%" in printed
     for name in ("teacher", "student", "trained student"):
         assert f"[{name:>16}]" in printed
-    assert printed.count("Q: ") == len(train.PROMPTS)
+    assert printed.count("Q: ") == len(report.PROMPTS)
 
 
 # ----------------------------------------------------------------------------- activation checkpointing
@@ -280,7 +281,7 @@ def test_checkpointed_blocks_give_the_same_gradients_with_less_saved():
 
     plain, plain_bytes = grads_and_saved_bytes()
     names = [n for n, _ in m.named_parameters()]
-    train.checkpoint_blocks(m)
+    precision.checkpoint_blocks(m)
     assert [n for n, _ in m.named_parameters()] == names  # Hugging Face names kept
     recomputed, recomputed_bytes = grads_and_saved_bytes()
     for name in plain:
@@ -289,9 +290,9 @@ def test_checkpointed_blocks_give_the_same_gradients_with_less_saved():
 
 
 def test_label_outside_the_vocabulary_is_refused_before_training():
-    train.check_labels([{"labels": [-100, 3, 99]}], n_rows=100)  # the last row is fine
+    tokenized.check_labels([{"labels": [-100, 3, 99]}], n_rows=100)  # the last row is fine
     with pytest.raises(ValueError, match="token id 100 is outside the model's vocabulary of 100 rows"):
-        train.check_labels([{"labels": [-100, 3]}, {"labels": [-100, 100]}], n_rows=100)
+        tokenized.check_labels([{"labels": [-100, 3]}, {"labels": [-100, 100]}], n_rows=100)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -306,7 +307,8 @@ def test_packed_batch_has_the_loss_and_gradients_of_the_documents_unpacked(tiny_
         for name, p in student.named_parameters():
             if name.endswith("lora_B"):
                 p.normal_(0, 0.05)  # B = 0 would leave A without gradient
-    distiller = train.Distiller(student, alpha=0.5, temperature=2.0, divergence="forward_kl", chunk_size=16)
+    distiller = import_neo().Distiller(student, teacher, alpha=0.5, temperature=2.0, divergence="forward_kl",
+                                       chunk_size=16)
     g = torch.Generator().manual_seed(0)
     examples = []
     for n in (9, 14, 5, 20, 7, 11):
@@ -320,10 +322,7 @@ def test_packed_batch_has_the_loss_and_gradients_of_the_documents_unpacked(tiny_
 
     def loss_and_grads(b):
         normalizer = import_neo().count_targets(b["labels"]).float()
-        with torch.no_grad():
-            th = teacher(b["input_ids"], b["attention_mask"], document_ids=b.get("document_ids"), return_hidden=True)
-        res = distiller(b["input_ids"], b["attention_mask"], b["labels"], th, teacher.lm_head.weight, normalizer,
-                        b.get("document_ids"))
+        res = distiller(b["input_ids"], b["attention_mask"], b["labels"], normalizer, b.get("document_ids"))
         res.loss.backward()
         grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad}
         student.zero_grad(set_to_none=True)
@@ -349,13 +348,13 @@ def test_packed_run_resumes_exactly(tiny_teacher_dir, tiny_chat_jsonl, tmp_path,
     packed = re.search(r"packed (\d+) examples into (\d+) rows", capsys.readouterr().out)
     assert packed and int(packed[2]) < int(packed[1]) / 2  # rows really hold several examples
 
-    save = train.save_checkpoint
+    save = checkpoint.save_checkpoint
 
     def save_then_stop(out, step, *a, **k):
         save(out, step, *a, **k)
         if step == 4:
             raise KeyboardInterrupt("stopped after the checkpoint of step 4")
-    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         train.main(args(tmp_path / "cut"))
     monkeypatch.undo()
@@ -569,11 +568,11 @@ def test_demo_and_paper_defaults(monkeypatch):
     """No --teacher on a CPU machine: the demo's budget (packed, adapters at 1e-3); any --teacher: the
     paper's (unpacked, 2e-4 / 2e-5); a teacher cache turns the demo's packing off; a given flag wins."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    demo = train.parse_args([])
-    assert demo.demo and demo.pack and demo.lr == train.DEMO_ADAPTER_LR and demo.max_samples == train.DEMO["max_samples"]
-    assert train.parse_args(["--method", "kd"]).lr == 2e-5  # the demo's rate is for adapters only
-    assert not train.parse_args(["--teacher-cache", "somewhere"]).pack
-    assert not train.parse_args(["--no-pack"]).pack and train.parse_args(["--lr", "5e-4"]).lr == 5e-4
-    paper = train.parse_args(["--teacher", "some/model"])
+    demo = flags.parse([])
+    assert demo.demo and demo.pack and demo.lr == flags.DEMO_ADAPTER_LR and demo.max_samples == flags.DEMO["max_samples"]
+    assert flags.parse(["--method", "kd"]).lr == 2e-5  # the demo's rate is for adapters only
+    assert not flags.parse(["--teacher-cache", "somewhere"]).pack
+    assert not flags.parse(["--no-pack"]).pack and flags.parse(["--lr", "5e-4"]).lr == 5e-4
+    paper = flags.parse(["--teacher", "some/model"])
     assert not paper.demo and not paper.pack and paper.lr == 2e-4 and paper.grad_accum == 16
-    assert train.parse_args(["--teacher", "some/model", "--pack"]).pack
+    assert flags.parse(["--teacher", "some/model", "--pack"]).pack
