@@ -298,8 +298,8 @@ def train_step(ctx: Step, micro: list, lr: float, step: int) -> dict:
     n_ce = sum(neo.count_targets(b["labels"][~b["sampled"]]) if "sampled" in b else 0 for b in micro) \
         if args.on_policy else n_local
     n_tokens = sum(b["attention_mask"].sum() for b in micro)
-    n_global, tokens, n_ce = all_reduce_sum(torch.tensor([float(n_local), float(n_tokens), float(n_ce)],
-                                                         device=device))
+    n_global, tokens, n_ce, n_gen = all_reduce_sum(torch.tensor(
+        [float(n_local), float(n_tokens), float(n_ce), float(sampling.get("gen_tokens", 0))], device=device))
     # DDP and FSDP average gradients over ranks; the loss is already a global mean, so undo that.
     normalizer = n_global.clamp(min=1) / ctx.d.world
     sums = torch.zeros(3, device=device)            # loss·n, ce·n, kl·n for logging
@@ -325,6 +325,8 @@ def train_step(ctx: Step, micro: list, lr: float, step: int) -> dict:
         stop_non_finite(step, next(i for i, x in enumerate(host[5:]) if x), ctx.out)
     ctx.optimizer.step()
     ctx.optimizer.zero_grad(set_to_none=True)
+    if sampling:  # every rank's sampled tokens; the time is this rank's
+        sampling["gen_tokens"] = int(n_gen)
     return {**dict(zip(("loss", "ce", "kl", "grad_norm", "tokens"), host[:5])), **sampling}
 
 
