@@ -196,6 +196,30 @@ def _normalised(loss_sum, ce_sum, div_sum, n, normalizer, n_ce=None) -> NeoLoss:
     return NeoLoss(loss_sum / denom, (ce_sum / ce_local).detach(), (div_sum / local).detach(), n)
 
 
+def _sums_and_grads(hs, ws, need_h, need_w, acc):
+    """What the chunked Functions fill chunk by chunk: the CE and divergence sums, and ∂L/∂hs (N, D)
+    and ∂L/∂ws (V, D) where asked for."""
+    return (torch.zeros((), dtype=acc, device=hs.device), torch.zeros((), dtype=acc, device=hs.device),
+            torch.zeros(hs.shape, dtype=acc, device=hs.device) if need_h else None,
+            torch.zeros(ws.shape, dtype=acc, device=ws.device) if need_w else None)
+
+
+def _add_chunk_grads(grad_z, rows, hs, ws, grad_h, grad_w, acc):
+    """A chunk's ∂L/∂z (n, V) through z = hs·wsᵀ: into its rows of ∂L/∂hs and into ∂L/∂ws."""
+    if grad_h is not None:
+        grad_h[rows] = grad_z.to(ws.dtype) @ ws   # (n, D)
+    if grad_w is not None:
+        grad_w += grad_z.t() @ hs[rows].to(acc)   # (V, D)
+
+
+def _saved(ctx, hs, ws, grad_h, grad_w, loss, ce_sum, div_sum):
+    """The chunked Functions' forward result; the gradients wait in ctx for backward (_scaled_grads)."""
+    ctx.save_for_backward(grad_h, grad_w)
+    ctx.dtypes = (hs.dtype, ws.dtype)
+    ctx.mark_non_differentiable(ce_sum, div_sum)
+    return loss, ce_sum, div_sum
+
+
 def _scaled_grads(ctx, grad_loss):
     """The chunked Functions' backward: the gradients their forward already computed, times the
     incoming gradient, in the inputs' dtypes."""
@@ -224,10 +248,7 @@ class _ChunkedNeoLoss(torch.autograd.Function):
         kd_weight = (1 - alpha) * (T * T if t2_scale else 1.0)
         acc = _at_least_fp32(hs[:0]).dtype                     # fp32 (fp64 stays fp64, for tests)
         ce_weight = None if ce_rows is None else ce_rows.to(acc)[:, None]  # (N, 1): 1 = CE counts, 0 = not
-        ce_sum = torch.zeros((), dtype=acc, device=hs.device)
-        div_sum = torch.zeros((), dtype=acc, device=hs.device)
-        grad_h = torch.zeros(hs.shape, dtype=acc, device=hs.device) if need_h else None
-        grad_w = torch.zeros(ws.shape, dtype=acc, device=ws.device) if need_w else None
+        ce_sum, div_sum, grad_h, grad_w = _sums_and_grads(hs, ws, need_h, need_w, acc)
         for start in range(0, hs.shape[0], chunk_size):
             rows, yc = slice(start, start + chunk_size), y[start:start + chunk_size]
             z = _at_least_fp32(F.linear(hs[rows], ws))        # (n, V) student logits
@@ -256,18 +277,12 @@ class _ChunkedNeoLoss(torch.autograd.Function):
                     grad_ce.mul_(cw)
                 grad_z = grad_ce.mul_(alpha) if grad_z is None else grad_z.add_(grad_ce, alpha=alpha)
             if grad_z is not None:
-                if need_h:
-                    grad_h[rows] = grad_z.to(ws.dtype) @ ws   # (n, D)
-                if need_w:
-                    grad_w += grad_z.t() @ hs[rows].to(acc)   # (V, D)
+                _add_chunk_grads(grad_z, rows, hs, ws, grad_h, grad_w, acc)
             # Free this chunk's (n, V) buffers now: left to the next chunk's assignments, two of
             # them would still be alive at that chunk's peak.
             del log_q1, log_q, grad_z, grad_ce
         loss = alpha * ce_sum + (kd_weight * div_sum if ht is not None else 0.0)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.dtypes = (hs.dtype, ws.dtype)
-        ctx.mark_non_differentiable(ce_sum, div_sum)
-        return loss, ce_sum, div_sum
+        return _saved(ctx, hs, ws, grad_h, grad_w, loss, ce_sum, div_sum)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_div):
@@ -536,10 +551,7 @@ class _ChunkedSparseNeoLoss(torch.autograd.Function):
         T = temperature
         kd_weight = (1 - alpha) * (T * T if t2_scale else 1.0)
         acc = _at_least_fp32(hs[:0]).dtype
-        ce_sum = torch.zeros((), dtype=acc, device=hs.device)
-        div_sum = torch.zeros((), dtype=acc, device=hs.device)
-        grad_h = torch.zeros(hs.shape, dtype=acc, device=hs.device) if need_h else None
-        grad_w = torch.zeros(ws.shape, dtype=acc, device=ws.device) if need_w else None
+        ce_sum, div_sum, grad_h, grad_w = _sums_and_grads(hs, ws, need_h, need_w, acc)
         for start in range(0, hs.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             z = F.linear(hs[rows], ws)                        # (n, V) student logits, upcast inside
@@ -552,16 +564,10 @@ class _ChunkedSparseNeoLoss(torch.autograd.Function):
             ce_sum += ce.sum()
             div_sum += div.sum()
             if grad_z is not None:
-                if need_h:
-                    grad_h[rows] = grad_z.to(ws.dtype) @ ws   # (n, D)
-                if need_w:
-                    grad_w += grad_z.t() @ hs[rows].to(acc)   # (V, D)
+                _add_chunk_grads(grad_z, rows, hs, ws, grad_h, grad_w, acc)
             del grad_z                                        # freed before the next chunk, as in _ChunkedNeoLoss
         loss = alpha * ce_sum + kd_weight * div_sum
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.dtypes = (hs.dtype, ws.dtype)
-        ctx.mark_non_differentiable(ce_sum, div_sum)
-        return loss, ce_sum, div_sum
+        return _saved(ctx, hs, ws, grad_h, grad_w, loss, ce_sum, div_sum)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_div):

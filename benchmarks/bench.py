@@ -89,21 +89,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # models
-    p.add_argument("--teacher", default=None, help="teacher folder (default: the offline SmolLM2-135M-Instruct)")
-    p.add_argument("--student", default=None, help="student folder (default: the teacher pruned to half its layers)")
-    p.add_argument("--prune-to", type=int, default=None, help="layers kept when pruning (default: half)")
+    flags.add(p, "teacher", "student", "prune_to", "max_len", "batch_size", "rank", "lora_alpha", "lora_dropout",
+              "chunk_size", "grad_checkpoint", "data", max_len=512, batch_size=4, data="offline")  # train.py's
     # shape
-    p.add_argument("--max-len", type=int, default=512, help="tokens per row (rows are packed to exactly this)")
-    p.add_argument("--batch-size", type=int, default=4, help="rows per step")
-    p.add_argument("--rank", type=int, default=128, help="adapter rank")
-    p.add_argument("--lora-alpha", type=float, default=None, help="adapter alpha (default: 2 x rank, as train.py)")
-    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter input (train.py's default)")
-    p.add_argument("--chunk-size", type=int, default=256, help="neo_loss chunk (train.py's default)")
     p.add_argument("--k", type=int, default=128, help="neo-cache: teacher tokens per position on average (teacher_cache.py's default)")
-    p.add_argument("--grad-checkpoint", action="store_true",
-                   help="recompute student blocks in backward (train.py --grad-checkpoint; transformers' "
-                        "gradient_checkpointing_enable() for hf-peft-neo)")
-    p.add_argument("--data", default="offline", help="instruction data packed into the batch (train.py's --data)")
     # precision and compilation
     p.add_argument("--dtype", default="auto", help="train.py's --dtype (auto, float32, bfloat16), or a comma "
                                                    "list to run every method in each")
@@ -590,9 +579,6 @@ def main(argv=None):
             p.add_argument(flag)
         for flag in ("--rank", "--chunk-size", "--steps", "--warmup", "--threads", "--k", "--profile"):
             p.add_argument(flag, type=int)
-        p.add_argument("--lora-alpha", type=float)
-        p.add_argument("--lora-dropout", type=float, default=0.0)
-        p.add_argument("--grad-checkpoint", action="store_true")
         p.add_argument("--dtype", default="auto")
         p.add_argument("--compile", action="store_true")
         args = p.parse_args(p_args)

@@ -216,9 +216,7 @@ def main(argv=None):
     p.add_argument("--conversations", type=int, default=1_000_000, help="conversations to tokenise")
     p.add_argument("--sample", type=int, default=5000, help="conversations for the one-by-one vs batched timing")
     p.add_argument("--workers", type=int, default=None, help="tokenising processes (default: one per core)")
-    p.add_argument("--max-len", type=int, default=512, help="tokens per example / packed row")
-    p.add_argument("--batch-size", type=int, default=4, help="rows per batch")
-    p.add_argument("--rank", type=int, default=128, help="adapter rank for the steps")
+    flags.add(p, "max_len", "batch_size", "rank", max_len=512, batch_size=4)  # train.py's
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
     p.add_argument("--work-dir", default="runs/bench_data", help="the generated JSONL and its cache (large)")

@@ -75,12 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated, from {list(PAIRS)}")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {METHODS}")
     p.add_argument("--parts", default="steps,loss", help="steps (one optimizer step per method), loss (chunked loss)")
-    p.add_argument("--batch-size", type=int, default=4, help="rows per step")
-    p.add_argument("--max-len", type=int, default=512, help="tokens per row")
-    p.add_argument("--rank", type=int, default=128, help="adapter rank (alpha 2 x rank, as train.py)")
-    p.add_argument("--chunk-size", type=int, default=256, help="neo_loss chunk in the training step (train.py's default)")
+    flags.add(p, "batch_size", "max_len", "rank", "chunk_size", "dtype", batch_size=4, max_len=512)  # train.py's
     p.add_argument("--loss-tokens", type=int, default=8192, help="target tokens for the loss part (Liger: 8192)")
-    p.add_argument("--dtype", default="auto", help="train.py's --dtype: auto, float32, bfloat16")
     p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--timeout", type=int, default=240, help="seconds one worker may run before it is stopped")

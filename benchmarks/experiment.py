@@ -80,25 +80,17 @@ def parse_args(argv=None):
     p.add_argument("command", choices=["run", "sweep"], help="run: the Table I experiment; sweep: rank x lr for Neo")
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="budget preset (flags below override it)")
     # models and data
-    p.add_argument("--teacher", default=None, help="teacher folder (default: the offline SmolLM2-135M-Instruct)")
-    p.add_argument("--prune-to", type=int, default=None, help="student layers (default: half the teacher's)")
-    p.add_argument("--data", default="offline", help="training data (train.py's --data)")
+    flags.add(p, "teacher", "prune_to", "data", "max_len", "batch_size", "grad_accum", "max_samples", "max_steps",
+              "rank", "heldout", "dtype", data="offline", rank=None)  # train.py's; None: the --scale's value
     # budget (default: the scale's)
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to train")
     p.add_argument("--seeds", default=None, help="seeds for neo, lora and kd (the compared methods)")
     p.add_argument("--seeds-all", default=None, help="seeds for the other methods")
-    p.add_argument("--max-len", type=int, default=None, help="tokens per training example")
-    p.add_argument("--batch-size", type=int, default=None, help="micro-batch")
-    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step")
-    p.add_argument("--max-samples", type=int, default=None, help="training conversations (seeded subset)")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps per run")
-    p.add_argument("--rank", type=int, default=None, help="adapter rank for lora/neo")
     p.add_argument("--lrs", default=None,
                    help="learning rates swept per method, e.g. 'neo=3e-4,1e-3 kd=1e-4' (sft and neo-moslora "
                         "take kd's and neo's best rate unless named)")
     p.add_argument("--no-pack", dest="pack", action="store_false", default=None,
                    help="pad each conversation to its own row instead of packing (train.py --pack)")
-    p.add_argument("--heldout", type=int, default=None, help="held-out conversations for CE / KL")
     p.add_argument("--limit", type=int, default=None, help="documents per benchmark (0: all)")
     p.add_argument("--ppl-passages", type=int, default=None, help="LAMBADA passages for perplexity")
     p.add_argument("--sweep-ranks", default=None, help="sweep: comma-separated ranks")
@@ -111,9 +103,6 @@ def parse_args(argv=None):
     # where
     p.add_argument("--runs-dir", default=None, help="training outputs (default: runs/experiment_<scale>)")
     p.add_argument("--results-dir", default="benchmarks/results", help="tables, JSON and plots")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="train.py's --dtype for every run (auto depends on the CPU's bf16 flags: pin it to "
-                        "compare machines)")
     p.add_argument("--eval-batch-size", type=int, default=16, help="lm-eval requests per forward pass")
     p.add_argument("--eval-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="the benchmarks' weights (auto: train.py's --dtype auto choice)")

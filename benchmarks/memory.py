@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import plan  # noqa: E402
 from benchmarks import peers  # noqa: E402
+from runkit import flags
 from runkit.precision import choose_dtype
 
 SHOWN = ("teacher weights", "frozen student weights", "trainable weights", "gradients", "optimizer state",
@@ -175,12 +176,9 @@ def _meta_to_fake(modules, mode):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher", default=None, help="teacher folder (default: the offline SmolLM2-135M-Instruct)")
+    flags.add(p, "teacher", "batch_size", "max_len", "rank", batch_size=4, max_len=512)  # train.py's
     p.add_argument("--methods", default="sft,lora,kd,neo,neo-moslora", help="comma-separated")
     p.add_argument("--dtypes", default="float32,bfloat16", help="frozen weights' dtype (bfloat16 adds autocast)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--rank", type=int, default=128)
     args = p.parse_args(argv)
     if args.teacher is None:
         from runkit import offline
