@@ -579,6 +579,9 @@ def main(argv=None):
             p.add_argument(flag)
         for flag in ("--rank", "--chunk-size", "--steps", "--warmup", "--threads", "--k", "--profile"):
             p.add_argument(flag, type=int)
+        p.add_argument("--lora-alpha", type=float)
+        p.add_argument("--lora-dropout", type=float, default=0.0)
+        p.add_argument("--grad-checkpoint", action="store_true")
         p.add_argument("--dtype", default="auto")
         p.add_argument("--compile", action="store_true")
         args = p.parse_args(p_args)
