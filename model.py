@@ -419,14 +419,15 @@ class Llama(nn.Module):
         if temperature == 0.0:
             return logits.argmax(-1)
         probs = F.softmax(logits.float() / temperature, dim=-1)
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # Nucleus: drop a token once the more probable ones already reach top_p (the top one always stays).
-        sorted_p[(sorted_p.cumsum(-1) - sorted_p) >= top_p] = 0.0
+        order = None
+        if top_p < 1.0:  # nucleus: drop a token once the more probable ones reach top_p (the top one stays)
+            probs, order = probs.sort(dim=-1, descending=True)
+            probs[(probs.cumsum(-1) - probs) >= top_p] = 0.0
         if isinstance(gen, (list, tuple)):  # each row from its own generator: one draw per row per step
-            choice = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(sorted_p[:, None], gen)])
+            choice = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs[:, None], gen)])
         else:
-            choice = torch.multinomial(sorted_p, 1, generator=gen)               # (B, 1), renormalises
-        return order.gather(-1, choice).squeeze(-1)
+            choice = torch.multinomial(probs, 1, generator=gen)                   # (B, 1), renormalises
+        return (choice if order is None else order.gather(-1, choice)).squeeze(-1)
 
     # ------------------------------------------------------------------------- loading and saving
 

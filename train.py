@@ -288,8 +288,8 @@ def train_step(ctx: Step, micro: list, lr: float, step: int) -> dict:
     sampling = {}
     if args.on_policy:  # first every reply the step needs, so that its targets can be counted
         t0 = time.time()
-        micro = [on_policy(ctx, b, step) for b in micro]
-        sampling = {"gen_s": time.time() - t0, "gen_tokens": sum(b.pop("sampled_tokens") for b in micro)}
+        micro, n_sampled = on_policy(ctx, micro, step)
+        sampling = {"gen_s": time.time() - t0, "gen_tokens": n_sampled}
     # Normalise by the valid target tokens of the whole step, over micro-batches and ranks, so
     # that 16 accumulated micro-batches on 6 processes equal one batch of 16 x 6 x 4. Counted on
     # the host from the CPU batches, summed over ranks on the device. CE is logged per target it
@@ -330,40 +330,48 @@ def train_step(ctx: Step, micro: list, lr: float, step: int) -> dict:
     return {**dict(zip(("loss", "ce", "kl", "grad_norm", "tokens"), host[:5])), **sampling}
 
 
-def on_policy(ctx: Step, b: dict, step: int) -> dict:
-    """The micro-batch `b` with a share --on-policy λ of its rows answered by the student itself
-    (GKD, Agarwal et al. 2024): its prompt is the conversation up to the first reply (data.prompts),
-    its reply is sampled with the adapters active and dropout off, at --on-policy-temperature, with
-    the KV cache and no gradient, and the reply's tokens become the row's only targets, scored by
-    the teacher (data.with_replies; ce_mask drops their CE). Which rows, and what each samples, is
-    keyed by (seed, step, example) rather than drawn from a running generator: the same on any number
-    of ranks and after a resume, so no sampler state needs saving."""
+def on_policy(ctx: Step, micro: list, step: int) -> tuple[list, int]:
+    """The step's micro-batches with a share --on-policy λ of their rows answered by the student itself
+    (GKD, Agarwal et al. 2024), and how many tokens it sampled. A row's prompt is its conversation up
+    to the first reply (data.prompts); its reply is sampled with the adapters active and dropout off,
+    at --on-policy-temperature, with the KV cache and no gradient, all the step's rows in one batch;
+    the reply's tokens become the row's only targets, scored by the teacher (data.with_replies; the
+    row's CE is dropped by ce_mask in train_step). Which rows, and what each samples, is keyed by
+    (seed, step, example) rather than drawn from a running generator: the same on any number of ranks
+    and after a resume, so there is no sampler state to save."""
     args, device = ctx.args, ctx.d.device
-    keys = [(args.seed * 1_000_003 + step) * 1_000_003 + int(e) for e in b["example_ids"]]
-    gens = [torch.Generator(device).manual_seed(k % 2**63) for k in keys]
-    chosen = [i for i, g in enumerate(gens) if torch.rand((), generator=g, device=device) < args.on_policy]
+    rows, gens, chosen = [], [], set()  # (micro-batch, row) of every row, its generator, the sampled ones
+    for m, b in enumerate(micro):
+        for i, example in enumerate(b["example_ids"].tolist()):
+            gen = torch.Generator(device).manual_seed(((args.seed * 1_000_003 + step) * 1_000_003 + example) % 2**63)
+            rows.append((m, i))
+            gens.append(gen)
+            if torch.rand((), generator=gen, device=device) < args.on_policy:
+                chosen.add((m, i))
     lockstep = args.zero >= 2  # FSDP2 gathers each layer on every rank together: all rows, every new token
-    rows = list(range(len(gens))) if lockstep else chosen
+    sample = [k for k, row in enumerate(rows) if lockstep or row in chosen]
     replies = {}
-    if rows:
+    if sample:
+        prompts = [data.prompts(b) for b in micro]
+        asked = [prompts[rows[k][0]][rows[k][1]] for k in sample]
         student = module_of(ctx.model).student
-        prompts = data.prompts(b)
-        longest = max(len(prompts[i]) for i in rows)
-        room = min(args.on_policy_max_new, student.config.max_position_embeddings - longest,
-                   args.max_len - min(len(prompts[i]) for i in rows))
+        room = min(args.on_policy_max_new, student.config.max_position_embeddings - max(map(len, asked)),
+                   args.max_len - min(map(len, asked)))
         stop = ctx.tokenizer.stop_token_ids
         student.eval()
         with autocast(device, args):
-            outs = student.generate([prompts[i] for i in rows], max_new_tokens=max(1, room),
-                                    temperature=args.on_policy_temperature, stop_token_ids=[] if lockstep else stop,
-                                    generators=[gens[i] for i in rows], keep_stop=True)
+            outs = student.generate(asked, max_new_tokens=max(1, room), temperature=args.on_policy_temperature,
+                                    stop_token_ids=[] if lockstep else stop, generators=[gens[k] for k in sample],
+                                    keep_stop=True)
         student.train()
-        for i, out in zip(rows, outs):
+        for k, out in zip(sample, outs):
             ends = [j for j, t in enumerate(out) if t in stop]
-            replies[i] = out[:ends[0] + 1] if ends else out  # lockstep ran past the stop: cut there
-    new = data.with_replies(b, chosen, [replies[i] for i in chosen], args.max_len, ctx.tokenizer.pad_token_id)
-    new["sampled_tokens"] = sum(len(replies[i]) for i in chosen)
-    return new
+            replies[rows[k]] = out[:ends[0] + 1] if ends else out  # lockstep ran past the stop: cut there
+    new = []
+    for m, b in enumerate(micro):
+        mine = sorted(i for (mm, i) in chosen if mm == m)
+        new.append(data.with_replies(b, mine, [replies[m, i] for i in mine], args.max_len, ctx.tokenizer.pad_token_id))
+    return new, sum(len(replies[row]) for row in chosen)
 
 
 def stop_non_finite(step, micro, out: Path):
