@@ -59,7 +59,10 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from runkit import offline
+import data
+import lora
+import model as model_lib
+from runkit import adapters, offline
 
 # Row names of the paper's tables.
 PAPER_NAMES = {"arc_easy": "ARC-e", "arc_challenge": "ARC-c", "hellaswag": "HellaSwag", "piqa": "PIQA",
@@ -121,9 +124,6 @@ class NeoLM(TemplateLM):
                  batch_size=16, max_length=None, tokenizer=None, add_bos_token=None, prefix_token_id=None,
                  max_batch_size=None):
         super().__init__()
-        import data
-        import model as model_lib
-
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         is_model = isinstance(pretrained, model_lib.Llama)
@@ -139,8 +139,6 @@ class NeoLM(TemplateLM):
             tokenizer = data.Tokenizer.from_dir(tokenizer)
         self.tokenizer = tokenizer
         if adapter:  # before the weights are read: a wrong adapter folder or base fails in a second
-            import lora
-            from runkit import adapters
             for name in ("adapter_config.json", "adapter_model.safetensors"):
                 if not (Path(adapter) / name).is_file():
                     raise FileNotFoundError(f"adapter folder {adapter} has no {name} (an adapter folder holds "
