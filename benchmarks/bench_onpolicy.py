@@ -8,8 +8,11 @@ budget; each on-policy run then gets the same wall time, as a step count measure
 probe of its own steps (the schedule then runs to its end, as the off-policy one does). Every
 trained student is scored on the demo's held-out set (CE, and KL to the teacher: train.py's
 report) and answers fixed prompts greedily: the 3 of train.py's report and the user turns of
-the first held-out conversations. An answer repeats itself when some word 4-gram occurs in it
-twice or more; rep-4 is the share of an answer's 4-grams that are repeats (Welleck et al. 2019).
+the first held-out conversations. An answer repeats itself when some 4-gram of its tokens (the
+tokenizer's: SmolLM2 writes every digit as a token, so "10000000" repeats too) occurs in it twice
+or more; rep-4 is the share of an answer's token 4-grams that are repeats (Welleck et al. 2019).
+
+    python -m benchmarks.bench_onpolicy --rescore             # the table again from the saved answers
 
 Also measured, from the runs' metrics.jsonl: the sampling step's generation tokens/s and its
 share of a training step.
@@ -43,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--probe-steps", type=int, default=3, help="steps of the probe that times an on-policy step")
     p.add_argument("--work-dir", default="runs/bench_onpolicy")
     p.add_argument("--output", default="benchmarks/results/bench_onpolicy.json")
+    p.add_argument("--rescore", action="store_true", help="no training: the repetition figures and the table "
+                                                           "again from --output's saved answers")
     flags.add(p, "max_samples", "divergence", "on_policy_temperature", "on_policy_max_new", "max_len",
               max_samples=400, divergence="reverse_kl", on_policy_max_new=96)
     return p.parse_args(argv)
@@ -59,10 +64,16 @@ def train(out: Path, flags_: list[str]) -> float:
     return time.time() - t0
 
 
-def rep4(text: str) -> float:
-    words = text.split()
-    grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
+def rep4(text: str, tok) -> float:
+    """The share of the answer's token 4-grams that occurred earlier in it (0: no repeat)."""
+    ids = tok.encode(text)
+    grams = [tuple(ids[i:i + 4]) for i in range(len(ids) - 3)]
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition(answers: list[str], tok) -> dict:
+    reps = [rep4(a, tok) for a in answers]
+    return {"repeating": sum(r > 0 for r in reps) / len(reps), "rep4": statistics.mean(reps)}
 
 
 @torch.no_grad()
@@ -93,6 +104,13 @@ def heldout_questions(n: int, max_len: int) -> list[str]:
 
 def main(argv=None):
     args = parse_args(argv)
+    tok = data.Tokenizer.from_dir(str(offline.smollm2_dir()))
+    if args.rescore:
+        saved = json.loads(Path(args.output).read_text())
+        for r in saved["runs"]:
+            r.update(repetition(list(r["answers"].values()), tok))
+        Path(args.output).write_text(json.dumps(saved, indent=1))
+        return table(saved["runs"], [float(x) for x in args.lambdas.split(",")], Path(args.output))
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     lambdas = [float(x) for x in args.lambdas.split(",")]
@@ -123,8 +141,7 @@ def main(argv=None):
             gen_tok = sum(r.get("gen_tokens", 0) for r in metrics)
             rows.append({"lambda": lam, "seed": seed, "steps": len(metrics), "train_s": train_s, "wall_s": wall,
                          "heldout_ce": rep["after"][0], "heldout_kl": rep["after"][1],
-                         "repeating": sum(rep4(a) > 0 for a in said) / len(said),
-                         "rep4": statistics.mean(rep4(a) for a in said),
+                         **repetition(said, tok),
                          "gen_tokens_per_s": gen_tok / gen_s if gen_s else None,
                          "gen_share": gen_s / train_s if gen_s else 0.0, "answers": dict(zip(questions, said))})
             r = rows[-1]
@@ -134,24 +151,28 @@ def main(argv=None):
                   flush=True)
             Path(args.output).write_text(json.dumps({"args": vars(args), "questions": questions, "runs": rows},
                                                     indent=1))
-    lines = ["| λ | seeds | steps | held-out KL | held-out CE | answers repeating (4-gram) | rep-4 | sampling tok/s | "
-             "sampling share |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    table(rows, lambdas, Path(args.output))
+    return rows
+
+
+def table(rows, lambdas, output: Path) -> str:
+    lines = ["| λ | seeds | steps | held-out KL | held-out CE | answers repeating (token 4-gram) | rep-4 | "
+             "sampling tok/s | sampling share |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for lam in lambdas:
         rs = [r for r in rows if r["lambda"] == lam]
+
         def ms(key, scale=1.0, fmt=".4f"):
             v = [r[key] * scale for r in rs if r[key] is not None]
             if not v:
                 return "-"
-            half = (max(v) - min(v)) / 2
-            return f"{statistics.mean(v):{fmt}} ± {half:{fmt}}"
+            return f"{statistics.mean(v):{fmt}} ± {(max(v) - min(v)) / 2:{fmt}}"
         lines.append(f"| {lam:g} | {','.join(str(r['seed']) for r in rs)} | {ms('steps', fmt='.0f')} | "
                      f"{ms('heldout_kl')} | {ms('heldout_ce')} | {ms('repeating', 100, '.0f')}% | {ms('rep4', fmt='.3f')} | "
                      f"{ms('gen_tokens_per_s', fmt='.0f')} | {ms('gen_share', 100, '.0f')}% |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    Path(args.output).with_suffix(".md").write_text(table + "\n\n± is half the range over the seeds.\n")
-    return rows
-
+    text = "\n".join(lines)
+    print("\n" + text)
+    output.with_suffix(".md").write_text(text + "\n\n± is half the range over the seeds.\n")
+    return text
 
 if __name__ == "__main__":
     main()

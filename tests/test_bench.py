@@ -161,3 +161,18 @@ def test_bench_gpu_runs_at_toy_scale(tmp_path):
     for name in ("neo_loss@256", "reference"):  # in this process: the rows' code, not their timing
         r = bench_gpu.loss_worker(name, args, torch.device("cpu"))
         assert r["tokens"] == 2048 // 64 and r["vocab"] == 128256 // 64 and r["time_s"] > 0
+
+
+# ----------------------------------------------------------------------------- benchmarks/bench_onpolicy.py
+
+def test_onpolicy_repetition_counts_token_4grams(smollm2_dir):
+    """An answer repeats itself when a token 4-gram comes back: a repeated phrase, and a run of digits
+    (SmolLM2 writes each digit as a token), which a word-level count would miss."""
+    import data
+    from benchmarks import bench_onpolicy
+    tok = data.Tokenizer.from_dir(smollm2_dir)
+    assert bench_onpolicy.rep4("The capital of France is Paris.", tok) == 0
+    assert bench_onpolicy.rep4("the color of a color, the color of a color, the color of a color", tok) > 0.3
+    assert bench_onpolicy.rep4("The answer is 100000000000000000000.", tok) > 0.5
+    rep = bench_onpolicy.repetition(["Paris.", "48 of 48 of 48 of 48 of 48 of 48"], tok)
+    assert rep["repeating"] == 0.5 and 0 < rep["rep4"] < 0.5
