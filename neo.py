@@ -54,6 +54,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+import lora
+
 IGNORE_INDEX = -100  # label of every token the loss skips (data.py writes it into the labels)
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -63,6 +65,7 @@ class NeoLoss(NamedTuple):
     ce: torch.Tensor        # detached mean CE per local CE-counted target (for logging; 0 if none)
     kl: torch.Tensor        # detached mean divergence per local valid target (0 without teacher)
     n_tokens: torch.Tensor  # local number of valid targets (long scalar)
+    n_ce: torch.Tensor      # local number of those where CE counts (n_tokens without a ce_mask)
 
 
 def reference_loss(student_logits, teacher_logits, labels, *, alpha: float = 0.5,
@@ -117,8 +120,8 @@ def reference_loss(student_logits, teacher_logits, labels, *, alpha: float = 0.5
     denom = denom.clamp(min=1).to(ce.dtype)                       # all-ignored batch: loss 0, not NaN
     loss = (alpha * ce + (1 - alpha) * (T * T if t2_scale else 1.0) * div) / denom
     local = n.clamp(min=1).to(ce.dtype)
-    ce_local = local if ce_mask is None else (ce_targets != ignore_index).sum().clamp(min=1).to(ce.dtype)
-    return NeoLoss(loss, (ce / ce_local).detach(), (div / local).detach(), n)
+    n_ce = n if ce_mask is None else (ce_targets != ignore_index).sum()
+    return NeoLoss(loss, (ce / n_ce.clamp(min=1).to(ce.dtype)).detach(), (div / local).detach(), n, n_ce)
 
 
 # ----------------------------------------------------------------------------- the same numbers
@@ -192,8 +195,9 @@ def _normalised(loss_sum, ce_sum, div_sum, n, normalizer, n_ce=None) -> NeoLoss:
     denom = n if normalizer is None else torch.as_tensor(normalizer, device=loss_sum.device)
     denom = denom.clamp(min=1).to(loss_sum.dtype)                  # all-ignored batch: loss 0, not NaN
     local = n.clamp(min=1).float()
-    ce_local = local if n_ce is None else n_ce.clamp(min=1).float()
-    return NeoLoss(loss_sum / denom, (ce_sum / ce_local).detach(), (div_sum / local).detach(), n)
+    n_ce = n if n_ce is None else n_ce
+    return NeoLoss(loss_sum / denom, (ce_sum / n_ce.clamp(min=1).float()).detach(), (div_sum / local).detach(), n,
+                   n_ce)
 
 
 def _sums_and_grads(hs, ws, need_h, need_w, acc):
@@ -622,6 +626,19 @@ def sparse_neo_loss(student_hidden, student_head_weight, teacher: TeacherTopK, l
 # and FSDP2 see one module: FSDP2 gathers the student's LM head for the chunked projection. The
 # teacher is held beside it, not inside it: DDP and FSDP2 wrap the student only, and the module's
 # state dict (checkpoints, adapters) holds the student's weights only.
+
+
+def make_trainable(student, args, say=None):
+    """What each method trains: sft/kd every weight; neo/lora adapters on the --targets linears, every
+    other weight frozen (lora.apply_lora). say: print the trainable count with it (None: silent)."""
+    if args.method in ("sft", "kd"):
+        student.requires_grad_(True)
+        if say is not None:
+            n = sum(p.numel() for p in student.parameters())
+            say(f"trainable parameters: {n:,} / {n:,} (100%)")
+        return student
+    return lora.apply_lora(student, targets=tuple(args.targets.split(",")), rank=args.rank, alpha=args.lora_alpha,
+                           dropout=args.lora_dropout, variant=args.adapter, verbose=say is not None)
 
 
 def distill_loss(student_hidden, student_head_weight, labels, *, teacher_hidden=None, teacher_head_weight=None,

@@ -63,7 +63,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import lora
 import model as llama
 import neo
 from runkit import flags
@@ -293,12 +292,7 @@ def build(setup: Setup, teacher_cfg, student_cfg, fake: bool):
             teacher = llama.Llama(teacher_cfg).eval().requires_grad_(False)
             for p in teacher.parameters():
                 p.data = p.data.to(setup.frozen_dtype)
-        student = llama.Llama(student_cfg)  # made trainable as train.make_trainable does, checkpointed as asked
-        if targs.method in ("sft", "kd"):
-            student.requires_grad_(True)
-        else:
-            lora.apply_lora(student, targets=tuple(targs.targets.split(",")), rank=targs.rank, alpha=targs.lora_alpha,
-                            dropout=targs.lora_dropout, variant=targs.adapter, verbose=False)
+        student = neo.make_trainable(llama.Llama(student_cfg), targs)  # as train.prepare_student does
         if targs.grad_checkpoint:
             checkpoint_blocks(student)
         for p in student.parameters():  # the frozen base in the frozen dtype; trainable weights stay fp32

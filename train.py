@@ -131,8 +131,8 @@ def main(argv=None):
 
     # ---- save ------------------------------------------------------------------
     checkpoint.save_checkpoint(out, total_steps, wrapped, optimizer, loader, args, d, base_path)
-    final = full_student(wrapped, student, args.zero, d, lambda: make_trainable(llama.Llama(student.config), args,
-                                                                                  verbose=False))
+    final = full_student(wrapped, student, args.zero, d,
+                         lambda: neo.make_trainable(llama.Llama(student.config), args))
     if d.master:
         torch.compiler.set_stance("force_eager")  # --compile: scoring and generating below need no graphs
         export(final, out, args, base_path)
@@ -186,25 +186,12 @@ def save_student_base(student, args, out: Path, d: Dist) -> str:
     return str(folder)
 
 
-def make_trainable(student, args, verbose=True):
-    """sft/kd: every weight trains. neo/lora: adapters on the target linears, everything else frozen."""
-    if args.method in ("sft", "kd"):
-        student.requires_grad_(True)
-        n = sum(p.numel() for p in student.parameters())
-        if verbose:
-            print0(f"trainable parameters: {n:,} / {n:,} (100%)")
-        return student
-    return lora.apply_lora(student, targets=tuple(args.targets.split(",")), rank=args.rank,
-                           alpha=args.lora_alpha, dropout=args.lora_dropout, variant=args.adapter,
-                           verbose=verbose)
-
-
 def prepare_student(student, args, device):
     """The student as the training step uses it: trainable set chosen, activation checkpointing as
     asked, and for neo/lora the frozen base in the frozen dtype (bf16 under --dtype auto where
     it is native; the adapters stay fp32: the optimizer's master copy). sft/kd keep every weight
     fp32 and get bf16 only through autocast."""
-    student = make_trainable(student, args)
+    student = neo.make_trainable(student, args, say=print0)
     if args.grad_checkpoint:
         checkpoint_blocks(student)
     dtype = frozen_dtype(args, device)
@@ -292,17 +279,16 @@ def train_step(ctx: Step, micro: list, lr: float, step: int) -> dict:
         sampling = {"gen_s": time.time() - t0, "gen_tokens": n_sampled}
     # Normalise by the valid target tokens of the whole step, over micro-batches and ranks, so
     # that 16 accumulated micro-batches on 6 processes equal one batch of 16 x 6 x 4. Counted on
-    # the host from the CPU batches, summed over ranks on the device. CE is logged per target it
-    # counts at (not at sampled replies).
+    # the host from the CPU batches, summed over ranks on the device.
     n_local = sum(neo.count_targets(b["labels"]) for b in micro)
-    n_ce = sum(neo.count_targets(b["labels"][~b["sampled"]]) if "sampled" in b else 0 for b in micro) \
-        if args.on_policy else n_local
     n_tokens = sum(b["attention_mask"].sum() for b in micro)
-    n_global, tokens, n_ce, n_gen = all_reduce_sum(torch.tensor(
-        [float(n_local), float(n_tokens), float(n_ce), float(sampling.get("gen_tokens", 0))], device=device))
+    n_global, tokens, n_gen = all_reduce_sum(torch.tensor(
+        [float(n_local), float(n_tokens), float(sampling.get("gen_tokens", 0))], device=device))
     # DDP and FSDP average gradients over ranks; the loss is already a global mean, so undo that.
     normalizer = n_global.clamp(min=1) / ctx.d.world
-    sums = torch.zeros(3, device=device)            # loss·n, ce·n, kl·n for logging
+    # For logging: loss·n, ce·n_ce, kl·n and n_ce (CE is logged per target it counts at: not at
+    # sampled replies)
+    sums = torch.zeros(4, device=device)
     bad = torch.zeros(len(micro), device=device)    # 1 where a micro-batch's loss is not finite
     for i, b in enumerate(micro):
         rows = ctx.cache.rows("train", b.get("example_ids")).to(device) if ctx.cache is not None else None
@@ -314,11 +300,11 @@ def train_step(ctx: Step, micro: list, lr: float, step: int) -> dict:
                             rows, ce_mask)
             res.loss.backward()
         bad[i] = (~torch.isfinite(res.loss.detach())).float()
-        n_ce_here = res.n_tokens if ce_mask is None else neo.count_targets(b["labels"].masked_fill(~ce_mask, -100))
-        sums += torch.stack([res.loss.detach() * normalizer, res.ce * n_ce_here, res.kl * res.n_tokens])
+        sums += torch.stack([res.loss.detach() * normalizer, res.ce * res.n_ce, res.kl * res.n_tokens, res.n_ce])
     grad_norm = torch.nn.utils.clip_grad_norm_(ctx.params, args.grad_clip if args.grad_clip > 0 else math.inf)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: DTensor
-    sums = all_reduce_sum(sums) / torch.stack([n_global, n_ce, n_global]).clamp(min=1)
+    sums = all_reduce_sum(sums)
+    sums = sums[:3] / torch.stack([n_global, sums[3], n_global]).clamp(min=1)
     bad = all_reduce_sum(bad)
     host = torch.cat([sums, grad_norm.reshape(1), tokens.reshape(1), bad]).tolist()  # the step's one sync
     if any(host[5:]):

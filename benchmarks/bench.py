@@ -1,7 +1,7 @@
 """Time and memory of one optimizer step for each method of the paper's Table I, side by side.
 
 One optimizer step = teacher forward under no_grad (kd, neo) + student forward and backward +
-gradient clipping + AdamW step, built from train.py's own pieces (`make_trainable`, `Distiller`,
+gradient clipping + AdamW step, built from the core's own pieces (`neo.make_trainable`, `Distiller`,
 neo.neo_loss, the pruned student), so it is the step `python train.py` runs:
 
     method        trains                loss
