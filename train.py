@@ -86,6 +86,9 @@ def main(argv=None):
     loader = data.Batches(train_set, args.batch_size, pad_id=tokenizer.pad_token_id, rank=d.rank,
                           world_size=d.world, seed=args.seed)
     total_steps = count_steps(args, loader, len(train_set), d)
+    if args.on_policy_start:
+        print0(f"on-policy: steps 1-{int(args.on_policy_start * total_steps)} of {total_steps} on the data set's "
+               f"replies, then the student answers a share {args.on_policy:g} of rows itself")
     # scored now, before the first step changes the student
     scores = report.start_report(args, d, student, teacher, tokenizer, loader, held_set, vocab_size, out, cache)
 
@@ -106,7 +109,8 @@ def main(argv=None):
     if state is not None:
         checkpoint.restore(wrapped, optimizer, state, args, d)
     warmup = max(1, int(args.warmup * total_steps))
-    ctx = Step(wrapped, optimizer, params, cache if distilling else None, args, d, out, tokenizer)
+    ctx = Step(wrapped, optimizer, params, cache if distilling else None, args, d, out, tokenizer,
+               sample_from=int(args.on_policy_start * total_steps))
 
     # ---- loop ------------------------------------------------------------------
     metrics_path = checkpoint.start_metrics(out, args.resume, start_step, d)
@@ -260,6 +264,7 @@ class Step:
     d: Dist
     out: Path                        # the run folder (named when a bad loss stops the run)
     tokenizer: data.Tokenizer        # stop tokens and padding of sampled replies (--on-policy)
+    sample_from: int = 0             # the first step whose rows the student may answer (--on-policy-start)
 
 
 def train_step(ctx: Step, micro: list, lr: float, step: int) -> dict:
@@ -273,7 +278,7 @@ def train_step(ctx: Step, micro: list, lr: float, step: int) -> dict:
     for group in ctx.optimizer.param_groups:
         group["lr"] = lr
     sampling = {}
-    if args.on_policy:  # first every reply the step needs, so that its targets can be counted
+    if args.on_policy and step >= ctx.sample_from:  # first every reply the step needs, so that its targets can be counted
         t0 = time.time()
         micro, n_sampled = on_policy(ctx, micro, step)
         sampling = {"gen_s": time.time() - t0, "gen_tokens": n_sampled}

@@ -2,15 +2,19 @@
 
     python -m benchmarks.bench_onpolicy                       # λ = 0, 0.5, 1 (reverse KL), seeds 0 and 1
     python -m benchmarks.bench_onpolicy --max-samples 400 --seeds 0,1,2
+    python -m benchmarks.bench_onpolicy --on-policy-start 0.5 # off-policy for half the steps, then sampling
 
 For each seed: the off-policy run (λ = 0) trains the offline demo's models and data for its
 budget; each on-policy run then gets the same wall time, as a step count measured from a short
-probe of its own steps (the schedule then runs to its end, as the off-policy one does). Every
+probe of its own steps (the schedule then runs to its end, as the off-policy one does). With
+--on-policy-start S the first share S of those steps are off-policy (timed from the λ = 0 run), the
+rest sample. Every
 trained student is scored on the demo's held-out set (CE, and KL to the teacher: train.py's
 report) and answers fixed prompts greedily: the 3 of train.py's report and the user turns of
 the first held-out conversations. An answer repeats itself when some 4-gram of its tokens (the
 tokenizer's: SmolLM2 writes every digit as a token, so "10000000" repeats too) occurs in it twice
 or more; rep-4 is the share of an answer's token 4-grams that are repeats (Welleck et al. 2019).
+The teacher answers the same prompts: its figures are what distillation can hope for.
 
     python -m benchmarks.bench_onpolicy --rescore             # the table again from the saved answers
 
@@ -48,8 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--output", default="benchmarks/results/bench_onpolicy.json")
     p.add_argument("--rescore", action="store_true", help="no training: the repetition figures and the table "
                                                            "again from --output's saved answers")
-    flags.add(p, "max_samples", "divergence", "on_policy_temperature", "on_policy_max_new", "max_len",
-              max_samples=400, divergence="reverse_kl", on_policy_max_new=96)
+    flags.add(p, "max_samples", "divergence", "on_policy_start", "on_policy_temperature", "on_policy_max_new",
+              "max_len", max_samples=400, divergence="reverse_kl", on_policy_max_new=96)
     return p.parse_args(argv)
 
 
@@ -109,8 +113,10 @@ def main(argv=None):
         saved = json.loads(Path(args.output).read_text())
         for r in saved["runs"]:
             r.update(repetition(list(r["answers"].values()), tok))
+        if "teacher" in saved:
+            saved["teacher"].update(repetition(list(saved["teacher"]["answers"].values()), tok))
         Path(args.output).write_text(json.dumps(saved, indent=1))
-        return table(saved["runs"], [float(x) for x in args.lambdas.split(",")], Path(args.output))
+        return table(saved["runs"], saved.get("teacher"), Path(args.output))
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     lambdas = [float(x) for x in args.lambdas.split(",")]
@@ -119,9 +125,13 @@ def main(argv=None):
     base = ["--max-samples", str(args.max_samples), "--divergence", args.divergence, "--no-pack",
             "--on-policy-temperature", str(args.on_policy_temperature),
             "--on-policy-max-new", str(args.on_policy_max_new)] + (["--max-len", str(args.max_len)] if args.max_len else [])
+    teacher = str(offline.smollm2_dir())
+    said = answers(Path(teacher), questions)
+    teacher = {**repetition(said, tok), "answers": dict(zip(questions, said))}
+    print(f"teacher: repeating {100 * teacher['repeating']:.0f}%, rep-4 {teacher['rep4']:.3f}", flush=True)
     rows = []
     for seed in seeds:
-        budget = None
+        budget = off_step_s = None  # from the first (off-policy) run of the seed
         for lam in lambdas:
             name = f"lam{lam:g}_s{seed}"
             run = base + ["--seed", str(seed), "--on-policy", str(lam)]
@@ -129,17 +139,20 @@ def main(argv=None):
                 probe = work / f"probe_{name}"
                 train(probe, run + ["--max-steps", str(args.probe_steps), "--no-report"])
                 step_s = statistics.median(json.loads(r)["step_s"] for r in (probe / "metrics.jsonl").read_text().splitlines())
-                run += ["--max-steps", str(max(1, round(budget / step_s)))]
+                f = args.on_policy_start  # that share of the steps is off-policy, at the λ = 0 run's pace
+                run += ["--max-steps", str(max(1, round(budget / (f * off_step_s + (1 - f) * step_s)))),
+                        "--on-policy-start", str(f)]
             wall = train(work / name, run)
             metrics = [json.loads(r) for r in (work / name / "metrics.jsonl").read_text().splitlines()]
             train_s = sum(r["step_s"] for r in metrics)
             if budget is None:
-                budget = train_s
+                budget, off_step_s = train_s, statistics.median(r["step_s"] for r in metrics)
             rep = json.loads((work / name / "report.json").read_text())
             said = answers(work / name / "model", questions)
             gen_s = sum(r.get("gen_s", 0) for r in metrics)
             gen_tok = sum(r.get("gen_tokens", 0) for r in metrics)
-            rows.append({"lambda": lam, "seed": seed, "steps": len(metrics), "train_s": train_s, "wall_s": wall,
+            rows.append({"lambda": lam, "start": args.on_policy_start if lam > 0 else 0.0, "seed": seed,
+                         "steps": len(metrics), "train_s": train_s, "wall_s": wall,
                          "heldout_ce": rep["after"][0], "heldout_kl": rep["after"][1],
                          **repetition(said, tok),
                          "gen_tokens_per_s": gen_tok / gen_s if gen_s else None,
@@ -149,30 +162,34 @@ def main(argv=None):
                   f"KL {r['heldout_kl']:.4f}; repeating {100 * r['repeating']:.0f}%, rep-4 {r['rep4']:.3f}; "
                   f"sampling {r['gen_tokens_per_s'] or 0:.0f} tok/s, {100 * r['gen_share']:.0f}% of a step",
                   flush=True)
-            Path(args.output).write_text(json.dumps({"args": vars(args), "questions": questions, "runs": rows},
-                                                    indent=1))
-    table(rows, lambdas, Path(args.output))
+            Path(args.output).write_text(json.dumps({"args": vars(args), "questions": questions, "runs": rows,
+                                                     "teacher": teacher}, indent=1))
+    table(rows, teacher, Path(args.output))
     return rows
 
 
-def table(rows, lambdas, output: Path) -> str:
-    lines = ["| λ | seeds | steps | held-out KL | held-out CE | answers repeating (token 4-gram) | rep-4 | "
-             "sampling tok/s | sampling share |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for lam in lambdas:
-        rs = [r for r in rows if r["lambda"] == lam]
+def table(rows, teacher, output: Path) -> str:
+    lines = ["| λ | sampling from | seeds | steps | held-out KL | held-out CE | answers repeating (token 4-gram) | "
+             "rep-4 | sampling tok/s | sampling share |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for lam, start in dict.fromkeys((r["lambda"], r.get("start", 0.0)) for r in rows):
+        rs = [r for r in rows if (r["lambda"], r.get("start", 0.0)) == (lam, start)]
 
         def ms(key, scale=1.0, fmt=".4f"):
             v = [r[key] * scale for r in rs if r[key] is not None]
             if not v:
                 return "-"
             return f"{statistics.mean(v):{fmt}} ± {(max(v) - min(v)) / 2:{fmt}}"
-        lines.append(f"| {lam:g} | {','.join(str(r['seed']) for r in rs)} | {ms('steps', fmt='.0f')} | "
+        when = "-" if not lam else f"step {start:.0%} on" if start else "the start"
+        lines.append(f"| {lam:g} | {when} | {','.join(str(r['seed']) for r in rs)} | {ms('steps', fmt='.0f')} | "
                      f"{ms('heldout_kl')} | {ms('heldout_ce')} | {ms('repeating', 100, '.0f')}% | {ms('rep4', fmt='.3f')} | "
                      f"{ms('gen_tokens_per_s', fmt='.0f')} | {ms('gen_share', 100, '.0f')}% |")
+    if teacher is not None:
+        lines.append(f"| teacher | | | | | | {100 * teacher['repeating']:.0f}% | {teacher['rep4']:.3f} | | |")
     text = "\n".join(lines)
     print("\n" + text)
     output.with_suffix(".md").write_text(text + "\n\n± is half the range over the seeds.\n")
     return text
+
 
 if __name__ == "__main__":
     main()

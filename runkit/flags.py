@@ -78,6 +78,10 @@ FLAGS = {  # group -> {dest: (flag, argparse keywords)}
                                           help="share of training rows whose reply the student samples itself, "
                                                "scored token by token by the teacher (GKD's lambda; 0: the data "
                                                "set's replies only, 1: the student's samples only; neo/kd)")),
+        "on_policy_start": ("--on-policy-start", dict(type=float, default=0.0, metavar="SHARE",
+                                                      help="share of the run's steps trained on the data set's "
+                                                           "replies only, before the student starts sampling "
+                                                           "(off-policy, then on-policy, as Qwen3 distils)")),
         "on_policy_temperature": ("--on-policy-temperature", dict(type=float, default=1.0,
                                                                   help="sampling temperature of the student's "
                                                                        "replies (0: greedy)")),
@@ -149,7 +153,7 @@ RESUME_FLAGS = ["method", "adapter", "rank", "lora_alpha", "lora_dropout", "targ
                 "prune_to", "data", "max_samples", "heldout", "skip_bad_lines", "max_len", "pack", "alpha",
                 "temperature", "divergence", "chunk_size", "batch_size", "grad_accum", "epochs", "max_steps",
                 "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "dtype", "seed", "world_size",
-                "teacher_cache", "on_policy", "on_policy_temperature", "on_policy_max_new"]
+                "teacher_cache", "on_policy", "on_policy_start", "on_policy_temperature", "on_policy_max_new"]
 
 
 def add(parser, *dests, **defaults):
@@ -253,6 +257,10 @@ def check(args, teacher_config, student_config=None, say=print):
                              "forward KL only: drop --divergence or train with the live teacher")
     if not 0 <= args.on_policy <= 1:
         refuse("on_policy", "is the share of rows the student answers itself: must lie in [0, 1]")
+    if not 0 <= args.on_policy_start < 1:
+        refuse("on_policy_start", "is the share of steps before sampling starts: must lie in [0, 1)")
+    if args.on_policy_start and not args.on_policy:
+        refuse("on_policy_start", "starts the student's sampling, which needs --on-policy above 0")
     if not args.on_policy_temperature >= 0:
         refuse("on_policy_temperature", "must be 0 (greedy) or more")
     if not args.on_policy_max_new >= 1:

@@ -606,6 +606,19 @@ def test_on_policy_samples_and_trains_on_the_divergence(tiny_teacher_dir, tiny_c
     assert all(".lora_" in n for n in res["optimized"])
 
 
+def test_on_policy_start_trains_off_policy_first(tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
+    """--on-policy-start 0.5 of 4 steps: steps 1-2 are the off-policy run's, bit for bit; then the
+    student samples."""
+    train.main(base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path / "off", "--max-steps", "4", *ON_POLICY[2:]))
+    train.main(base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path / "late", "--max-steps", "4", "--on-policy", "1",
+                         "--on-policy-start", "0.5", *ON_POLICY))
+    curve = lambda out: [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    off, late = curve(tmp_path / "off"), curve(tmp_path / "late")
+    assert [r["loss"] for r in late[:2]] == [r["loss"] for r in off[:2]]
+    assert ["gen_tokens" in r for r in late] == [False, False, True, True]
+    assert all(r["gen_tokens"] > 0 and r["ce"] == 0 for r in late[2:])
+
+
 def test_on_policy_two_processes_equal_one_and_resume_is_exact(tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
     """Which rows are sampled and what they sample is keyed by (seed, step, example): a world of 2
     samples what a world of 1 does, and a run stopped after a checkpoint resumes to the same adapter."""
@@ -640,7 +653,9 @@ def test_on_policy_two_processes_equal_one_and_resume_is_exact(tiny_teacher_dir,
 @pytest.mark.parametrize("extra, why", [
     (["--method", "lora"], "has no teacher term"), (["--alpha", "1"], "--alpha 1"),
     (["--pack"], "train on-policy unpacked"), (["--on-policy", "1.5"], r"must lie in \[0, 1\]"),
-    (["--teacher-cache", "somewhere"], "the live teacher must score")])
+    (["--teacher-cache", "somewhere"], "the live teacher must score"),
+    (["--on-policy-start", "1"], r"must lie in \[0, 1\)"), (["--on-policy", "0", "--on-policy-start", "0.5"],
+                                                             "needs --on-policy above 0")])
 def test_on_policy_refuses_what_it_cannot_do(extra, why, tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
     with pytest.raises(SystemExit, match=why):
         train.main(base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, "--on-policy", "1", *extra))
