@@ -685,6 +685,11 @@ class Distiller(torch.nn.Module):
                             divergence=self.divergence, chunk_size=self.chunk_size, normalizer=normalizer,
                             vocab_size=self.vocab_size, ce_mask=ce_mask)
 
+    def generate(self, *args, **kwargs):
+        """The student's model.generate (on-policy replies). A method of the wrapped module, so that
+        FSDP2 gathers the student's sharded weights for it as it does for forward."""
+        return self.student.generate(*args, **kwargs)
+
 
 @torch.no_grad()
 def sampled_tail_se(student_hidden, student_head_weight, teacher: TeacherTopK, labels, *, temperature: float = 1.0,

@@ -345,16 +345,16 @@ def on_policy(ctx: Step, micro: list, step: int) -> tuple[list, int]:
     if sample:
         prompts = [data.prompts(b) for b in micro]
         asked = [prompts[rows[k][0]][rows[k][1]] for k in sample]
-        student = module_of(ctx.model).student
-        room = min(args.on_policy_max_new, student.config.max_position_embeddings - max(map(len, asked)),
+        distiller = module_of(ctx.model)
+        room = min(args.on_policy_max_new, distiller.student.config.max_position_embeddings - max(map(len, asked)),
                    args.max_len - min(map(len, asked)))
         stop = ctx.tokenizer.stop_token_ids
-        student.eval()
+        distiller.student.eval()
         with autocast(device, args):
-            outs = student.generate(asked, max_new_tokens=max(1, room), temperature=args.on_policy_temperature,
+            outs = distiller.generate(asked, max_new_tokens=max(1, room), temperature=args.on_policy_temperature,
                                     stop_token_ids=[] if lockstep else stop, generators=[gens[k] for k in sample],
                                     keep_stop=True)
-        student.train()
+        distiller.student.train()
         for k, out in zip(sample, outs):
             ends = [j for j, t in enumerate(out) if t in stop]
             replies[rows[k]] = out[:ends[0] + 1] if ends else out  # lockstep ran past the stop: cut there

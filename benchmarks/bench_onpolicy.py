@@ -17,6 +17,13 @@ or more; rep-4 is the share of an answer's token 4-grams that are repeats (Welle
 The teacher answers the same prompts: its figures are what distillation can hope for.
 
     python -m benchmarks.bench_onpolicy --rescore             # the table again from the saved answers
+    python -m benchmarks.bench_onpolicy --loops               # does the teacher resist the students' loops?
+
+--loops takes each trained student of --work-dir, lets it answer the prompts greedily again (token
+ids, 64 new tokens) and runs the teacher over the same text: at every answer token, the reverse KL
+KL(student || teacher) that on-policy training would minimise there, and the teacher's probability
+of the token the student chose, split into tokens that close a repeated 4-gram (inside a loop) and
+the rest.
 
 Also measured, from the runs' metrics.jsonl: the sampling step's generation tokens/s and its
 share of a training step.
@@ -50,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--probe-steps", type=int, default=3, help="steps of the probe that times an on-policy step")
     p.add_argument("--work-dir", default="runs/bench_onpolicy")
     p.add_argument("--output", default="benchmarks/results/bench_onpolicy.json")
+    p.add_argument("--loops", action="store_true", help="no training: the teacher's reverse KL and agreement "
+                                                         "inside and outside the loops of --work-dir's students")
     p.add_argument("--rescore", action="store_true", help="no training: the repetition figures and the table "
                                                            "again from --output's saved answers")
     flags.add(p, "max_samples", "divergence", "on_policy_start", "on_policy_temperature", "on_policy_max_new",
@@ -87,6 +96,52 @@ def answers(model_dir: Path, questions: list[str]) -> list[str]:
     return report.answers({"m": m}, tok, torch.device("cpu"), max_new_tokens=64, prompts=questions)["m"]
 
 
+@torch.no_grad()
+def loop_agreement(model_dir: Path, teacher, questions: list[str], tok) -> dict:
+    """On the student's own greedy answers: mean reverse KL(student || teacher) and the teacher's mean
+    probability of the student's token, at tokens that close a repeated 4-gram and at the others."""
+    student = llama.Llama.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True))
+               for q in questions]
+    outs = student.generate(prompts, max_new_tokens=64, stop_token_ids=tok.stop_token_ids)
+    sums = {"loop": [0.0, 0.0, 0], "rest": [0.0, 0.0, 0]}  # reverse KL, teacher p, count
+    for prompt, out in zip(prompts, outs):
+        if not out:
+            continue
+        ids = torch.tensor([prompt + out])
+        n = len(prompt)
+        ls = torch.log_softmax(student(ids).float()[0, n - 1:-1], -1)        # (len(out), V)
+        lt = torch.log_softmax(teacher(ids).float()[0, n - 1:-1], -1)
+        rkl = (ls.exp() * (ls - lt)).sum(-1)
+        p_t = lt.gather(-1, torch.tensor(out)[:, None]).exp().squeeze(-1)
+        seen = set()
+        for j in range(len(out)):
+            gram = tuple(out[j - 3:j + 1]) if j >= 3 else None
+            where = "loop" if gram in seen else "rest"
+            seen.add(gram)
+            sums[where][0] += rkl[j].item()
+            sums[where][1] += p_t[j].item()
+            sums[where][2] += 1
+    return {f"{w}_{k}": (v[i] / v[2] if v[2] else None) for w, v in sums.items()
+            for i, k in enumerate(("rkl", "teacher_p"))} | {f"{w}_tokens": v[2] for w, v in sums.items()}
+
+
+def loops(args, tok, saved) -> None:
+    teacher = llama.Llama.from_pretrained(str(offline.smollm2_dir()), dtype=torch.float32).eval()
+    lines = ["| run | tokens in loops | reverse KL in loops | elsewhere | teacher p(student's token) in loops | "
+             "elsewhere |", "|---|---:|---:|---:|---:|---:|"]
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"
+    for r in saved["runs"]:
+        name = f"lam{r['lambda']:g}_s{r['seed']}"
+        g = r["loops"] = loop_agreement(Path(args.work_dir) / name / "model", teacher, saved["questions"], tok)
+        share = g["loop_tokens"] / max(1, g["loop_tokens"] + g["rest_tokens"])
+        lines.append(f"| {name} | {share:.0%} | {fmt(g['loop_rkl'])} | {fmt(g['rest_rkl'])} | "
+                     f"{fmt(g['loop_teacher_p'])} | {fmt(g['rest_teacher_p'])} |")
+        print(lines[-1], flush=True)
+    Path(args.output).write_text(json.dumps(saved, indent=1))
+    Path(args.output).with_name(Path(args.output).stem + "_loops.md").write_text("\n".join(lines) + "\n")
+
+
 def heldout_questions(n: int, max_len: int) -> list[str]:
     """The first user turn of the first n held-out conversations of the offline set."""
     teacher = str(offline.smollm2_dir())
@@ -109,6 +164,8 @@ def heldout_questions(n: int, max_len: int) -> list[str]:
 def main(argv=None):
     args = parse_args(argv)
     tok = data.Tokenizer.from_dir(str(offline.smollm2_dir()))
+    if args.loops:
+        return loops(args, tok, json.loads(Path(args.output).read_text()))
     if args.rescore:
         saved = json.loads(Path(args.output).read_text())
         for r in saved["runs"]:
@@ -169,8 +226,8 @@ def main(argv=None):
 
 
 def table(rows, teacher, output: Path) -> str:
-    lines = ["| λ | sampling from | seeds | steps | held-out KL | held-out CE | answers repeating (token 4-gram) | "
-             "rep-4 | sampling tok/s | sampling share |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| λ | sampling from | seeds | steps | training s | held-out KL | held-out CE | answers repeating (token 4-gram) | "
+             "rep-4 | sampling tok/s | sampling share |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for lam, start in dict.fromkeys((r["lambda"], r.get("start", 0.0)) for r in rows):
         rs = [r for r in rows if (r["lambda"], r.get("start", 0.0)) == (lam, start)]
 
@@ -180,11 +237,11 @@ def table(rows, teacher, output: Path) -> str:
                 return "-"
             return f"{statistics.mean(v):{fmt}} ± {(max(v) - min(v)) / 2:{fmt}}"
         when = "-" if not lam else f"step {start:.0%} on" if start else "the start"
-        lines.append(f"| {lam:g} | {when} | {','.join(str(r['seed']) for r in rs)} | {ms('steps', fmt='.0f')} | "
+        lines.append(f"| {lam:g} | {when} | {','.join(str(r['seed']) for r in rs)} | {ms('steps', fmt='.0f')} | {ms('train_s', fmt='.0f')} | "
                      f"{ms('heldout_kl')} | {ms('heldout_ce')} | {ms('repeating', 100, '.0f')}% | {ms('rep4', fmt='.3f')} | "
                      f"{ms('gen_tokens_per_s', fmt='.0f')} | {ms('gen_share', 100, '.0f')}% |")
     if teacher is not None:
-        lines.append(f"| teacher | | | | | | {100 * teacher['repeating']:.0f}% | {teacher['rep4']:.3f} | | |")
+        lines.append(f"| teacher | | | | | | | {100 * teacher['repeating']:.0f}% | {teacher['rep4']:.3f} | | |")
     text = "\n".join(lines)
     print("\n" + text)
     output.with_suffix(".md").write_text(text + "\n\n± is half the range over the seeds.\n")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -60,6 +60,7 @@ def wrap(distiller, teacher, zero: int, d: Dist):
         for layer in distiller.student.model.layers:
             fully_shard(layer, reshard_after_forward=reshard)
         fully_shard(distiller, reshard_after_forward=reshard)
+        register_fsdp_forward_method(distiller, "generate")  # on-policy sampling gathers the weights too
         if zero == 3 and teacher is not None:
             # Teacher layers are sharded too; its LM head stays whole for the chunked loss.
             for layer in teacher.model.layers:
