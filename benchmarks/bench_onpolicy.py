@@ -23,7 +23,7 @@ The teacher answers the same prompts: its figures are what distillation can hope
 ids, 64 new tokens) and runs the teacher over the same text: at every answer token, the reverse KL
 KL(student || teacher) that on-policy training would minimise there, and the teacher's probability
 of the token the student chose, split into tokens that close a repeated 4-gram (inside a loop) and
-the rest.
+the rest; forward KL(teacher || student) beside it.
 
 Also measured, from the runs' metrics.jsonl: the sampling step's generation tokens/s and its
 share of a training step.
@@ -98,13 +98,13 @@ def answers(model_dir: Path, questions: list[str]) -> list[str]:
 
 @torch.no_grad()
 def loop_agreement(model_dir: Path, teacher, questions: list[str], tok) -> dict:
-    """On the student's own greedy answers: mean reverse KL(student || teacher) and the teacher's mean
+    """On the student's own greedy answers: mean reverse and forward KL and the teacher's mean
     probability of the student's token, at tokens that close a repeated 4-gram and at the others."""
     student = llama.Llama.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True))
                for q in questions]
     outs = student.generate(prompts, max_new_tokens=64, stop_token_ids=tok.stop_token_ids)
-    sums = {"loop": [0.0, 0.0, 0], "rest": [0.0, 0.0, 0]}  # reverse KL, teacher p, count
+    sums = {"loop": [0.0, 0.0, 0.0, 0], "rest": [0.0, 0.0, 0.0, 0]}  # reverse KL, forward KL, teacher p, count
     for prompt, out in zip(prompts, outs):
         if not out:
             continue
@@ -113,29 +113,30 @@ def loop_agreement(model_dir: Path, teacher, questions: list[str], tok) -> dict:
         ls = torch.log_softmax(student(ids).float()[0, n - 1:-1], -1)        # (len(out), V)
         lt = torch.log_softmax(teacher(ids).float()[0, n - 1:-1], -1)
         rkl = (ls.exp() * (ls - lt)).sum(-1)
+        fkl = (lt.exp() * (lt - ls)).sum(-1)
         p_t = lt.gather(-1, torch.tensor(out)[:, None]).exp().squeeze(-1)
         seen = set()
         for j in range(len(out)):
             gram = tuple(out[j - 3:j + 1]) if j >= 3 else None
             where = "loop" if gram in seen else "rest"
             seen.add(gram)
-            sums[where][0] += rkl[j].item()
-            sums[where][1] += p_t[j].item()
-            sums[where][2] += 1
-    return {f"{w}_{k}": (v[i] / v[2] if v[2] else None) for w, v in sums.items()
-            for i, k in enumerate(("rkl", "teacher_p"))} | {f"{w}_tokens": v[2] for w, v in sums.items()}
+            for i, x in enumerate((rkl[j].item(), fkl[j].item(), p_t[j].item(), 1)):
+                sums[where][i] += x
+    return {f"{w}_{k}": (v[i] / v[3] if v[3] else None) for w, v in sums.items()
+            for i, k in enumerate(("rkl", "fkl", "teacher_p"))} | {f"{w}_tokens": v[3] for w, v in sums.items()}
 
 
 def loops(args, tok, saved) -> None:
     teacher = llama.Llama.from_pretrained(str(offline.smollm2_dir()), dtype=torch.float32).eval()
-    lines = ["| run | tokens in loops | reverse KL in loops | elsewhere | teacher p(student's token) in loops | "
-             "elsewhere |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| run | tokens in loops | reverse KL in loops | elsewhere | forward KL in loops | elsewhere | "
+             "teacher p(student's token) in loops | elsewhere |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     fmt = lambda x: "-" if x is None else f"{x:.3f}"
     for r in saved["runs"]:
         name = f"lam{r['lambda']:g}_s{r['seed']}"
         g = r["loops"] = loop_agreement(Path(args.work_dir) / name / "model", teacher, saved["questions"], tok)
         share = g["loop_tokens"] / max(1, g["loop_tokens"] + g["rest_tokens"])
         lines.append(f"| {name} | {share:.0%} | {fmt(g['loop_rkl'])} | {fmt(g['rest_rkl'])} | "
+                     f"{fmt(g['loop_fkl'])} | {fmt(g['rest_fkl'])} | "
                      f"{fmt(g['loop_teacher_p'])} | {fmt(g['rest_teacher_p'])} |")
         print(lines[-1], flush=True)
     Path(args.output).write_text(json.dumps(saved, indent=1))
