@@ -278,7 +278,8 @@ def train_step(ctx: Step, micro: list, lr: float, step: int) -> dict:
     for group in ctx.optimizer.param_groups:
         group["lr"] = lr
     sampling = {}
-    if args.on_policy and step >= ctx.sample_from:  # first every reply the step needs, so that its targets can be counted
+    # On-policy: first every reply the step needs, so that its targets can be counted.
+    if args.on_policy and step >= ctx.sample_from:
         t0 = time.time()
         micro, n_sampled = on_policy(ctx, micro, step)
         sampling = {"gen_s": time.time() - t0, "gen_tokens": n_sampled}

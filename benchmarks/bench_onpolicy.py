@@ -183,8 +183,7 @@ def main(argv=None):
     base = ["--max-samples", str(args.max_samples), "--divergence", args.divergence, "--no-pack",
             "--on-policy-temperature", str(args.on_policy_temperature),
             "--on-policy-max-new", str(args.on_policy_max_new)] + (["--max-len", str(args.max_len)] if args.max_len else [])
-    teacher = str(offline.smollm2_dir())
-    said = answers(Path(teacher), questions)
+    said = answers(Path(offline.smollm2_dir()), questions)  # the teacher's own: the reference
     teacher = {**repetition(said, tok), "answers": dict(zip(questions, said))}
     print(f"teacher: repeating {100 * teacher['repeating']:.0f}%, rep-4 {teacher['rep4']:.3f}", flush=True)
     rows = []
