@@ -3,6 +3,7 @@
     python -m benchmarks.bench_onpolicy                       # λ = 0, 0.5, 1 (reverse KL), seeds 0 and 1
     python -m benchmarks.bench_onpolicy --max-samples 400 --seeds 0,1,2
     python -m benchmarks.bench_onpolicy --on-policy-start 0.5 # off-policy for half the steps, then sampling
+    python -m benchmarks.bench_onpolicy --reuse ...           # score the finished runs of --work-dir again
 
 For each seed: the off-policy run (λ = 0) trains the offline demo's models and data for its
 budget; each on-policy run then gets the same wall time, as a step count measured from a short
@@ -57,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--probe-steps", type=int, default=3, help="steps of the probe that times an on-policy step")
     p.add_argument("--work-dir", default="runs/bench_onpolicy")
     p.add_argument("--output", default="benchmarks/results/bench_onpolicy.json")
+    p.add_argument("--reuse", action="store_true", help="a run already finished in --work-dir (its report.json "
+                                                         "written) is scored again, not retrained")
     p.add_argument("--loops", action="store_true", help="no training: the teacher's reverse KL and agreement "
                                                          "inside and outside the loops of --work-dir's students")
     p.add_argument("--rescore", action="store_true", help="no training: the repetition figures and the table "
@@ -192,14 +195,15 @@ def main(argv=None):
         for lam in lambdas:
             name = f"lam{lam:g}_s{seed}"
             run = base + ["--seed", str(seed), "--on-policy", str(lam)]
-            if budget is not None and lam > 0:  # equal wall time: steps from a probe of this λ's own steps
+            done = args.reuse and (work / name / "report.json").exists()
+            if budget is not None and lam > 0 and not done:  # equal wall time: steps from a probe of this λ's own steps
                 probe = work / f"probe_{name}"
                 train(probe, run + ["--max-steps", str(args.probe_steps), "--no-report"])
                 step_s = statistics.median(json.loads(r)["step_s"] for r in (probe / "metrics.jsonl").read_text().splitlines())
                 f = args.on_policy_start  # that share of the steps is off-policy, at the λ = 0 run's pace
                 run += ["--max-steps", str(max(1, round(budget / (f * off_step_s + (1 - f) * step_s)))),
                         "--on-policy-start", str(f)]
-            wall = train(work / name, run)
+            wall = None if done else train(work / name, run)
             metrics = [json.loads(r) for r in (work / name / "metrics.jsonl").read_text().splitlines()]
             train_s = sum(r["step_s"] for r in metrics)
             if budget is None:
