@@ -146,6 +146,20 @@ def loops(args, tok, saved) -> None:
     Path(args.output).with_name(Path(args.output).stem + "_loops.md").write_text("\n".join(lines) + "\n")
 
 
+def finished_with(folder: Path, expect: dict) -> bool:
+    """Whether `folder` holds a finished run (its report.json written). A finished run whose recorded
+    flags (its last checkpoint's) differ from `expect` is refused rather than reused."""
+    if not (folder / "report.json").exists():
+        return False
+    latest = (folder / "checkpoints" / "latest").read_text().strip()
+    saved = torch.load(folder / "checkpoints" / latest / "state.pt", map_location="cpu", weights_only=False)["args"]
+    other = {k: (saved.get(k), v) for k, v in expect.items() if saved.get(k) != v}
+    if other:
+        said = ", ".join(f"{k}: {a!r}, not {b!r}" for k, (a, b) in other.items())
+        sys.exit(f"--reuse: {folder} was trained with other flags ({said}); give another --work-dir")
+    return True
+
+
 def heldout_questions(n: int, max_len: int) -> list[str]:
     """The first user turn of the first n held-out conversations of the offline set."""
     teacher = str(offline.smollm2_dir())
@@ -189,13 +203,18 @@ def main(argv=None):
     said = answers(Path(offline.smollm2_dir()), questions)  # the teacher's own: the reference
     teacher = {**repetition(said, tok), "answers": dict(zip(questions, said))}
     print(f"teacher: repeating {100 * teacher['repeating']:.0f}%, rep-4 {teacher['rep4']:.3f}", flush=True)
+    same = {"divergence": args.divergence, "max_samples": args.max_samples, "max_len": args.max_len or 512,
+            "pack": False}  # what every run of --reuse must share; an on-policy run also:
+    same_on_policy = {"on_policy_start": args.on_policy_start, "on_policy_temperature": args.on_policy_temperature,
+                      "on_policy_max_new": args.on_policy_max_new}
     rows = []
     for seed in seeds:
         budget = off_step_s = None  # from the first (off-policy) run of the seed
         for lam in lambdas:
             name = f"lam{lam:g}_s{seed}"
             run = base + ["--seed", str(seed), "--on-policy", str(lam)]
-            done = args.reuse and (work / name / "report.json").exists()
+            done = args.reuse and finished_with(work / name, {"seed": seed, "on_policy": lam, **(same_on_policy
+                                                                                         if lam else {}), **same})
             if budget is not None and lam > 0 and not done:  # equal wall time: steps from a probe of this λ's own steps
                 probe = work / f"probe_{name}"
                 train(probe, run + ["--max-steps", str(args.probe_steps), "--no-report"])

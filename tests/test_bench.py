@@ -176,3 +176,16 @@ def test_onpolicy_repetition_counts_token_4grams(smollm2_dir):
     assert bench_onpolicy.rep4("The answer is 100000000000000000000.", tok) > 0.5
     rep = bench_onpolicy.repetition(["Paris.", "48 of 48 of 48 of 48 of 48 of 48"], tok)
     assert rep["repeating"] == 0.5 and 0 < rep["rep4"] < 0.5
+
+
+def test_onpolicy_reuse_takes_only_a_run_with_the_same_flags(tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
+    import train
+    from benchmarks import bench_onpolicy
+    out = tmp_path / "lam0.5_s3"
+    assert not bench_onpolicy.finished_with(out, {"seed": 3})  # nothing there yet
+    train.main(["--teacher", str(tiny_teacher_dir), "--data", str(tiny_chat_jsonl), "--out", str(out), "--max-len", "48",
+                "--batch-size", "2", "--grad-accum", "1", "--max-steps", "1", "--rank", "4", "--prune-to", "2",
+                "--heldout", "4", "--dtype", "float32", "--seed", "3", "--on-policy", "0.5", "--on-policy-max-new", "4"])
+    assert bench_onpolicy.finished_with(out, {"seed": 3, "on_policy": 0.5, "on_policy_max_new": 4})
+    with pytest.raises(SystemExit, match="on_policy_max_new: 4, not 32"):
+        bench_onpolicy.finished_with(out, {"seed": 3, "on_policy": 0.5, "on_policy_max_new": 32})
