@@ -86,9 +86,10 @@ def main(argv=None):
     loader = data.Batches(train_set, args.batch_size, pad_id=tokenizer.pad_token_id, rank=d.rank,
                           world_size=d.world, seed=args.seed)
     total_steps = count_steps(args, loader, len(train_set), d)
+    sample_from = int(args.on_policy_start * total_steps)  # the first step that samples (--on-policy)
     if args.on_policy_start:
-        print0(f"on-policy: steps 1-{int(args.on_policy_start * total_steps)} of {total_steps} on the data set's "
-               f"replies, then the student answers a share {args.on_policy:g} of rows itself")
+        print0(f"on-policy: steps 1-{sample_from} of {total_steps} on the data set's replies, then the student "
+               f"answers a share {args.on_policy:g} of rows itself")
     # scored now, before the first step changes the student
     scores = report.start_report(args, d, student, teacher, tokenizer, loader, held_set, vocab_size, out, cache)
 
@@ -109,8 +110,7 @@ def main(argv=None):
     if state is not None:
         checkpoint.restore(wrapped, optimizer, state, args, d)
     warmup = max(1, int(args.warmup * total_steps))
-    ctx = Step(wrapped, optimizer, params, cache if distilling else None, args, d, out, tokenizer,
-               sample_from=int(args.on_policy_start * total_steps))
+    ctx = Step(wrapped, optimizer, params, cache if distilling else None, args, d, out, tokenizer, sample_from)
 
     # ---- loop ------------------------------------------------------------------
     metrics_path = checkpoint.start_metrics(out, args.resume, start_step, d)
@@ -353,8 +353,8 @@ def on_policy(ctx: Step, micro: list, step: int) -> tuple[list, int]:
         distiller.student.eval()
         with autocast(device, args):
             outs = distiller.generate(asked, max_new_tokens=max(1, room), temperature=args.on_policy_temperature,
-                                    stop_token_ids=[] if lockstep else stop, generators=[gens[k] for k in sample],
-                                    keep_stop=True)
+                                      stop_token_ids=[] if lockstep else stop, generators=[gens[k] for k in sample],
+                                      keep_stop=True)
         distiller.student.train()
         for k, out in zip(sample, outs):
             ends = [j for j, t in enumerate(out) if t in stop]

@@ -80,11 +80,20 @@ def train(out: Path, flags_: list[str]) -> float:
     return time.time() - t0
 
 
+def repeated(ids: list[int]) -> list[bool]:
+    """For each token 4-gram of `ids` in order (the one ending at token 3, 4, ...): whether it occurred earlier."""
+    seen, out = set(), []
+    for i in range(len(ids) - 3):
+        gram = tuple(ids[i:i + 4])
+        out.append(gram in seen)
+        seen.add(gram)
+    return out
+
+
 def rep4(text: str, tok) -> float:
     """The share of the answer's token 4-grams that occurred earlier in it (0: no repeat)."""
-    ids = tok.encode(text)
-    grams = [tuple(ids[i:i + 4]) for i in range(len(ids) - 3)]
-    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+    flags_ = repeated(tok.encode(text))
+    return sum(flags_) / len(flags_) if flags_ else 0.0
 
 
 def repetition(answers: list[str], tok) -> dict:
@@ -104,8 +113,7 @@ def loop_agreement(model_dir: Path, teacher, questions: list[str], tok) -> dict:
     """On the student's own greedy answers: mean reverse and forward KL and the teacher's mean
     probability of the student's token, at tokens that close a repeated 4-gram and at the others."""
     student = llama.Llama.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True))
-               for q in questions]
+    prompts = report.chat_prompts(tok, questions)
     outs = student.generate(prompts, max_new_tokens=64, stop_token_ids=tok.stop_token_ids)
     sums = {"loop": [0.0, 0.0, 0.0, 0], "rest": [0.0, 0.0, 0.0, 0]}  # reverse KL, forward KL, teacher p, count
     for prompt, out in zip(prompts, outs):
@@ -118,11 +126,9 @@ def loop_agreement(model_dir: Path, teacher, questions: list[str], tok) -> dict:
         rkl = (ls.exp() * (ls - lt)).sum(-1)
         fkl = (lt.exp() * (lt - ls)).sum(-1)
         p_t = lt.gather(-1, torch.tensor(out)[:, None]).exp().squeeze(-1)
-        seen = set()
+        inside = [False] * 3 + repeated(out)  # the first 3 tokens close no 4-gram
         for j in range(len(out)):
-            gram = tuple(out[j - 3:j + 1]) if j >= 3 else None
-            where = "loop" if gram in seen else "rest"
-            seen.add(gram)
+            where = "loop" if inside[j] else "rest"
             for i, x in enumerate((rkl[j].item(), fkl[j].item(), p_t[j].item(), 1)):
                 sums[where][i] += x
     return {f"{w}_{k}": (v[i] / v[3] if v[3] else None) for w, v in sums.items()
@@ -152,7 +158,8 @@ def finished_with(folder: Path, expect: dict) -> bool:
     if not (folder / "report.json").exists():
         return False
     latest = (folder / "checkpoints" / "latest").read_text().strip()
-    saved = torch.load(folder / "checkpoints" / latest / "state.pt", map_location="cpu", weights_only=False)["args"]
+    saved = torch.load(folder / "checkpoints" / latest / "state.pt", map_location="cpu", weights_only=False,
+                       mmap=True)["args"]  # mapped: only the recorded flags are read
     other = {k: (saved.get(k), v) for k, v in expect.items() if saved.get(k) != v}
     if other:
         said = ", ".join(f"{k}: {a!r}, not {b!r}" for k, (a, b) in other.items())
@@ -213,8 +220,8 @@ def main(argv=None):
         for lam in lambdas:
             name = f"lam{lam:g}_s{seed}"
             run = base + ["--seed", str(seed), "--on-policy", str(lam)]
-            done = args.reuse and finished_with(work / name, {"seed": seed, "on_policy": lam, **(same_on_policy
-                                                                                         if lam else {}), **same})
+            expect = {"seed": seed, "on_policy": lam, **same, **(same_on_policy if lam else {})}
+            done = args.reuse and finished_with(work / name, expect)
             if budget is not None and lam > 0 and not done:  # equal wall time: steps from a probe of this λ's own steps
                 probe = work / f"probe_{name}"
                 train(probe, run + ["--max-steps", str(args.probe_steps), "--no-report"])

@@ -148,10 +148,15 @@ def heldout_scores(student, teacher, batches, device, chunk_size, vocab_size, ca
     return ce / max(n, 1), kl / max(n, 1)
 
 
+def chat_prompts(tokenizer, questions) -> list[list[int]]:
+    """Each question as a user turn in the chat template, ready for the assistant's reply (token ids)."""
+    return [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True))
+            for q in questions]
+
+
 def answers(models: dict, tokenizer, device, max_new_tokens=48, prompts=PROMPTS):
     """Each model's greedy answer to each of `prompts` (a chat turn each)."""
-    ids = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True))
-           for q in prompts]
+    ids = chat_prompts(tokenizer, prompts)
     table = {}
     for name, m in models.items():
         was_training = m.training
