@@ -61,22 +61,23 @@ class LoRALinear(nn.Module):
         self.bias = base.bias      # (out,) or None
         self.rank, self.alpha, self.variant, self.rslora = rank, alpha, variant, rslora
         self.scale = alpha / math.sqrt(rank) if rslora else alpha / rank
-        kw = dict(dtype=base.weight.dtype, device=base.weight.device)
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
-        self.lora_M = nn.Parameter(torch.empty(rank, rank, **kw)) if variant == "moslora" else None
-        # nn.Linear's own initialisation (as PEFT and the MoSLoRA code do); B = 0 keeps ΔW = 0.
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        if self.lora_M is not None:
-            nn.init.kaiming_uniform_(self.lora_M, a=math.sqrt(5))
+        # nn.Linear's own initialisation (as PEFT and the MoSLoRA code do); B = 0 keeps ΔW = 0. Drawn
+        # in fp32 whatever the base's dtype, so an fp64 test run starts from the fp32 run's adapters.
+        kw = dict(dtype=torch.float32, device=base.weight.device)
+        A = nn.init.kaiming_uniform_(torch.empty(rank, self.in_features, **kw), a=math.sqrt(5))
+        M = nn.init.kaiming_uniform_(torch.empty(rank, rank, **kw), a=math.sqrt(5)) if variant == "moslora" else None
+        self.lora_A = nn.Parameter(A.to(base.weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=base.weight.dtype, device=base.weight.device))
+        self.lora_M = nn.Parameter(M.to(base.weight.dtype)) if M is not None else None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = s·B·M·A (or s·B·A) in fp32, shape (out, in)."""
-        A, B = self.lora_A.float(), self.lora_B.float()
+        """ΔW = s·B·M·A (or s·B·A) in fp32 (fp64 adapters stay fp64), shape (out, in)."""
+        acc = torch.promote_types(self.lora_A.dtype, torch.float32)
+        A, B = self.lora_A.to(acc), self.lora_B.to(acc)
         if self.lora_M is not None:
-            A = self.lora_M.float() @ A  # (r, in)
+            A = self.lora_M.to(acc) @ A  # (r, in)
         return self.scale * (B @ A)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,14 +104,16 @@ class LoRALinear(nn.Module):
         later unmerge() subtracts a different ΔW than was added.
         """
         if not self.merged:
-            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            delta = self.delta_weight()
+            self.weight.copy_((self.weight.to(delta.dtype) + delta).to(self.weight.dtype))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         """W ← W − ΔW. Exact up to fp32 rounding; in bf16 the round trip loses low bits."""
         if self.merged:
-            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+            delta = self.delta_weight()
+            self.weight.copy_((self.weight.to(delta.dtype) - delta).to(self.weight.dtype))
             self.merged = False
 
     def extra_repr(self) -> str:

@@ -142,7 +142,7 @@ class LlamaConfig:
 # ----------------------------------------------------------------------------- building blocks
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, in float32 so bf16 models keep precision."""
+    """y = x / sqrt(mean(x^2) + eps) * weight, in float32 so bf16 models keep precision (fp64 stays fp64)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -150,7 +150,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
@@ -325,7 +325,10 @@ class Llama(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache, start_pos)
         x = self.model.norm(x)
-        return x if return_hidden else self.lm_head(x).float()
+        if return_hidden:
+            return x
+        logits = self.lm_head(x)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
 
     @staticmethod
     def _documents(document_ids):

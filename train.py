@@ -40,7 +40,7 @@ import plan
 from runkit import adapters, cache_store, checkpoint, flags, offline, report, run_folder, tokenized
 from runkit.distributed import (Dist, all_reduce_sum, full_student, make_optimizer, module_of, no_grad_sync,
                                 print0, setup_distributed, wrap)
-from runkit.precision import autocast, checkpoint_blocks, choose_dtype, compile_blocks, frozen_dtype
+from runkit.precision import autocast, checkpoint_blocks, choose_dtype, compile_blocks, frozen_dtype, master_dtype
 
 
 def main(argv=None):
@@ -57,7 +57,7 @@ def main(argv=None):
     lock = run_folder.claim(out, args.resume, args.overwrite) if d.master else None  # ours, and only ours
     torch.manual_seed(args.seed)  # the same on every rank: every rank builds the same adapters
     print0(f"precision: {choose_dtype(args.dtype, d.device).why}; trainable weights, gradients and AdamW "
-           f"state float32")
+           f"state {str(master_dtype(args, d.device)).removeprefix('torch.')}")
     if args.demo:
         budget = ", ".join(f"{k}={getattr(args, k)}" for k in flags.DEMO) + f", lr={args.lr:g}"
         print0(f"offline demo on the CPU with a small budget: {budget} (the paper's budget applies with "
@@ -164,10 +164,11 @@ def load_teacher(teacher_path, args, d: Dist):
 
 
 def build_student(args, teacher_path, calibration, device):
-    """The student in fp32: a given model, or the teacher with its least important layers removed."""
+    """The student in fp32 (fp64 for tests): a given model, or the teacher less its least important layers."""
+    dtype = master_dtype(args, device)
     if args.student is not None:
-        return llama.Llama.from_pretrained(args.student, dtype=torch.float32, device=device)
-    full = llama.Llama.from_pretrained(teacher_path, dtype=torch.float32, device=device)
+        return llama.Llama.from_pretrained(args.student, dtype=dtype, device=device)
+    full = llama.Llama.from_pretrained(teacher_path, dtype=dtype, device=device)
     n_layers = full.config.num_hidden_layers
     keep_n = args.prune_to or n_layers // 2
     if not 0 < keep_n <= n_layers:
@@ -199,7 +200,7 @@ def prepare_student(student, args, device):
     if args.grad_checkpoint:
         checkpoint_blocks(student)
     dtype = frozen_dtype(args, device)
-    if args.method in ("neo", "lora") and dtype != torch.float32:
+    if args.method in ("neo", "lora") and dtype != master_dtype(args, device):
         for p in student.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(dtype)

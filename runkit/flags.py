@@ -17,7 +17,7 @@ from lora import ALL_PROJECTIONS
 from neo import DIVERGENCES
 
 METHODS = ("neo", "lora", "kd", "sft")
-DTYPES = ("auto", "float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16", "float64")
 
 PAPER = dict(max_len=512, batch_size=4, grad_accum=16, epochs=2, max_samples=None, heldout=256, pack=False)
 # The demo packs ~1700 conversations into ~60 steps of 8 rows and trains the adapters at 1e-3 (5x the
@@ -114,7 +114,8 @@ FLAGS = {  # group -> {dest: (flag, argparse keywords)}
         "dtype": ("--dtype", dict(choices=DTYPES, default="auto",
                                   help="frozen weights' dtype and autocast (auto: bfloat16 where bf16 matmul is "
                                        "native: CUDA compute capability >= 8, CPUs with avx512_bf16/amx_bf16; else "
-                                       "float32). Trainable weights and optimizer state stay float32")),
+                                       "float32). Trainable weights and optimizer state stay float32. float64: "
+                                       "everything in double, for exactness tests (slow)")),
         "compile": ("--compile", dict(action="store_true",
                                       help="torch.compile every teacher and student block (fuses the elementwise "
                                            "work around the matmuls; the first steps pay the compilation)")),

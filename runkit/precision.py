@@ -18,8 +18,9 @@ from torch.utils.checkpoint import checkpoint
 
 class Precision(NamedTuple):
     frozen: torch.dtype               # the teacher and the frozen student base (neo, lora)
-    compute: torch.dtype | None       # autocast dtype for the student's matmuls; None: plain fp32
+    compute: torch.dtype | None       # autocast dtype for the student's matmuls; None: no autocast
     why: str                          # one line, printed at start-up
+    master: torch.dtype = torch.float32  # trainable weights, gradients, AdamW state (fp64 only in tests)
 
 
 def bf16_native(device) -> tuple[bool, str]:
@@ -44,17 +45,23 @@ def cpu_flags() -> set[str]:
 
 
 def choose_dtype(requested: str, device) -> Precision:
-    """--dtype auto|float32|bfloat16 -> the Precision used on `device`: auto picks bf16 (frozen
-    weights and autocast) where bf16 matmul is native, fp32 elsewhere; an explicit dtype wins."""
+    """--dtype auto|float32|bfloat16|float64 -> the Precision used on `device`: auto picks bf16 (frozen
+    weights and autocast) where bf16 matmul is native, fp32 elsewhere; an explicit dtype wins.
+
+    float64 is for tests: every weight, activation and optimizer state in double, so that two runs
+    that are equal mathematically (2 ranks and 1, resumed and not) agree to ~1e-12 on any CPU,
+    whatever order its vector kernels add in. It is ~2-4x slower than float32 and never needed to train."""
     fp32, bf16 = torch.float32, torch.bfloat16
     if requested == "float32":
         return Precision(fp32, None, "float32 (--dtype float32)")
+    if requested == "float64":
+        return Precision(torch.float64, None, "float64 (--dtype float64: exactness tests, slow)", torch.float64)
     native, evidence = bf16_native(device)
     if requested == "bfloat16":
         return Precision(bf16, bf16, f"bfloat16 (--dtype bfloat16; {evidence}"
                                      f"{'' if native else ': emulated, expect it slower than float32'})")
     if requested != "auto":
-        raise ValueError(f"--dtype {requested!r}: choose auto, float32 or bfloat16")
+        raise ValueError(f"--dtype {requested!r}: choose auto, float32, bfloat16 or float64")
     if native:
         return Precision(bf16, bf16, f"bfloat16 (--dtype auto: {evidence})")
     return Precision(fp32, None, f"float32 (--dtype auto: {evidence}; bf16 would be emulated)")
@@ -62,6 +69,10 @@ def choose_dtype(requested: str, device) -> Precision:
 
 def frozen_dtype(args, device):
     return choose_dtype(args.dtype, device).frozen
+
+
+def master_dtype(args, device):
+    return choose_dtype(args.dtype, device).master
 
 
 def autocast(device, args):

@@ -11,10 +11,13 @@ sys.path.insert(0, str(ROOT))
 
 # Hugging Face Hub is unreachable on CI machines: fail fast instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+if "OMP_NUM_THREADS" not in os.environ:  # set, it wins: benchmarks/margins.py runs the suite on 1 thread too
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "exact: a float64 check that two computations equal mathematically "
+                                       "agree to ~1e-10; CI reruns these under ATEN_CPU_CAPABILITY=default")
     config.addinivalue_line("markers", "gpu: needs a CUDA device (tests/test_gpu.py); skipped without one, "
                                        "`pytest -m gpu tests/test_gpu.py` runs only these")
 

@@ -20,6 +20,7 @@ from lora import LoRALinear, apply_lora, lora_parameters, merge_lora, unmerge_lo
 from neo import count_targets, neo_loss
 from runkit import adapters
 from runkit.adapters import load_adapter, save_adapter
+from tolerance import close, close_norm
 
 
 def random_adapter_(layer: LoRALinear, seed=0):
@@ -64,7 +65,7 @@ def test_forward_is_w0x_plus_scaled_bmax(variant, rslora):
     M = layer.lora_M if variant == "moslora" else torch.eye(4)
     x = torch.randn(7, 20)
     ref = x @ layer.weight.T + layer.bias + s * (x @ layer.lora_A.T @ M.T @ layer.lora_B.T)
-    torch.testing.assert_close(layer(x), ref)
+    close(layer(x), ref)
 
 
 def test_dropout_acts_on_the_adapter_input_only():
@@ -75,7 +76,7 @@ def test_dropout_acts_on_the_adapter_input_only():
     assert torch.equal(layer(x), base(x))  # B = 0: dropout cannot leak into the base path
     random_adapter_(layer)
     layer.eval()
-    torch.testing.assert_close(layer(x), base(x) + x @ layer.delta_weight().T)  # eval: no dropout
+    close(layer(x), base(x) + x @ layer.delta_weight().T)  # eval: no dropout
 
 
 @pytest.mark.parametrize("variant", ["lora", "moslora"])
@@ -89,16 +90,16 @@ def test_merge_is_exact_idempotent_and_explicit(variant):
     layer.train(), layer.eval()  # never merges by itself
     assert not layer.merged and torch.equal(layer.weight, w0)
     layer.merge()
-    torch.testing.assert_close(layer.weight, w0 + layer.delta_weight(), rtol=0, atol=1e-7)
-    assert (layer(x) - y).abs().max() <= 1e-5
+    close(layer.weight, w0 + layer.delta_weight(), rtol=0, atol=1e-7)
+    close(layer(x), y, atol=1e-5, rtol=0)
     merged = layer.weight.detach().clone()
     layer.merge()
     assert torch.equal(layer.weight, merged)  # merging twice is a no-op
     layer.unmerge()
-    assert (layer.weight - w0).abs().max() <= 1e-6
+    close(layer.weight, w0, atol=1e-6, rtol=0)
     layer.unmerge()
-    assert (layer.weight - w0).abs().max() <= 1e-6
-    assert (layer(x) - y).abs().max() <= 1e-5
+    close(layer.weight, w0, atol=1e-6, rtol=0)
+    close(layer(x), y, atol=1e-5, rtol=0)
 
 
 def test_fp32_adapters_on_a_bf16_base():
@@ -114,7 +115,10 @@ def test_fp32_adapters_on_a_bf16_base():
     x = torch.randn(5, 20)
     y = layer(x.bfloat16())
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), ref(x), rtol=2e-2, atol=2e-2)
+    # bf16 keeps 8 bits: each rounding is off by up to 2^-9 = 2e-3 relative, and x, W and y are each
+    # rounded once, so ~3.5e-3 in norm (measured 3.2e-3 here); 5e-2 is 15x that and
+    # still fails on a lost adapter branch (~0.5 relative with these random adapters).
+    close_norm(y.float(), ref(x), 5e-2)
 
 
 def test_merge_in_bf16_computes_in_fp32():
@@ -252,6 +256,7 @@ def test_adamw_moves_adapters_and_leaves_every_base_weight_bit_identical():
         assert not torch.equal(before, p)
 
 
+@pytest.mark.exact
 def test_sixteen_accumulated_micro_batches_equal_one_batch_of_sixteen():
     # fp64, so that the test sees the normalisation and not fp32 summation order (fp32: ~4e-7).
     teacher, student = tiny(TEACHER, 1).double(), student_with_lora("moslora").double()
@@ -266,12 +271,19 @@ def test_sixteen_accumulated_micro_batches_equal_one_batch_of_sixteen():
         s = slice(i, i + 1)
         neo_step_loss(student, teacher, ids[s], mask[s], labels[s], normalizer=n_global).backward()
     for g_full, p in zip(full, lora_parameters(student)):
-        assert (p.grad - g_full).norm() <= 1e-10 * g_full.norm()  # the issue asks ≤ 1e-6
+        close_norm(p.grad, g_full, 1e-10)  # the issue asks ≤ 1e-6
 
 
+# Merging is exact mathematically, (W + ΔW)·x = W·x + B(A·x), but not in rounding: in float32 logits of
+# ~10 moved by 5.7e-6 against the old bound of 1e-5 (1.7x margin). So the model tests run in float64,
+# where that reordering costs ~1e-14, and EXACT leaves 1e4x; a lost or doubled ΔW moves them by >1e-2.
+EXACT = 1e-10
+
+
+@pytest.mark.exact
 @pytest.mark.parametrize("variant", ["lora", "moslora"])
 def test_merge_lora_on_a_model(variant):
-    student = student_with_lora(variant)
+    student = student_with_lora(variant).double()
     for layer in lora.lora_layers(student).values():
         random_adapter_(layer)
     base = {n: p.detach().clone() for n, p in student.named_parameters() if not p.requires_grad}
@@ -280,17 +292,18 @@ def test_merge_lora_on_a_model(variant):
         y = student(ids, mask)
         merge_lora(student)
         merged_state = {n: p.clone() for n, p in student.state_dict().items()}
-        assert (student(ids, mask) - y).abs().max() <= 1e-5
+        close(student(ids, mask), y, atol=EXACT, rtol=0)
         merge_lora(student)
         assert all(torch.equal(p, merged_state[n]) for n, p in student.state_dict().items())
         unmerge_lora(student)
         for n, p in student.named_parameters():
             if n in base:
-                assert (p - base[n]).abs().max() <= 1e-6, n
+                close(p, base[n], atol=EXACT, rtol=0, msg=n)
 
 
+@pytest.mark.exact
 def test_save_merged_writes_a_plain_folder_and_leaves_the_model_alone(tmp_path):
-    student = student_with_lora("moslora")
+    student = student_with_lora("moslora").double()
     for layer in lora.lora_layers(student).values():
         random_adapter_(layer)
     base = {n: p.detach().clone() for n, p in student.named_parameters()}
@@ -298,14 +311,14 @@ def test_save_merged_writes_a_plain_folder_and_leaves_the_model_alone(tmp_path):
     with torch.no_grad():
         y = student(ids, mask)
         lora.save_merged(student, tmp_path / "merged")
-        plain = model.Llama.from_pretrained(tmp_path / "merged")
+        plain = model.Llama.from_pretrained(tmp_path / "merged", dtype=torch.float64)
         assert not lora.lora_layers(plain)
-        assert (plain(ids, mask) - y).abs().max() <= 1e-5
+        close(plain(ids, mask), y, atol=EXACT, rtol=0)
         assert all(torch.equal(p, base[n]) for n, p in student.named_parameters())
         assert torch.equal(student(ids, mask), y)
         lora.merge_and_unload(student)
         assert not lora.lora_layers(student)
-        assert (student(ids, mask) - y).abs().max() <= 1e-5
+        close(student(ids, mask), y, atol=EXACT, rtol=0)
 
 
 @pytest.mark.parametrize("variant", ["lora", "moslora"])
@@ -371,7 +384,7 @@ def test_peft_loads_our_adapter_onto_transformers_llama_with_our_logits(tmp_path
         plain = no_adapter(input_ids=ids, attention_mask=mask).logits
     real = mask.bool()  # padded positions are not compared
     assert (plain[real] - theirs[real]).abs().max() > 1e-2  # the adapter really changes the logits
-    assert (ours[real] - theirs[real]).abs().max() <= 1e-4
+    close(ours[real], theirs[real], atol=1e-4, rtol=0)
 
 
 def test_fingerprint_tells_bases_apart(tmp_path):
