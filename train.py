@@ -295,7 +295,7 @@ def train_step(ctx: Step, micro: list, lr: float, step: int) -> dict:
     normalizer = n_global.clamp(min=1) / ctx.d.world
     # For logging: loss·n, ce·n_ce, kl·n and n_ce (CE is logged per target it counts at: not at
     # sampled replies)
-    sums = torch.zeros(4, device=device)
+    sums = torch.zeros(4, device=device, dtype=master_dtype(args, device))
     bad = torch.zeros(len(micro), device=device)    # 1 where a micro-batch's loss is not finite
     for i, b in enumerate(micro):
         rows = ctx.cache.rows("train", b.get("example_ids")).to(device) if ctx.cache is not None else None

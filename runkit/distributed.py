@@ -120,9 +120,11 @@ def full_student(wrapped, student, zero: int, d: Dist, skeleton):
     full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not d.master:
         return None
-    with torch.device("meta"):  # built without weights, then given empty fp32 storage
+    with torch.device("meta"):  # built without weights, then given empty storage
         plain = skeleton()
     plain.to_empty(device=d.device)
+    for name, p in plain.named_parameters():  # each weight in its trained dtype (fp64 in tests), not fp32
+        p.data = p.data.to(full["student." + name].dtype)
     if student.config.tie_word_embeddings:  # to_empty gave the head and the embedding a tensor each
         plain.lm_head.weight = plain.model.embed_tokens.weight
     plain.init_rope(d.device)
