@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
 import model as llama
-from runkit import adapters, run_folder
+from runkit import adapters, disk, run_folder
 from runkit.distributed import Dist, module_of, print0, trainable_state
 from runkit.flags import RESUME_FLAGS
 
@@ -42,7 +42,12 @@ def save_checkpoint(out: Path, step, wrapped, optimizer, loader, args, d: Dist, 
                                   base_fingerprint=args.bases["student"])  # None: from the student_base folder
 
     if d.master:  # into a temporary folder, then swapped in; the newest two are kept
-        run_folder.publish_checkpoint(out / "checkpoints", step, write, keep=2)
+        latest = out / "checkpoints" / "latest"
+        kept = f"--resume continues from {latest.read_text().strip()}" if latest.exists() else \
+            "no checkpoint was written before this one"
+        needed = disk.nbytes(optim_sd) + disk.nbytes(model_sd) * (2 if args.method in ("neo", "lora") else 1)
+        with disk.room_for(out / "checkpoints", needed, f"saving the checkpoint of step {step}", kept=kept):
+            run_folder.publish_checkpoint(out / "checkpoints", step, write, keep=2)
     if dist.is_initialized():
         dist.barrier()
 
@@ -88,6 +93,16 @@ def restore(wrapped, optimizer, state, args, d: Dist):
         torch.cuda.set_rng_state(rng, d.device)
     else:
         torch.set_rng_state(rng)
+
+
+def stop_non_finite(step, micro, out: Path):
+    """Stop the run at a non-finite loss (the weights are untouched: the optimizer step has not run)."""
+    latest = out / "checkpoints" / "latest"
+    kept = f"the last good checkpoint is {latest.read_text().strip()}" if latest.exists() else \
+        "no checkpoint was written yet"
+    raise SystemExit(f"non-finite loss at step {step + 1}, micro-batch {micro} (on at least one rank); "
+                     f"stopped before the optimizer step, {kept} in {out / 'checkpoints'}. "
+                     f"Lower --lr, or check the data of that batch.")
 
 
 def start_metrics(out: Path, resume: bool, start_step, d: Dist) -> Path:
