@@ -73,7 +73,7 @@ import data
 import model as llama
 import neo
 from runkit import flags, offline, tokenized
-from runkit.cache_store import (K_MAX, TAIL_SAMPLES, TeacherCache, digest, first_difference, flat, plan,
+from runkit.cache_store import (K_MAX, TAIL_SAMPLES, TeacherCache, data_change, digest, first_difference, flat, plan,
                                 read_manifest, save_shard, stored, targets_per_example, verify_shard)
 from runkit.distributed import print0, setup_distributed
 from runkit.precision import frozen_dtype
@@ -152,6 +152,7 @@ def main(argv=None):
         if path.exists():  # resuming: the folder must be a cache of exactly this run
             saved = read_manifest(path)
             diff = first_difference(saved, manifest, [k for k in manifest if k not in ("teacher", "source")])
+            diff = diff and diff + (data_change(saved, args) if diff.startswith("data") else "")
             if diff:
                 raise SystemExit(f"{cache} already holds a cache of another run; {diff}. "
                                  f"Use a new --cache folder (or delete this one).")

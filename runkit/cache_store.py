@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import model as llama
 import neo
-from runkit import disk
+from runkit import disk, tokenized
 from runkit.distributed import print0
 from runkit.precision import frozen_dtype
 
@@ -96,9 +96,17 @@ def plan(args, k: int, k_max: int, tail_samples: int, shard_examples: int, teach
     return {**identity(args, teacher_path, tokenizer, splits, device), "k": k, "k_max": k_max,
             "tail_samples": tail_samples, "vocab_size": vocab,
             "ids_dtype": "uint16" if vocab <= 2**16 else "int32", "logp_dtype": "uint8", "logp_step": LOGP_STEP,
-            "teacher": teacher_path, "source": {key: getattr(args, key) for key in
-                                                ("data", "max_samples", "heldout", "seed", "dtype")},
+            "teacher": teacher_path, "source": {**{key: getattr(args, key) for key in
+                                                   ("data", "max_samples", "heldout", "seed", "dtype")},
+                                                "data_files": tokenized.data_identity(args.data or "offline")},
             "shards": shards}
+
+
+def data_change(saved: dict, args) -> str:
+    """'; <file> has other bytes ...' when the data files the cache recorded changed since, else ''."""
+    recorded = (saved.get("source") or {}).get("data_files")
+    change = recorded and tokenized.changed_data(recorded, tokenized.data_identity(args.data or "offline"))
+    return f" ({change})" if change else ""
 
 
 def first_difference(saved: dict, now: dict, keys) -> str | None:
@@ -293,7 +301,7 @@ def save_shard(path: Path, entry: dict, tensors: dict, rows_per_example: list, m
 class TeacherCache:
     """A finished cache: checked against the run, then read row by row by example id (memory-mapped)."""
 
-    def __init__(self, folder, expected: dict | None = None):
+    def __init__(self, folder, expected: dict | None = None, args=None):
         self.folder = Path(folder)
         path = self.folder / "manifest.json"
         if not path.exists():
@@ -303,6 +311,7 @@ class TeacherCache:
         if expected is not None:
             diff = first_difference(self.manifest, expected, list(expected))
             if diff:
+                diff += data_change(self.manifest, args) if diff.startswith("data") and args else ""
                 raise SystemExit(f"--teacher-cache {folder} was made for another run; {diff}. Rebuild it with "
                                  f"this run's flags (python teacher_cache.py --cache NEW_DIR ...) or use the "
                                  f"cache's flags.")
@@ -356,7 +365,7 @@ def open_cache(args, teacher_path, tokenizer, train_set, held_set, device) -> "T
     another teacher or teacher dtype, tokenizer, template, max length or temperature, or if a shard
     is missing."""
     expected = identity(args, teacher_path, tokenizer, {"train": train_set, "heldout": held_set}, device)
-    cache = TeacherCache(args.teacher_cache, expected)
+    cache = TeacherCache(args.teacher_cache, expected, args)
     print0(f"teacher: not loaded; its most likely tokens ({cache.k} per position on average, at most "
            f"{cache.k_max}) come from {args.teacher_cache}")
     return cache

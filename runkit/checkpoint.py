@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
 import model as llama
-from runkit import adapters, disk, run_folder
+from runkit import adapters, disk, run_folder, tokenized
 from runkit.distributed import Dist, module_of, print0, trainable_state
 from runkit.flags import RESUME_FLAGS
 
@@ -67,6 +67,9 @@ def load_checkpoint(out: Path, args):
                              f"this run has {now!r}. Use the same flags, or a new --out.")
     for role, saved in (state.get("bases") or {}).items():
         now = args.bases.get(role)
+        if role == "data" and saved != now:  # the same --data path, other bytes: name the file
+            raise SystemExit(f"--resume: the data changed since the checkpoint: {tokenized.changed_data(saved, now)}. "
+                             f"Resume with the data the run started with, or start a new --out.")
         if saved != now:
             raise SystemExit(f"--resume: the {role} is not the model the checkpoint was trained from: the "
                              f"checkpoint records {saved}, {getattr(args, role) or 'the ' + role} is {now}. "
@@ -75,10 +78,12 @@ def load_checkpoint(out: Path, args):
 
 
 def base_fingerprints(args, teacher_path) -> dict:
-    """Fingerprints (adapters.fingerprint) of the models the adapter's base is made from: the teacher,
-    which the student is pruned from, and --student when given. Kept in checkpoints, checked by --resume."""
+    """What the run is made from, by content: fingerprints (adapters.fingerprint) of the teacher, which
+    the student is pruned from, and --student when given; the sha256 of every --data file (hashed
+    once: the tokenised cache's key reuses it). Kept in checkpoints, checked by --resume."""
     return {"teacher": adapters.fingerprint(teacher_path),
-            "student": adapters.fingerprint(llama.resolve_folder(args.student)) if args.student else None}
+            "student": adapters.fingerprint(llama.resolve_folder(args.student)) if args.student else None,
+            "data": tokenized.data_identity(args.data or "offline")}
 
 
 def restore(wrapped, optimizer, state, args, d: Dist):

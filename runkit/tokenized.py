@@ -311,10 +311,35 @@ def build(source, tok, max_len, skip_bad_lines, folder: Path, meta: dict, worker
 _worker_tok = None
 
 
-def _worker_init(tok):
+def _worker_init(tok, parent: int):
     global _worker_tok
+    _end_with_parent(parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
     _worker_tok = tok
+
+
+def _end_with_parent(parent: int):
+    """Make this worker die with `parent`. A pool worker waits on a queue whose writing end it holds
+    itself, so it never sees the parent go: after a kill -9 of train.py the workers (~400 MB each)
+    would run on for good. Linux: the kernel sends SIGKILL when the parent dies (PR_SET_PDEATHSIG);
+    elsewhere a thread checks every second whether the parent is still this process's parent."""
+    import signal
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):  # not Linux
+        import threading
+        import time
+
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(1)
+            os._exit(1)
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
 
 
 def _worker_encode(conversations, max_len):
@@ -335,7 +360,7 @@ def _encoded_chunks(conversations, tok, max_len, workers):
         return
     # spawn, not fork: the parent may hold threads (torch, tokenizers, gloo) that fork would break
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
-                             initargs=(tok,)) as pool:
+                             initargs=(tok, os.getpid())) as pool:
         pending = deque()
         for chunk in chain(first, chunks):
             pending.append(pool.submit(_worker_encode, chunk, max_len))
