@@ -235,7 +235,7 @@ def load(source, tok: data.Tokenizer, max_len: int, *, skip_bad_lines: bool = Fa
     if dist.get_rank() == 0:
         try:
             store = _load_or_build(source, tok, max_len, skip_bad_lines, root, workers)
-        except (ValueError, FileNotFoundError, ImportError) as e:
+        except (ValueError, FileNotFoundError, ImportError, disk.DiskFull) as e:
             outcome = [e]
     dist.broadcast_object_list(outcome, src=0)  # the others wait here for rank 0
     if outcome[0] is not None:
