@@ -36,7 +36,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -448,7 +447,10 @@ class Llama(nn.Module):
         """Write an ordinary Hugging Face folder; it appears complete or not at all."""
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        # A plain mkdir, not tempfile.mkdtemp (0700): the folder gets the modes of the user's umask.
+        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed save of this same process id
+        tmp.mkdir()
         try:
             dtype = self.lm_head.weight.dtype
             (tmp / "config.json").write_text(json.dumps(self.config.to_hf(dtype), indent=2))
@@ -463,6 +465,8 @@ class Llama(nn.Module):
             # when over max_shard_size ("5GB", decimal units), tagged {"format": "pt"}: the files
             # transformers' own save_pretrained writes, with the same shard splitting.
             save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
+            for f in tmp.glob("*.safetensors"):  # written 0600 by safetensors: give them config.json's mode
+                os.chmod(f, (tmp / "config.json").stat().st_mode & 0o777)
             src = Path(self.source_dir) if self.source_dir else None
             if src and (src / "generation_config.json").is_file():
                 shutil.copy(src / "generation_config.json", tmp)

@@ -54,6 +54,7 @@ allocated), NCCL buffers.
 import argparse
 import contextlib
 import io
+import sys
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -413,7 +414,7 @@ def load_config(path_or_hub_id) -> llama.LlamaConfig:
         return llama.LlamaConfig.from_json(path)
     if path.is_dir():
         return llama.LlamaConfig.from_json(path / "config.json")
-    if str(path_or_hub_id).count("/") == 1:
+    if str(path_or_hub_id).count("/") == 1 and not path.is_absolute():
         from huggingface_hub import hf_hub_download
         try:
             return llama.LlamaConfig.from_json(hf_hub_download(str(path_or_hub_id), "config.json"))
@@ -550,8 +551,10 @@ def setup_from_train_args(args) -> Setup:
 
 
 def plan_from_train_args(args, teacher_path):
-    """`python train.py --plan [N] ...`: the plan per GPU for N processes, from config.json alone."""
+    """`python train.py --plan [N] ...`: the plan per GPU for N processes, from config.json alone,
+    after every flag check a run would make (flags.check)."""
     teacher_cfg = load_config(teacher_path)
+    flags.check(args, teacher_cfg, load_config(args.student) if args.student else None)
     planner = Planner(teacher_cfg, student_config(teacher_cfg, args.student, args.prune_to))
     print_plan(planner, planner.plan(setup_from_train_args(args), args.plan, args.zero), args.gpu_memory)
 
@@ -616,11 +619,33 @@ def main(argv=None):
         return
     if args.teacher is None:
         p.error("--teacher is required (or --paper)")
+    check_flags(args)
     args.targets = Setup().targets
     teacher_cfg = load_config(args.teacher)
+    if args.prune_to is not None and not args.prune_to < teacher_cfg.num_hidden_layers:
+        raise SystemExit(f"--prune-to {args.prune_to}: the teacher has {teacher_cfg.num_hidden_layers} layers: a "
+                         f"student keeps 1..{teacher_cfg.num_hidden_layers - 1} of them")
     planner = Planner(teacher_cfg, student_config(teacher_cfg, args.student, args.prune_to))
     print_plan(planner, planner.plan(setup_from_train_args(args), args.world_size, args.zero), args.gpu_memory)
 
 
+def check_flags(args):
+    """plan.py's flags, by train.py's rules (runkit/flags.py) for the flags they share."""
+    def refuse(flag, why):
+        raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)}: {why}")
+
+    for flag in ("rank", "batch_size", "chunk_size", "world_size"):
+        if not getattr(args, flag) >= 1:
+            refuse(flag, "must be 1 or more")
+    if args.prune_to is not None and not args.prune_to >= 1:
+        refuse("prune_to", "must be 1 or more")
+    if not args.max_len >= 2:
+        refuse("max_len", "must be 2 or more (a target is the token after another)")
+    flags.check_plan(args, refuse)
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, KeyError, OSError) as e:  # a missing or broken config.json: say which, no traceback
+        sys.exit(f"error: {e}")

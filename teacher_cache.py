@@ -63,6 +63,7 @@ examples) and writes only the missing or damaged ones.
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -72,8 +73,8 @@ import data
 import model as llama
 import neo
 from runkit import flags, offline, tokenized
-from runkit.cache_store import (K_MAX, TAIL_SAMPLES, TeacherCache, first_difference, flat, plan, save_shard,
-                                stored, targets_per_example, verify_shard)
+from runkit.cache_store import (K_MAX, TAIL_SAMPLES, TeacherCache, data_change, digest, first_difference, flat, plan,
+                                read_manifest, save_shard, stored, targets_per_example, verify_shard)
 from runkit.distributed import print0, setup_distributed
 from runkit.precision import frozen_dtype
 
@@ -131,9 +132,11 @@ def write_shard(path: Path, entry: dict, examples: list, teacher, manifest: dict
 
 def main(argv=None):
     own, args = parse_args(argv)
+    teacher_path = str(llama.resolve_folder(args.teacher or offline.smollm2_dir()))
+    # train.py's rules for train.py's flags, before any work (--temperature 0 would write NaN rows)
+    flags.check(args, llama.LlamaConfig.from_json(Path(teacher_path) / "config.json"), say=print0)
     d = setup_distributed()
     cache = Path(own.cache)
-    teacher_path = str(llama.resolve_folder(args.teacher or offline.smollm2_dir()))
     tokenizer = data.Tokenizer.from_dir(teacher_path)
     train_set, held_set = tokenized.load_splits(args, tokenizer)
     splits = {"train": train_set, "heldout": held_set}
@@ -142,9 +145,14 @@ def main(argv=None):
     if d.master:
         cache.mkdir(parents=True, exist_ok=True)
         path = cache / "manifest.json"
+        others = sorted(p.name for p in cache.iterdir())
+        if not path.exists() and others:  # the user's folder, not a cache: never write into it
+            raise SystemExit(f"--cache {cache} already holds files ({', '.join(others[:5])}) and no manifest.json: "
+                             f"it is not a teacher cache. Choose a new or empty folder.")
         if path.exists():  # resuming: the folder must be a cache of exactly this run
-            saved = json.loads(path.read_text())
+            saved = read_manifest(path)
             diff = first_difference(saved, manifest, [k for k in manifest if k not in ("teacher", "source")])
+            diff = diff and diff + (data_change(saved, args) if diff.startswith("data") else "")
             if diff:
                 raise SystemExit(f"{cache} already holds a cache of another run; {diff}. "
                                  f"Use a new --cache folder (or delete this one).")
@@ -156,7 +164,12 @@ def main(argv=None):
         dist.barrier()
 
     mine = [e for i, e in enumerate(manifest["shards"]) if i % d.world == d.rank]  # each rank its share
-    todo = [e for e in mine if verify_shard(cache / e["file"], e, own.k_max, own.tail_samples) is not None]
+    problems = {e["file"]: verify_shard(cache / e["file"], e, own.k_max, own.tail_samples, digest(manifest))
+                for e in mine}
+    todo = [e for e in mine if problems[e["file"]]]
+    for e in todo:
+        if (cache / e["file"]).exists():  # a damaged shard is written again, and said so
+            print0(f"rewriting {problems[e['file']]}")
     done_rows = sum(e["rows"] for e in mine) - sum(e["rows"] for e in todo)
     print0(f"teacher cache {cache}: {len(manifest['shards'])} shards, k = {own.k} per position on average "
                  f"(at most {own.k_max}), {own.tail_samples} tail draws, T = {args.temperature}; "
@@ -184,4 +197,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, KeyError, OSError) as e:  # bad input: say what and where, without a traceback
+        sys.exit(f"error: {e}")

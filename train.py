@@ -37,7 +37,7 @@ import lora
 import model as llama
 import neo
 import plan
-from runkit import adapters, cache_store, checkpoint, flags, offline, report, run_folder, tokenized
+from runkit import adapters, cache_store, checkpoint, disk, flags, offline, report, run_folder, tokenized
 from runkit.distributed import (Dist, all_reduce_sum, full_student, make_optimizer, module_of, no_grad_sync,
                                 print0, setup_distributed, wrap)
 from runkit.precision import autocast, checkpoint_blocks, choose_dtype, compile_blocks, frozen_dtype, master_dtype
@@ -45,7 +45,7 @@ from runkit.precision import autocast, checkpoint_blocks, choose_dtype, compile_
 
 def main(argv=None):
     args = flags.parse(argv, description=__doc__.split("\n\n")[0].strip())
-    if args.plan:  # dry run: memory from config.json files alone, no weights, no data
+    if args.plan is not None:  # a dry run, whatever its value: config.json files alone, no weights, no data
         return plan.plan_from_train_args(args, args.teacher or offline.smollm2_dir())
     teacher_path = str(llama.resolve_folder(args.teacher or offline.smollm2_dir()))
     student_config = llama.LlamaConfig.from_json(llama.resolve_folder(args.student) / "config.json") \
@@ -187,7 +187,8 @@ def save_student_base(student, args, out: Path, d: Dist) -> str:
         return args.student
     folder = out / "student_base"
     if d.master and not (args.resume and (folder / "config.json").exists()):
-        student.save_pretrained(folder)  # always this run's (atomic: complete or not at all)
+        with disk.room_for(folder, disk.nbytes(student.state_dict()), "saving the pruned student"):
+            student.save_pretrained(folder)  # always this run's (atomic: complete or not at all)
     return str(folder)
 
 
@@ -315,7 +316,7 @@ def train_step(ctx: Step, micro: list, lr: float, step: int) -> dict:
     bad = all_reduce_sum(bad)
     host = torch.cat([sums, grad_norm.reshape(1), tokens.reshape(1), bad]).tolist()  # the step's one sync
     if any(host[5:]):
-        stop_non_finite(step, next(i for i, x in enumerate(host[5:]) if x), ctx.out)
+        checkpoint.stop_non_finite(step, next(i for i, x in enumerate(host[5:]) if x), ctx.out)
     ctx.optimizer.step()
     ctx.optimizer.zero_grad(set_to_none=True)
     if sampling:  # every rank's sampled tokens; the time is this rank's
@@ -367,21 +368,18 @@ def on_policy(ctx: Step, micro: list, step: int) -> tuple[list, int]:
     return new, sum(len(replies[row]) for row in chosen)
 
 
-def stop_non_finite(step, micro, out: Path):
-    latest = out / "checkpoints" / "latest"
-    kept = f"the last good checkpoint is {latest.read_text().strip()}" if latest.exists() else \
-        "no checkpoint was written yet"
-    raise SystemExit(f"non-finite loss at step {step + 1}, micro-batch {micro} (on at least one rank); "
-                     f"stopped before the optimizer step, {kept} in {out / 'checkpoints'}. "
-                     f"Lower --lr, or check the data of that batch.")
-
-
 # -----------------------------------------------------------------------------
 # Save: the trained student as an adapter and as an ordinary model folder.
 
 
 def export(student, out: Path, args, base_path):
     """The adapter (PEFT layout) and a merged Hugging Face folder; or the full student for sft/kd."""
+    with disk.room_for(out, 2 * disk.nbytes(student.state_dict()), "saving the trained student",
+                       kept=f"the checkpoints in {out / 'checkpoints'} are whole: --resume exports again"):
+        _export(student, out, args, base_path)
+
+
+def _export(student, out: Path, args, base_path):
     if args.method in ("neo", "lora"):
         adapters.save_adapter(student, out / "adapter", base_model_name_or_path=base_path,
                               base_fingerprint=args.bases["student"])  # None: from the student_base folder

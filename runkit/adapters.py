@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lora import apply_lora, lora_layers
+from runkit import disk
 
 ADAPTER_NAMES = ("lora_A", "lora_B", "lora_M")  # LoRALinear's adapter tensors, in file order
 PEFT_PREFIX = "base_model.model."  # PeftModel wraps a LoraModel which wraps the transformers model
@@ -94,8 +95,11 @@ def save_adapter(model: nn.Module, folder, base_model_name_or_path: str | None =
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata=metadata)
+        with disk.room_for(folder, disk.nbytes(tensors), f"saving the adapter {folder}",
+                           kept="any earlier adapter there is untouched"):
+            (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+            save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata=metadata)
+        disk.follow_umask(tmp)  # mkdtemp's 0700 and safetensors' 0600 shut out everyone else
         replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 import model as llama
 import neo
+from runkit import disk, tokenized
 from runkit.distributed import print0
 from runkit.precision import frozen_dtype
 
@@ -95,9 +96,17 @@ def plan(args, k: int, k_max: int, tail_samples: int, shard_examples: int, teach
     return {**identity(args, teacher_path, tokenizer, splits, device), "k": k, "k_max": k_max,
             "tail_samples": tail_samples, "vocab_size": vocab,
             "ids_dtype": "uint16" if vocab <= 2**16 else "int32", "logp_dtype": "uint8", "logp_step": LOGP_STEP,
-            "teacher": teacher_path, "source": {key: getattr(args, key) for key in
-                                                ("data", "max_samples", "heldout", "seed", "dtype")},
+            "teacher": teacher_path, "source": {**{key: getattr(args, key) for key in
+                                                   ("data", "max_samples", "heldout", "seed", "dtype")},
+                                                "data_files": tokenized.data_identity(args.data or "offline")},
             "shards": shards}
+
+
+def data_change(saved: dict, args) -> str:
+    """'; <file> has other bytes ...' when the data files the cache recorded changed since, else ''."""
+    recorded = (saved.get("source") or {}).get("data_files")
+    change = recorded and tokenized.changed_data(recorded, tokenized.data_identity(args.data or "offline"))
+    return f" ({change})" if change else ""
 
 
 def first_difference(saved: dict, now: dict, keys) -> str | None:
@@ -117,12 +126,52 @@ def first_difference(saved: dict, now: dict, keys) -> str | None:
     return None
 
 
+def digest(manifest: dict) -> str:
+    """What a shard's rows depend on (the manifest less its shard list and where things were read
+    from), hashed. Each shard records it, so a shard copied from another cache is refused."""
+    fields = {key: value for key, value in manifest.items() if key not in ("shards", "teacher", "source")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+MANIFEST_FIELDS = {"format": int, "k": int, "k_max": int, "tail_samples": int, "vocab_size": int, "ids_dtype": str,
+                   "shards": list}
+SHARD_FIELDS = {"file": str, "split": str, "first": int, "last": int, "rows": int}
+
+
+def read_manifest(path: Path) -> dict:
+    """manifest.json, checked field by field: a SystemExit names the file and what is wrong."""
+    def bad(why):
+        raise SystemExit(f"{path} is damaged: {why}. Write the cache again into a new folder "
+                         f"(python teacher_cache.py --cache NEW_DIR <the same flags>)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        bad(f"not readable JSON ({e})")
+    if not isinstance(manifest, dict):
+        bad(f"expected a JSON object, found a {type(manifest).__name__}")
+    for fields, where, record in [(MANIFEST_FIELDS, "", manifest)] + [
+            (SHARD_FIELDS, f"shards[{i}].", e) for i, e in enumerate(manifest.get("shards") or [])]:
+        if not isinstance(record, dict):
+            bad(f"{where.rstrip('.')} is {record!r}; expected an object with {', '.join(fields)}")
+        for key, kind in fields.items():
+            if not isinstance(record.get(key), kind):
+                bad(f"'{where}{key}' is {'missing' if key not in record else repr(record[key])}; expected "
+                    f"{'a list' if kind is list else 'a string' if kind is str else 'an integer'}")
+    if manifest["format"] != FORMAT:
+        bad(f"format {manifest['format']}; this code reads format {FORMAT}")
+    return manifest
+
+
 # -----------------------------------------------------------------------------
 # Shards
 
 
-def verify_shard(path: Path, entry: dict, k_max: int, tail_samples: int) -> str | None:
-    """None when the shard file is whole and holds what the manifest says; else what is wrong."""
+def verify_shard(path: Path, entry: dict, k_max: int, tail_samples: int, cache: str | None = None) -> str | None:
+    """None when the shard file is whole and holds what the manifest says; else what is wrong.
+
+    Reads the header and the per-row tensors (width, tail, plogp: 10 bytes per target token, one
+    vectorised pass); the per-token ids are range-checked when TeacherCache.rows reads them.
+    cache: the manifest's digest(), which the shard must record (a shard of another cache is refused)."""
     if not path.exists():
         return f"{path} is missing"
     try:
@@ -138,6 +187,8 @@ def verify_shard(path: Path, entry: dict, k_max: int, tail_samples: int) -> str 
         want |= {"draws": (entry["rows"], tail_samples), "plogp": (entry["rows"],)}
     if shapes != want or meta.get("first") != str(entry["first"]) or meta.get("last") != str(entry["last"]):
         return f"{path} does not hold what the manifest lists (shapes {shapes}, metadata {meta}; expected {want})"
+    if cache is not None and meta.get("cache", cache) != cache:  # shards from before the digest are not checked
+        return f"{path} belongs to another cache (it records cache {meta['cache']}, the manifest is {cache})"
     size = path.stat().st_size
     with open(path, "rb") as f:  # 8-byte header length, the JSON header, then the tensors
         header = int.from_bytes(f.read(8), "little")
@@ -147,11 +198,20 @@ def verify_shard(path: Path, entry: dict, k_max: int, tail_samples: int) -> str 
     expected += rows * (tail_samples * ids_bytes + 4) if tail_samples else 0
     if size != expected:
         return f"{path} is truncated ({size} bytes, expected {expected})"
-    with safe_open(str(path), framework="pt") as f:
-        width = f.get_tensor("width").long()
+    with safe_open(str(path), framework="np") as f:  # numpy: these passes run ~10x faster than torch's on a CPU
+        width = f.get_tensor("width").astype(np.int64)
+        tail = f.get_tensor("tail")
+        plogp = f.get_tensor("plogp") if tail_samples else np.zeros(rows, np.float32)
     if rows and (int(width.sum()) != entries or int(width.min()) < 1 or int(width.max()) > k_max):
         return f"{path} is damaged: its rows hold {int(width.sum())} tokens ({int(width.min())}-{int(width.max())} " \
                f"per row), its ids {entries} (expected 1-{k_max} per row)"
+    # tail = log(1 - kept mass) < 0 (-inf when nothing is left); plogp = the tail's sum of p log p <= 0.
+    # `not (x < 0)` catches nan too: a nan or positive tail would make the loss nan, blamed on --lr.
+    for name, values, ok in (("tail", tail, tail < 0), ("plogp", plogp, np.isfinite(plogp) & (plogp <= 0))):
+        if not ok.all():
+            row = int(np.flatnonzero(~ok)[0])
+            return f"{path} is damaged: {name} of row {row} is {float(values[row])} (expected " \
+                   f"{'a log-probability below 0' if name == 'tail' else 'a finite value <= 0'})"
     return None
 
 
@@ -216,13 +276,21 @@ def save_shard(path: Path, entry: dict, tensors: dict, rows_per_example: list, m
     if tensors["width"].shape[0] != entry["rows"]:
         raise RuntimeError(f"{path.name}: {tensors['width'].shape[0]} rows, the manifest expects {entry['rows']}")
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"split": entry["split"], "first": str(entry["first"]),
-                                           "last": str(entry["last"]), "k": str(manifest["k"]),
-                                           "k_max": str(manifest["k_max"]),
-                                           "tail_samples": str(manifest.get("tail_samples", 0)),
-                                           "ids_dtype": manifest["ids_dtype"]})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    try:
+        with disk.room_for(path.parent, disk.nbytes(tensors), f"writing the teacher cache shard {path.name}",
+                           kept="the shards already written are whole: rerun with the same flags to finish"):
+            save_file(tensors, str(tmp), metadata={"split": entry["split"], "first": str(entry["first"]),
+                                                   "last": str(entry["last"]), "k": str(manifest["k"]),
+                                                   "k_max": str(manifest["k_max"]),
+                                                   "tail_samples": str(manifest.get("tail_samples", 0)),
+                                                   "ids_dtype": manifest["ids_dtype"],
+                                                   "cache": digest(manifest)})
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    disk.follow_umask(tmp)  # safetensors writes 0600; a cache is shared by every run that reads it
     os.replace(tmp, path)
 
 
@@ -233,22 +301,25 @@ def save_shard(path: Path, entry: dict, tensors: dict, rows_per_example: list, m
 class TeacherCache:
     """A finished cache: checked against the run, then read row by row by example id (memory-mapped)."""
 
-    def __init__(self, folder, expected: dict | None = None):
+    def __init__(self, folder, expected: dict | None = None, args=None):
         self.folder = Path(folder)
         path = self.folder / "manifest.json"
         if not path.exists():
             raise SystemExit(f"--teacher-cache {folder}: no manifest.json there. Write the cache first: "
                              f"python teacher_cache.py --cache {folder} <the same model and data flags>")
-        self.manifest = json.loads(path.read_text())
+        self.manifest = read_manifest(path)
         if expected is not None:
             diff = first_difference(self.manifest, expected, list(expected))
             if diff:
+                diff += data_change(self.manifest, args) if diff.startswith("data") and args else ""
                 raise SystemExit(f"--teacher-cache {folder} was made for another run; {diff}. Rebuild it with "
                                  f"this run's flags (python teacher_cache.py --cache NEW_DIR ...) or use the "
                                  f"cache's flags.")
-        self.k, self.k_max, self.tail_samples = (self.manifest[key] for key in ("k", "k_max", "tail_samples"))
+        self.k, self.k_max, self.tail_samples, self.vocab = (
+            self.manifest[key] for key in ("k", "k_max", "tail_samples", "vocab_size"))
         problems = [p for e in self.manifest["shards"]
-                    if (p := verify_shard(self.folder / e["file"], e, self.k_max, self.tail_samples))]
+                    if (p := verify_shard(self.folder / e["file"], e, self.k_max, self.tail_samples,
+                                          digest(self.manifest)))]
         if problems:
             raise SystemExit(f"--teacher-cache {folder} is incomplete: {problems[0]}"
                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
@@ -278,6 +349,14 @@ class TeacherCache:
             for key in parts:
                 lo, hi = (a, b) if key in per_row else (starts[a], starts[b])
                 parts[key].append(f.get_slice(key)[lo:hi])
+                # an id outside the vocabulary would index past the student's head: a crash, or another
+                # token's logit on some devices. One max() over the batch's own entries.
+                top = int(parts[key][-1].int().max()) if key in ("ids", "draws") and len(parts[key][-1]) else 0
+                if top >= self.vocab:  # (.int(): torch has no max() for uint16)
+                    raise SystemExit(f"{self.folder / entry['file']} is damaged: example {i} holds token id "
+                                     f"{top} in '{key}', outside the vocabulary of "
+                                     f"{self.vocab}. Delete that file and rerun teacher_cache.py with the same "
+                                     f"flags to write it again.")
         return decoded(unflat(**{key: torch.cat(value) for key, value in parts.items()}))
 
 
@@ -286,7 +365,7 @@ def open_cache(args, teacher_path, tokenizer, train_set, held_set, device) -> "T
     another teacher or teacher dtype, tokenizer, template, max length or temperature, or if a shard
     is missing."""
     expected = identity(args, teacher_path, tokenizer, {"train": train_set, "heldout": held_set}, device)
-    cache = TeacherCache(args.teacher_cache, expected)
+    cache = TeacherCache(args.teacher_cache, expected, args)
     print0(f"teacher: not loaded; its most likely tokens ({cache.k} per position on average, at most "
            f"{cache.k_max}) come from {args.teacher_cache}")
     return cache

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
 import model as llama
-from runkit import adapters, run_folder
+from runkit import adapters, disk, run_folder, tokenized
 from runkit.distributed import Dist, module_of, print0, trainable_state
 from runkit.flags import RESUME_FLAGS
 
@@ -42,7 +42,12 @@ def save_checkpoint(out: Path, step, wrapped, optimizer, loader, args, d: Dist, 
                                   base_fingerprint=args.bases["student"])  # None: from the student_base folder
 
     if d.master:  # into a temporary folder, then swapped in; the newest two are kept
-        run_folder.publish_checkpoint(out / "checkpoints", step, write, keep=2)
+        latest = out / "checkpoints" / "latest"
+        kept = f"--resume continues from {latest.read_text().strip()}" if latest.exists() else \
+            "no checkpoint was written before this one"
+        needed = disk.nbytes(optim_sd) + disk.nbytes(model_sd) * (2 if args.method in ("neo", "lora") else 1)
+        with disk.room_for(out / "checkpoints", needed, f"saving the checkpoint of step {step}", kept=kept):
+            run_folder.publish_checkpoint(out / "checkpoints", step, write, keep=2)
     if dist.is_initialized():
         dist.barrier()
 
@@ -62,6 +67,9 @@ def load_checkpoint(out: Path, args):
                              f"this run has {now!r}. Use the same flags, or a new --out.")
     for role, saved in (state.get("bases") or {}).items():
         now = args.bases.get(role)
+        if role == "data" and saved != now:  # the same --data path, other bytes: name the file
+            raise SystemExit(f"--resume: the data changed since the checkpoint: {tokenized.changed_data(saved, now)}. "
+                             f"Resume with the data the run started with, or start a new --out.")
         if saved != now:
             raise SystemExit(f"--resume: the {role} is not the model the checkpoint was trained from: the "
                              f"checkpoint records {saved}, {getattr(args, role) or 'the ' + role} is {now}. "
@@ -70,10 +78,12 @@ def load_checkpoint(out: Path, args):
 
 
 def base_fingerprints(args, teacher_path) -> dict:
-    """Fingerprints (adapters.fingerprint) of the models the adapter's base is made from: the teacher,
-    which the student is pruned from, and --student when given. Kept in checkpoints, checked by --resume."""
+    """What the run is made from, by content: fingerprints (adapters.fingerprint) of the teacher, which
+    the student is pruned from, and --student when given; the sha256 of every --data file (hashed
+    once: the tokenised cache's key reuses it). Kept in checkpoints, checked by --resume."""
     return {"teacher": adapters.fingerprint(teacher_path),
-            "student": adapters.fingerprint(llama.resolve_folder(args.student)) if args.student else None}
+            "student": adapters.fingerprint(llama.resolve_folder(args.student)) if args.student else None,
+            "data": tokenized.data_identity(args.data or "offline")}
 
 
 def restore(wrapped, optimizer, state, args, d: Dist):
@@ -88,6 +98,16 @@ def restore(wrapped, optimizer, state, args, d: Dist):
         torch.cuda.set_rng_state(rng, d.device)
     else:
         torch.set_rng_state(rng)
+
+
+def stop_non_finite(step, micro, out: Path):
+    """Stop the run at a non-finite loss (the weights are untouched: the optimizer step has not run)."""
+    latest = out / "checkpoints" / "latest"
+    kept = f"the last good checkpoint is {latest.read_text().strip()}" if latest.exists() else \
+        "no checkpoint was written yet"
+    raise SystemExit(f"non-finite loss at step {step + 1}, micro-batch {micro} (on at least one rank); "
+                     f"stopped before the optimizer step, {kept} in {out / 'checkpoints'}. "
+                     f"Lower --lr, or check the data of that batch.")
 
 
 def start_metrics(out: Path, resume: bool, start_step, d: Dist) -> Path:

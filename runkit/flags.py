@@ -195,6 +195,15 @@ def parse(argv=None, description=None):
     return args
 
 
+def check_plan(args, refuse):
+    """The flags of a dry run (--plan [GPUS], --gpu-memory), shared with plan.py's --world-size.
+    Checked on every run, planned or not, so that `--plan 0` cannot mean "no plan"."""
+    if getattr(args, "plan", None) is not None and not args.plan >= 1:  # plan.py: --world-size
+        refuse("plan", "is the number of GPUs to plan for: must be 1 or more")
+    if args.gpu_memory is not None and not args.gpu_memory > 0:
+        refuse("gpu_memory", "is the memory of one GPU in GiB: must be above 0")
+
+
 def check(args, teacher_config, student_config=None, say=print):
     """Refuse, before any model is loaded, every flag value that would make the run meaningless or
     be silently ignored. One place for all flags: a new flag adds its check here.
@@ -233,6 +242,7 @@ def check(args, teacher_config, student_config=None, say=print):
     for flag in ("weight_decay", "grad_clip"):
         if not getattr(args, flag) >= 0:
             refuse(flag, "must be 0 or more")
+    check_plan(args, refuse)
     unknown = [t for t in args.targets.split(",") if t not in ALL_PROJECTIONS]
     if unknown or not args.targets:
         refuse("targets", f"unknown layer(s) {unknown}; choose from {','.join(ALL_PROJECTIONS)}")

@@ -134,7 +134,11 @@ def publish_checkpoint(ckpts: Path, step: int, write, keep: int = 2) -> Path:
     final, tmp = ckpts / f"step-{step:07d}", ckpts / f".step-{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:  # a full disk, a kill signal: the checkpoints already saved stay as they were
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     replace_folder(tmp, final)
     write_text(ckpts / "latest", final.name)
     newest = sorted(p.name for p in ckpts.glob("step-*"))[-keep:]

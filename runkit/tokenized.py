@@ -44,11 +44,12 @@ import numpy as np
 
 import data
 from data import IGNORE_INDEX, DataStats
-from runkit import files, offline
+from runkit import disk, files, offline
 from runkit.distributed import print0
 
-FORMAT = 1    # bump when tokenisation or label rules change, so old caches are not reused
+FORMAT = 2    # bump when tokenisation, label rules or the folder's layout change, so old caches are not reused
 CHUNK = 2048  # conversations per work item
+OFFLINE = ("offline", "offline:train", "offline:heldout")  # the built-in data set's names
 
 
 def cache_root() -> Path:
@@ -59,21 +60,50 @@ def cache_root() -> Path:
 # The key
 
 
+_HASHED = {}  # (path, size, mtime, inode) -> sha256: a run hashes its data once (--resume's check, then the key)
+
+
 def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _HASHED:
+        with open(path, "rb") as f:
+            _HASHED[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _HASHED[key]
+
+
+def data_identity(source) -> dict[str, str]:
+    """{file: sha256 of its bytes} for every data file of `source`, in reading order ({"offline:split":
+    sha256 of its records} for the built-in set). What a run's data *is*: train.py --resume and the
+    teacher cache compare it, so that new bytes at the same path are named, not trained on."""
+    source = str(source)
+    if source in OFFLINE:
+        split = source.partition(":")[2] or "train"
+        records = json.dumps(offline.chat_dataset(split), sort_keys=True).encode()
+        return {f"offline:{split}": hashlib.sha256(records).hexdigest()}
+    return {str(f): _sha256_file(f) for f in files.data_files(source)}
+
+
+def changed_data(saved: dict, now: dict) -> str | None:
+    """What differs between two data_identity() results, naming the files; None when they agree."""
+    for name in dict.fromkeys([*saved, *now]):
+        if name not in now:
+            return f"{name} is gone"
+        if name not in saved:
+            return f"{name} is new"
+        if saved[name] != now[name]:
+            return f"{name} has other bytes (sha256 {saved[name][:12]}... then, {now[name][:12]}... now)"
+    return None
 
 
 def fingerprint(source, tok: data.Tokenizer, max_len: int, skip_bad_lines: bool) -> tuple[str, dict]:
     """-> (key, what it was made of). The data is identified by content, never by name or date."""
-    source = str(source)
-    if source in ("offline", "offline:train", "offline:heldout"):
-        split = source.partition(":")[2] or "train"
-        records = json.dumps(offline.chat_dataset(split), sort_keys=True).encode()
-        content = {"offline": split, "sha256": hashlib.sha256(records).hexdigest()}
+    identity = data_identity(source)
+    if str(source) in OFFLINE:
+        split, sha = next(iter(identity.items()))
+        content = {"offline": split.partition(":")[2], "sha256": sha}
     else:
-        paths = files.data_files(source)
-        content = {"files_sha256": [_sha256_file(f) for f in paths]}  # in reading order
+        content = {"files_sha256": list(identity.values())}  # in reading order
     parts = {"format": FORMAT, "data": content, "max_len": max_len,
              "skip_bad_lines": skip_bad_lines,
              "tokenizer": hashlib.sha256(tok.tokenizer.to_str().encode()).hexdigest(),
@@ -87,17 +117,56 @@ def fingerprint(source, tok: data.Tokenizer, max_len: int, skip_bad_lines: bool)
 # Reading a built cache
 
 
+class Damaged(Exception):
+    """A cache folder that fails its checks; the message says which file and what is wrong."""
+
+
+SMALL = ("offsets.npy", "truncated.npy", "dropped.npy")  # one value per conversation: hashed in meta.json
+
+
+def _sha256_array(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
+
+
 class TokenizedSet:
-    """The memory-mapped arrays of one cache folder; `select` turns conversations into examples."""
+    """The memory-mapped arrays of one cache folder, verified; `select` turns conversations into examples.
+
+    A cache is trusted only after its checks (a Damaged error says what failed): meta.json reads and
+    belongs to this folder's key; every array opens with its dtype; the sizes agree with each other
+    and with meta.json (O(1)); the offsets start at 0, rise and end at the token count, and the three
+    per-conversation arrays have the sha256 meta.json recorded (one vectorised pass over n + 1
+    values: ~40 ms at 1M conversations). The token arrays themselves (~500M values at 1M
+    conversations) are checked by size, not hashed: a byte changed inside them is not detected."""
 
     def __init__(self, folder):
         self.folder = Path(folder)
-        self.tokens = np.load(self.folder / "tokens.npy", mmap_mode="r")    # (N,) int32
-        self.trained = np.load(self.folder / "trained.npy", mmap_mode="r")  # (N,) bool
-        self.offsets = np.load(self.folder / "offsets.npy")                  # (n + 1,) int64
-        self.truncated = np.load(self.folder / "truncated.npy")              # (n,) bool
-        self.dropped = np.load(self.folder / "dropped.npy")                  # (n,) bool
-        self.meta = json.loads((self.folder / "meta.json").read_text())
+        try:
+            self.meta = json.loads((self.folder / "meta.json").read_text())
+            key = hashlib.sha256(json.dumps(self.meta["key"], sort_keys=True).encode()).hexdigest()[:20]
+            n, total, hashes = self.meta["conversations"], self.meta["tokens"], self.meta["sha256"]
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise Damaged(f"meta.json is not this cache's record ({type(e).__name__}: {e})") from None
+        if key != self.folder.name:
+            raise Damaged(f"meta.json describes cache {key}, not {self.folder.name}")
+        arrays = {}
+        for name, dtype, length in (("tokens.npy", np.int32, total), ("trained.npy", np.bool_, total),
+                                    ("offsets.npy", np.int64, n + 1), ("truncated.npy", np.bool_, n),
+                                    ("dropped.npy", np.bool_, n)):
+            try:  # the token arrays are mapped, not read; a truncated file fails here by its header
+                array = np.load(self.folder / name, mmap_mode="r" if name not in SMALL else None)
+            except Exception as e:  # EOFError (empty), ValueError (mmap past the end), OSError, ...
+                raise Damaged(f"{name} does not open ({type(e).__name__}: {e})") from None
+            if array.dtype != dtype or array.shape != (length,):
+                raise Damaged(f"{name} holds {array.dtype} {array.shape}; meta.json says {np.dtype(dtype)} ({length},)")
+            if name in SMALL and _sha256_array(array) != hashes.get(name):
+                raise Damaged(f"{name} is not the array this cache was built with (its sha256 differs)")
+            arrays[name] = array
+        offsets = arrays["offsets.npy"]
+        if offsets[0] != 0 or offsets[-1] != total or not (np.diff(offsets) > 0).all():
+            raise Damaged(f"offsets.npy does not cut tokens.npy into {n} conversations")
+        self.tokens, self.trained = arrays["tokens.npy"], arrays["trained.npy"]  # (N,) int32, (N,) bool
+        self.offsets = offsets                                                    # (n + 1,) int64
+        self.truncated, self.dropped = arrays["truncated.npy"], arrays["dropped.npy"]  # (n,) bool each
 
     def __len__(self) -> int:
         """Usable conversations (with an assistant reply), in data order."""
@@ -166,7 +235,7 @@ def load(source, tok: data.Tokenizer, max_len: int, *, skip_bad_lines: bool = Fa
     if dist.get_rank() == 0:
         try:
             store = _load_or_build(source, tok, max_len, skip_bad_lines, root, workers)
-        except (ValueError, FileNotFoundError, ImportError) as e:
+        except (ValueError, FileNotFoundError, ImportError, disk.DiskFull) as e:
             outcome = [e]
     dist.broadcast_object_list(outcome, src=0)  # the others wait here for rank 0
     if outcome[0] is not None:
@@ -179,20 +248,34 @@ def _load_or_build(source, tok, max_len, skip_bad_lines, root, workers) -> Token
     root = Path(root) if root is not None else cache_root()
     key, parts = fingerprint(source, tok, max_len, skip_bad_lines)
     folder = root / key
-    if (folder / "meta.json").is_file():  # meta.json is written last: its presence means complete
-        return TokenizedSet(folder)
+    if folder.exists():  # complete (it was renamed in whole), unless damaged since: checked, never trusted
+        try:
+            return TokenizedSet(folder)
+        except Damaged as e:
+            print0(f"tokenised cache {folder} is damaged: {e}; rebuilding it from {source}")
     root.mkdir(parents=True, exist_ok=True)
     with offline._locked(root / f".{key}.lock"):
-        if not (folder / "meta.json").is_file():  # nobody finished it while we waited for the lock
-            for stale in root.glob(f".{key}.tmp-*"):  # left by an interrupted build
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp = root / f".{key}.tmp-{os.getpid()}"
-            tmp.mkdir()
-            try:
+        try:  # somebody may have rebuilt it while we waited for the lock
+            return TokenizedSet(folder)
+        except Damaged:
+            pass
+        for stale in [*root.glob(f".{key}.tmp-*"), *root.glob(f".{key}.damaged-*")]:  # an interrupted build
+            shutil.rmtree(stale, ignore_errors=True)
+        damaged = root / f".{key}.damaged-{os.getpid()}"
+        if folder.exists():  # out of the way; a run still mapping its files keeps them until it ends
+            folder.rename(damaged)
+        tmp = root / f".{key}.tmp-{os.getpid()}"
+        tmp.mkdir()
+        # tokens.npy + trained.npy take 5 bytes a token, and a token is ~4 bytes of text
+        needed = 0 if str(source) in OFFLINE else 5 * sum(f.stat().st_size for f in files.data_files(source)) // 4
+        try:
+            with disk.room_for(root, needed, f"tokenising {source} into the cache",
+                               kept="the data is untouched (set $NEO_CACHE to put the cache on another disk)"):
                 build(source, tok, max_len, skip_bad_lines, tmp, {"source": str(source), "key": parts}, workers)
-                os.replace(tmp, folder)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(damaged, ignore_errors=True)
     return TokenizedSet(folder)
 
 
@@ -215,21 +298,50 @@ def build(source, tok, max_len, skip_bad_lines, folder: Path, meta: dict, worker
     lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     if not len(lengths):
         raise ValueError(f"no usable conversations in {source} ({stats.summary()})")
-    np.save(folder / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-    np.save(folder / "truncated.npy", np.concatenate(truncated))
-    np.save(folder / "dropped.npy", np.concatenate(dropped))
+    small = {"offsets.npy": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+             "truncated.npy": np.concatenate(truncated), "dropped.npy": np.concatenate(dropped)}
+    for name, array in small.items():
+        np.save(folder / name, array)
     stats.conversations = len(lengths)
-    meta = {**meta, "stats": asdict(stats), "conversations": len(lengths), "tokens": int(lengths.sum())}
+    meta = {**meta, "stats": asdict(stats), "conversations": len(lengths), "tokens": int(lengths.sum()),
+            "sha256": {name: _sha256_array(array) for name, array in small.items()}}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
 _worker_tok = None
 
 
-def _worker_init(tok):
+def _worker_init(tok, parent: int):
     global _worker_tok
+    _end_with_parent(parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
     _worker_tok = tok
+
+
+def _end_with_parent(parent: int):
+    """Make this worker die with `parent`. A pool worker waits on a queue whose writing end it holds
+    itself, so it never sees the parent go: after a kill -9 of train.py the workers (~400 MB each)
+    would run on for good. Linux: the kernel sends SIGKILL when the parent dies (PR_SET_PDEATHSIG);
+    elsewhere a thread checks every second whether the parent is still this process's parent."""
+    import signal
+    if os.getpid() == parent:  # not a worker process (a thread pool stands in for the processes in a test)
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):  # not Linux
+        import threading
+        import time
+
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(1)
+            os._exit(1)
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
 
 
 def _worker_encode(conversations, max_len):
@@ -250,7 +362,7 @@ def _encoded_chunks(conversations, tok, max_len, workers):
         return
     # spawn, not fork: the parent may hold threads (torch, tokenizers, gloo) that fork would break
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
-                             initargs=(tok,)) as pool:
+                             initargs=(tok, os.getpid())) as pool:
         pending = deque()
         for chunk in chain(first, chunks):
             pending.append(pool.submit(_worker_encode, chunk, max_len))

@@ -6,6 +6,8 @@ the CPU). They must agree within 10% for every method, and the ledger's componen
 the measured peak within 5%.
 """
 import argparse
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +119,26 @@ def test_plan_suggests_a_flag_that_fits():
     fix = planner.make_it_fit(setup, 4, 0, gib)
     assert fix is not None and fix.peak <= plan.usable(gib) < base.peak
     assert plan.flags_of(fix, base)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--world-size", "0"], "--world-size 0: must be 1 or more"),
+    (["--gpu-memory", "0"], "--gpu-memory 0.0: is the memory of one GPU"),
+    (["--rank", "0"], "--rank 0: must be 1 or more"),
+    (["--max-len", "1"], "--max-len 1: must be 2 or more"),
+    (["--prune-to", "30"], "--prune-to 30: the teacher has 4 layers"),
+    (["--teacher", "{missing}"], "error: {missing}: not a config.json, a model folder nor a Hub id"),
+    (["--teacher", "{broken}"], "error: {broken}: config.json is not readable JSON"),
+    (["--student", "{broken}"], "error: {broken}: config.json is not readable JSON")])
+def test_plan_cli_names_bad_input_without_a_traceback(bad, message, tmp_path):
+    import subprocess
+    import sys
+    teacher, broken = tmp_path / "teacher.json", tmp_path / "broken.json"
+    teacher.write_text(json.dumps(TEACHER.to_hf()))
+    broken.write_text('{"hidden_size": 64,')
+    names = {"missing": tmp_path / "nope.json", "broken": broken}
+    bad = [b.format(**names) for b in bad]
+    proc = subprocess.run([sys.executable, str(Path(plan.__file__)), "--teacher", str(teacher), *bad],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert message.format(**names) in proc.stderr

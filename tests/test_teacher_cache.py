@@ -3,6 +3,7 @@ looked up by example id; training never loads the teacher; a cache of another ru
 truncated shard is refused by name; a killed write resumes without rewriting finished shards."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -234,3 +235,135 @@ def test_packing_and_the_cache_are_refused_together(cache_dir, tiny_teacher_dir,
     with pytest.raises(SystemExit, match="--pack True: the teacher cache holds one row per example"):
         train.main(argv)
     assert not (tmp_path / "run").exists()  # refused before the output folder was claimed
+
+
+# ----------------------------------------------------------------------------- damaged, foreign or changed input
+
+def copy_cache(cache_dir, tmp_path):
+    import shutil
+    shutil.copytree(cache_dir, tmp_path / "c")
+    return tmp_path / "c"
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda m: m.pop("shards"), r"'shards' is missing; expected a list"),
+    (lambda m: m["shards"][1].pop("rows"), r"'shards\[1\].rows' is missing; expected an integer"),
+    (lambda m: m.update(k="16"), r"'k' is '16'; expected an integer"),
+])
+def test_a_damaged_manifest_is_named(edit, why, cache_dir, tmp_path):
+    broken = copy_cache(cache_dir, tmp_path)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    edit(manifest)
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit, match=rf"{broken / 'manifest.json'} is damaged: {why}"):
+        cache_store.TeacherCache(broken)
+    (broken / "manifest.json").write_text('{"k": 16, "shards": [')
+    with pytest.raises(SystemExit, match=rf"{broken / 'manifest.json'} is damaged: not readable JSON"):
+        cache_store.TeacherCache(broken)
+
+
+def rewrite_shard(path, **changes):
+    """The shard at `path` with some tensors changed, its header and metadata kept."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    save_file({**load_file(str(path)), **changes}, str(path), metadata=meta)
+
+
+def test_a_tail_that_would_make_the_loss_nan_is_named_before_training(cache_dir, tiny_teacher_dir,
+                                                                      tiny_chat_jsonl, tmp_path):
+    broken = copy_cache(cache_dir, tmp_path)
+    tail = load_file(str(broken / "train-00001.safetensors"))["tail"].clone()
+    tail[3] = float("nan")
+    rewrite_shard(broken / "train-00001.safetensors", tail=tail)
+    argv = run_flags(tiny_teacher_dir, tiny_chat_jsonl) + ["--teacher-cache", str(broken), "--out",
+                                                       str(tmp_path / "run"), "--prune-to", "2", "--no-report"]
+    with pytest.raises(SystemExit, match=r"train-00001.safetensors is damaged: tail of row 3 is nan"):
+        train.main(argv)
+    tail[3] = 0.5  # a tail mass above 1: log(1 - p) of a negative number
+    rewrite_shard(broken / "train-00001.safetensors", tail=tail)
+    with pytest.raises(SystemExit, match=r"train-00001.safetensors is damaged: tail of row 3 is 0.5"):
+        cache_store.TeacherCache(broken)
+
+
+def test_a_token_id_outside_the_vocabulary_is_named_when_read(cache_dir, tmp_path):
+    broken = copy_cache(cache_dir, tmp_path)
+    ids = load_file(str(broken / "train-00000.safetensors"))["ids"].clone()
+    ids[0] = 60000  # uint16 holds it; the teacher's vocabulary has 49152 tokens
+    rewrite_shard(broken / "train-00000.safetensors", ids=ids)
+    cache = cache_store.TeacherCache(broken)
+    cache.rows("train", [5])  # another example's rows read as before
+    with pytest.raises(SystemExit, match=r"train-00000.safetensors is damaged: example 0 holds token id 60000 in "
+                                         r"'ids', outside the vocabulary of 49152"):
+        cache.rows("train", [0])
+
+
+def test_a_shard_of_another_cache_is_refused(cache_dir, tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
+    """The same layout at another temperature: the shapes fit, the rows are another teacher distribution."""
+    other = tmp_path / "other"
+    umask = os.umask(0o027)  # and written under a set umask, its files get the umask's modes (not 0600)
+    try:
+        teacher_cache.main(["--cache", str(other), "--k", "16", "--shard-examples", "16",
+                            *run_flags(tiny_teacher_dir, tiny_chat_jsonl, "--temperature", "2")])
+    finally:
+        os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in other.glob("*.safetensors")} == {0o640}
+    mixed = copy_cache(cache_dir, tmp_path)
+    (mixed / "train-00001.safetensors").write_bytes((other / "train-00001.safetensors").read_bytes())
+    with pytest.raises(SystemExit, match=r"train-00001.safetensors belongs to another cache"):
+        cache_store.TeacherCache(mixed)
+
+
+def test_changed_data_bytes_are_named_by_the_cache_and_its_resume(cache_dir, tiny_teacher_dir, tiny_chat_jsonl,
+                                                                   tmp_path):
+    import shutil
+    data_file = tmp_path / "chat.jsonl"
+    shutil.copy(tiny_chat_jsonl, data_file)
+    out = tmp_path / "c"
+    argv = ["--cache", str(out), "--k", "16", "--shard-examples", "16", *run_flags(tiny_teacher_dir, data_file)]
+    teacher_cache.main(argv)
+    lines = data_file.read_text().splitlines()
+    data_file.write_text("\n".join(lines[:-1] + [lines[-1].replace("plus", "and")]) + "\n")  # same path
+    with pytest.raises(SystemExit, match=rf"another run; data .*\({data_file} has other bytes"):
+        teacher_cache.main(argv)
+    with pytest.raises(SystemExit, match=rf"made for another run; data .*\({data_file} has other bytes"):
+        train.main(run_flags(tiny_teacher_dir, data_file) + ["--teacher-cache", str(out), "--out",
+                                                             str(tmp_path / "run"), "--prune-to", "2"])
+
+
+@pytest.mark.parametrize("bad, message", [(["--temperature", "0"], "--temperature 0.0: must be above 0"),
+                                          (["--max-len", "1"], "--max-len 1: must be 2 or more"),
+                                          (["--data", "nope.jsonl"], "error: .*nope.jsonl")])
+def test_teacher_cache_checks_its_flags_before_any_work(bad, message, tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "teacher_cache.py"), "--cache", str(tmp_path / "c"),
+                           *run_flags(tiny_teacher_dir, tiny_chat_jsonl), *bad], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert re.search(message, proc.stderr), proc.stderr[-2000:]
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_folder_that_is_not_a_cache_is_never_written_into(tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my notes")
+    with pytest.raises(SystemExit, match=r"already holds files \(notes.txt\) and no manifest.json"):
+        teacher_cache.main(["--cache", str(tmp_path / "mine"), *run_flags(tiny_teacher_dir, tiny_chat_jsonl)])
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_a_full_disk_while_writing_a_shard_is_named(cache_dir, tiny_teacher_dir, tiny_chat_jsonl, tmp_path,
+                                                    monkeypatch):
+    from safetensors import SafetensorError
+    out = tmp_path / "c"
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")  # what a full disk leaves behind
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(cache_store, "save_file", full)
+    with pytest.raises(SystemExit, match=rf"writing the teacher cache shard train-00000.safetensors: the disk holding "
+                                         rf"{out} is full \(this needs about [\d.]+ KiB; .*Nothing was lost"):
+        teacher_cache.main(["--cache", str(out), "--k", "16", "--shard-examples", "16",
+                            *run_flags(tiny_teacher_dir, tiny_chat_jsonl)])
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]  # no temporary left
+

@@ -1,6 +1,12 @@
 """runkit/tokenized.py: the cached tokenisation equals data.tokenize_all, is built once and reused, is rebuilt
 when its key changes, is never left half-written, and worker processes give the same bytes."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +15,7 @@ import data
 from data import DataStats, Tokenizer
 from runkit import files, tokenized
 
+ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_B = ("{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>{% endfor %}"
               "{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}")
 
@@ -124,3 +131,109 @@ def test_the_stream_is_read_at_most_a_few_chunks_ahead(smol, monkeypatch, worker
         assert read - written <= 2 * workers * tokenized.CHUNK  # at most 2 chunks per worker in flight
         written += len(lengths)
     assert read == written == 80
+
+
+# ----------------------------------------------------------------------------- a damaged cache is rebuilt
+
+def _truncate(name):
+    def damage(folder):
+        path = folder / name
+        path.write_bytes(path.read_bytes()[:-40])
+    return damage
+
+
+def _empty(name):
+    return lambda folder: (folder / name).write_bytes(b"")
+
+
+def _shift_offsets(folder):  # the same length and ends, one conversation boundary moved: silently wrong rows
+    offsets = np.load(folder / "offsets.npy")
+    offsets[1] += 1
+    np.save(folder / "offsets.npy", offsets)
+
+
+DAMAGE = {"truncated tokens": (_truncate("tokens.npy"), "tokens.npy does not open"),
+          "emptied offsets": (_empty("offsets.npy"), "offsets.npy does not open"),
+          "emptied trained": (_empty("trained.npy"), "trained.npy does not open"),
+          "broken meta.json": (lambda f: (f / "meta.json").write_text("{broken"), "meta.json is not this cache"),
+          "meta.json lost": (lambda f: (f / "meta.json").unlink(), "meta.json is not this cache"),
+          "shifted offsets": (_shift_offsets, "offsets.npy is not the array this cache was built with"),
+          "offsets of another length": (lambda f: np.save(f / "offsets.npy", np.arange(3)), "offsets.npy holds")}
+
+
+@pytest.mark.parametrize("damage, why", DAMAGE.values(), ids=DAMAGE.keys())
+def test_a_damaged_cache_is_rebuilt_saying_why(smol, tmp_path, capsys, damage, why):
+    path = write(tmp_path / "chat.jsonl", chats(12))
+    first = tokenized.load(path, smol, 48, root=tmp_path / "cache")
+    want = as_lists(first.select(range(len(first))))
+    damage(first.folder)
+    again = tokenized.load(path, smol, 48, root=tmp_path / "cache")
+    said = capsys.readouterr().out
+    assert f"tokenised cache {first.folder} is damaged: {why}" in said and "rebuilding it" in said
+    assert again.folder == first.folder and as_lists(again.select(range(len(again)))) == want
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")) == [first.folder.name]
+
+
+def test_a_full_disk_while_tokenising_is_named_and_leaves_nothing(smol, tmp_path, monkeypatch):
+    import errno
+    path = write(tmp_path / "chat.jsonl", chats(12))
+
+    def full(self, array):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(tokenized._NpyAppender, "write", full)
+    with pytest.raises(SystemExit, match=rf"tokenising {path} into the cache: the disk holding {tmp_path / 'cache'} "
+                                         r"is full \(this needs about [\d.]+ \w+; .* free now\). Nothing was lost"):
+        tokenized.load(path, smol, 48, root=tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+
+
+# ----------------------------------------------------------------------------- workers end with their parent
+
+def _children(pid: int) -> set[int]:
+    """Every live process whose parent is `pid` (read from /proc; zombies count as gone)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists() or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux /proc and 2 cores (worker processes start from 2 cores)")
+def test_killed_train_leaves_no_tokenising_workers(tiny_teacher_dir, tmp_path):
+    # Enough conversations for ~20 chunks over 2 workers; kill -9 once the first chunk is written, so
+    # the workers are past their start-up (a worker still starting up dies with the parent anyway).
+    path = write(tmp_path / "chat.jsonl", chats(40) * 1000)
+    cmd = [sys.executable, str(ROOT / "train.py"), "--teacher", str(tiny_teacher_dir), "--data", str(path),
+           "--out", str(tmp_path / "run"), "--max-len", "48", "--prune-to", "2", "--no-report"]
+    env = {**os.environ, "NEO_CACHE": str(tmp_path / "neo-cache"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        written = lambda: any(f.stat().st_size > 128 for f in tmp_path.glob("neo-cache/tokenized/.*.tmp-*/tokens.npy"))
+        while not written() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, f"no worker processes running: {proc.stderr.read().decode()[-2000:]}"
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 10
+        while any(map(_alive, workers)) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not [w for w in workers if _alive(w)], "worker processes outlived the killed train.py"
+    finally:
+        proc.kill()
+        for w in locals().get("workers", ()):
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)

@@ -785,3 +785,73 @@ def test_on_policy_batch_loss_and_gradient_equal_the_plain_autograd_loss(tiny_te
     close(ours.ce, ref.ce, rtol=1e-5, atol=1e-6)
     for g, r in zip(g_ours, g_ref):
         close(g, r, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- issue 27: nothing silently wrong
+
+@pytest.mark.parametrize("flags, message", [(["--plan", "0"], "--plan 0: is the number of GPUs to plan for"),
+                                            (["--plan", "-1"], "--plan -1: is the number of GPUs"),
+                                            (["--plan", "--rank", "0"], "--rank 0: must be 1 or more"),
+                                            (["--plan", "--gpu-memory", "0"], "--gpu-memory 0.0: is the memory"),
+                                            (["--gpu-memory", "-5"], "--gpu-memory -5.0: is the memory")])
+def test_a_dry_run_never_trains_and_checks_every_flag(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, monkeypatch,
+                                                      flags, message):
+    monkeypatch.setattr(llama.Llama, "from_pretrained", None)  # loading any weights would fail differently
+    with pytest.raises(SystemExit, match=message):
+        train.main(base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path / "run", *flags))
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_new_bytes_at_the_same_data_path(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, monkeypatch):
+    data = tmp_path / "chat.jsonl"
+    shutil.copy(tiny_chat_jsonl, data)
+    args = base_args(tiny_teacher_dir, data, tmp_path / "run", "--max-steps", "1")
+    train.main(args)
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join([lines[0].replace("plus", "and")] + lines[1:]) + "\n")  # edited in place
+    monkeypatch.setattr(llama.Llama, "from_pretrained", None)
+    with pytest.raises(SystemExit, match=rf"--resume: the data changed since the checkpoint: {data} has other "
+                                         r"bytes \(sha256 \w+\.\.\. then, \w+\.\.\. now\)"):
+        train.main(args + ["--resume"])
+
+
+def test_saved_folders_follow_the_umask(tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        train.main(base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, "--max-steps", "1"))
+    finally:
+        os.umask(umask)
+    saved = [tmp_path / name for name in ("student_base", "adapter", "model", "checkpoints")]
+    saved += [p for folder in saved for p in folder.rglob("*")]
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in saved}
+    assert {p: m for p, m in modes.items() if m != (0o755 if Path(tmp_path / p).is_dir() else 0o644)} == {}
+    assert "adapter/adapter_model.safetensors" in modes and "model/model.safetensors" in modes
+
+
+def full_disk(tensors, filename, **k):
+    """safetensors on a full disk; the checkpoints' own adapters are written (so the export meets it)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+    if "checkpoints" in str(filename):
+        return save_file(tensors, filename, **k)
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("writer, what", [
+    ("runkit.adapters.save_file", r"saving the trained student: the disk holding {out} is full"),
+    ("model.save_torch_state_dict", r"saving the pruned student: the disk holding {out}/student_base is full"),
+    ("torch.save", r"saving the checkpoint of step 1: the disk holding {out}/checkpoints is full")])
+def test_a_full_disk_is_named_and_loses_nothing(writer, what, tiny_teacher_dir, tiny_chat_jsonl, tmp_path,
+                                                monkeypatch):
+    import errno
+    module, name = writer.rsplit(".", 1)
+    def fault(*a, **k):
+        if writer != "torch.save":
+            return full_disk(*a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(sys.modules[module] if module in sys.modules else __import__(module), name, fault)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=what.format(out=out) + r" \(this needs about [\d.]+ \w+; .* free now\)\. "
+                                                                r"Nothing was lost"):
+        train.main(base_args(tiny_teacher_dir, tiny_chat_jsonl, out, "--max-steps", "1"))
+    assert not [p for p in out.rglob(".*") if p.name != ".train.lock"]  # no temporary left behind
