@@ -25,6 +25,7 @@ import neo
 import plan
 import train
 from runkit import distributed, flags, precision
+from tolerance import close, close_norm
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
 
@@ -177,7 +178,7 @@ def test_llama_bf16_matches_transformers(device, folders):
                / logits["hf", torch.bfloat16].norm()).item()
     print(f"\n{device}: fp32 max |diff| {diff32:.2e}; bf16 relative error vs fp32: ours {err['ours']:.4f}, "
           f"transformers {err['hf']:.4f}; ours vs transformers in bf16 {between:.4f}")
-    assert diff32 <= 1e-4
+    close(logits["ours", torch.float32], fp32, atol=1e-4, rtol=0)
     assert err["ours"] <= 1.5 * err["hf"] + 1e-3
     assert between <= 0.05
 
@@ -286,7 +287,8 @@ def test_ddp_one_process_equals_no_ddp(device, folders, tmp_path):
         dist.destroy_process_group()
     err = rel(grads[True], grads[False])
     print(f"\nDDP ({backend}, 1 process) vs no DDP: {err:.2e}; the last micro-batch alone: {rel(last_only, grads[False]):.2f}")
-    assert err < 1e-5
+    flat = lambda g: torch.cat([g[k].flatten() for k in sorted(grads[False])])
+    close_norm(flat(grads[True]), flat(grads[False]), 1e-5)
     assert rel(last_only, grads[False]) > 0.1
 
 
