@@ -259,8 +259,8 @@ def test_save_load_bit_exact(tied, tmp_path):
     half = Llama.from_pretrained(tmp_path / "ours", dtype=torch.bfloat16)
     assert half.lm_head.weight.dtype == torch.bfloat16
     ids = random_ids(1, 12)
-    with torch.no_grad():  # bf16 keeps 2-3 significant digits: ~1e-2 relative after 2 layers; 0.1 is ~10x
-        close_norm(half(ids), ours(ids), 0.1)
+    with torch.no_grad():  # bf16 keeps 8 bits: 2.1e-2 relative after 2 random layers; 0.25 is 12x, and a
+        close_norm(half(ids), ours(ids), 0.25)  # weight loaded wrong moves the logits by ~1
     half.save_pretrained(tmp_path / "half")  # bf16 round trip is bit-exact too
     state_equal(half, Llama.from_pretrained(tmp_path / "half", dtype=torch.bfloat16))
 

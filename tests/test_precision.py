@@ -6,7 +6,6 @@ Every test passes --dtype bfloat16 explicitly, so CI runs the GPU users' dtype l
 without avx512_bf16 the bf16 matmuls are emulated (slower), not wrong.
 """
 import copy
-import json
 import shutil
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 import model as llama
 import neo
 import train
-from test_train import adapter, base_args, run_cli
+from test_train import adapter, base_args, logged, run_cli, single_process_run, twin_tolerance  # noqa: F401 (a fixture)
 from runkit import flags, precision
 from tolerance import close, close_norm
 
@@ -135,15 +134,16 @@ def test_bf16_run_moves_only_fp32_trainables(method, tiny_teacher_dir, tiny_chat
 # ----------------------------------------------------------------------------- 2 ranks = 1 rank
 
 @pytest.mark.parametrize("zero", ["0", "3"])
-def test_two_processes_equal_one_in_bf16(zero, tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
-    """DDP and FSDP2 in bf16 equal one process with the double micro-batch. Not bit for bit as in
-    fp32: a bf16 matmul rounds its output, so each rank's half-batch weight gradient is rounded
-    before the all-reduce adds the halves, where one process rounds the whole sum once: about one
-    bf16 unit (2^-8) apart per gradient element. The logged loss and gradient norm, sums over
-    many elements, agree to 1e-4 and 1.3e-3 (measured over 3 steps; bound 5e-3), while a wrongly
-    scaled gradient (DDP's mean not undone) is 2x off in the norm. The adapters differ more,
-    3.2% (bound 10%): Adam's first steps move every element by about ±lr whatever its size, so
-    elements whose gradient is near zero take a sign decided by that rounding."""
+def test_two_processes_equal_one_in_bf16(zero, single_process_run, tiny_teacher_dir, tiny_chat_jsonl, tmp_path):
+    """DDP and FSDP2 in bf16 equal one process with the double micro-batch: the logged figures within
+    10x the bf16 run's own distance from the float32 run (test_train.twin_tolerance). Not bit for bit as in fp32: a bf16
+    matmul rounds its output, so each rank's half-batch weight gradient is rounded before the
+    all-reduce adds the halves, where one process rounds the whole sum once: about one bf16 unit
+    (2^-8) apart per gradient element. The logged loss and gradient norm are sums over many elements
+    (measured 1e-4 and 1.3e-3 apart over 3 steps), while a wrongly scaled gradient (DDP's mean not
+    undone) is 2x off in the norm. The adapters differ more (3.2%): Adam's first steps move every
+    element by about ±lr whatever its size, so elements whose gradient is near zero take a sign
+    decided by that rounding."""
     flags = ["--max-steps", "3", "--dtype", "bfloat16"]
     one = base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path / "one", *flags)
     one[one.index("--batch-size") + 1] = "4"
@@ -151,14 +151,14 @@ def test_two_processes_equal_one_in_bf16(zero, tiny_teacher_dir, tiny_chat_jsonl
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = run_cli(base_args(tiny_teacher_dir, tiny_chat_jsonl, tmp_path / "two", *flags, "--zero", zero), nproc=2)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    a1, a2 = adapter(tmp_path / "one"), adapter(tmp_path / "two")
-    close_norm(a2, a1, REL_ADAPTER)
+    fp32 = single_process_run("float32")
+    # The adapters are no sharp check in bf16: Adam's sign flips put the bf16 run 19% from the fp32 one
+    # (a derived bound would be ~190%). 0.35 is 11x the 3.2% measured between 2 ranks and 1 and still
+    # catches a rank that diverged; the logged loss and gradient norm below are the sharp checks.
+    close_norm(adapter(tmp_path / "two"), adapter(tmp_path / "one"), 0.35)
     for key in ("loss", "grad_norm"):
-        rows = lambda run: [json.loads(x)[key] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-        close(rows("two"), rows("one"), rtol=REL_LOGGED, atol=0, msg=key)
-
-
-REL_ADAPTER, REL_LOGGED = 0.1, 5e-3
+        close(logged(tmp_path / "two", key), logged(tmp_path / "one", key),
+              rtol=twin_tolerance(tmp_path / "one", fp32, key), atol=0, msg=key)
 
 
 # ----------------------------------------------------------------------------- torch.compile
