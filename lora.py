@@ -172,6 +172,19 @@ def apply_lora(model: nn.Module, targets=ALL_PROJECTIONS, rank: int = 128, alpha
     return model
 
 
+def make_trainable(model: nn.Module, method: str, say=None, **lora_options) -> nn.Module:
+    """What each method of train.py trains: sft/kd every weight; neo/lora the adapters of
+    apply_lora(**lora_options), every other weight frozen. say: print the trainable count with it
+    (None: silent)."""
+    if method in ("sft", "kd"):
+        model.requires_grad_(True)
+        if say is not None:
+            n = sum(p.numel() for p in model.parameters())
+            say(f"trainable parameters: {n:,} / {n:,} (100%)")
+        return model
+    return apply_lora(model, **lora_options, verbose=say is not None)
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Merge ΔW into every base weight (idempotent)."""
     for layer in lora_layers(model).values():

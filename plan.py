@@ -64,6 +64,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import lora
 import model as llama
 import neo
 from runkit import flags
@@ -293,7 +294,7 @@ def build(setup: Setup, teacher_cfg, student_cfg, fake: bool):
             teacher = llama.Llama(teacher_cfg).eval().requires_grad_(False)
             for p in teacher.parameters():
                 p.data = p.data.to(setup.frozen_dtype)
-        student = neo.make_trainable(llama.Llama(student_cfg), targs)  # as train.prepare_student does
+        student = lora.make_trainable(llama.Llama(student_cfg), targs.method, **flags.lora_options(targs))
         if targs.grad_checkpoint:
             checkpoint_blocks(student)
         for p in student.parameters():  # the frozen base in the frozen dtype; trainable weights stay fp32

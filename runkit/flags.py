@@ -157,6 +157,12 @@ RESUME_FLAGS = ["method", "adapter", "rank", "lora_alpha", "lora_dropout", "targ
                 "teacher_cache", "on_policy", "on_policy_start", "on_policy_temperature", "on_policy_max_new"]
 
 
+def lora_options(args) -> dict:
+    """The adapter flags as lora.apply_lora's keyword arguments."""
+    return dict(targets=tuple(args.targets.split(",")), rank=args.rank, alpha=args.lora_alpha,
+                dropout=args.lora_dropout, variant=args.adapter)
+
+
 def add(parser, *dests, **defaults):
     """Add train.py's own definition of the flags `dests` to `parser`; a keyword overrides a default."""
     for dest in dests:
