@@ -231,7 +231,7 @@ def tokenize_batch(tok: Tokenizer, conversations: list, max_len: int) -> list[di
 @dataclass
 class DataStats:
     """What happened to the data on its way to batches: runkit/files.py counts the reading,
-    tokenize_all the cuts; train.py prints `summary()`."""
+    the tokenising the cuts; runkit/tokenized.load_splits prints `summary()`."""
     files: int = 0
     records: int = 0         # records read
     bad_lines: int = 0       # malformed JSON lines and records skipped (skip_bad_lines=True)

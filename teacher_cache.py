@@ -74,7 +74,7 @@ import cached_loss
 import model as llama
 import neo
 from runkit import flags, offline, tokenized
-from runkit.cache_store import (K_MAX, TAIL_SAMPLES, TeacherCache, data_change, digest, first_difference, flat, plan,
+from runkit.cache_store import (K_MAX, TAIL_SAMPLES, TeacherCache, data_change, digest, first_difference, flat, manifest_for,
                                 read_manifest, save_shard, stored, targets_per_example, verify_shard)
 from runkit.distributed import print0, setup_distributed
 from runkit.precision import frozen_dtype
@@ -141,7 +141,7 @@ def main(argv=None):
     tokenizer = data.Tokenizer.from_dir(teacher_path)
     train_set, held_set = tokenized.load_splits(args, tokenizer)
     splits = {"train": train_set, "heldout": held_set}
-    manifest = plan(args, own.k, own.k_max, own.tail_samples, own.shard_examples, teacher_path, tokenizer, splits,
+    manifest = manifest_for(args, own.k, own.k_max, own.tail_samples, own.shard_examples, teacher_path, tokenizer, splits,
                     d.device)
     if d.master:
         cache.mkdir(parents=True, exist_ok=True)

@@ -44,8 +44,8 @@ import lora
 import model as llama
 import neo
 from runkit import adapters, cache_store, checkpoint, disk, flags, offline, on_policy, report, run_folder, tokenized
-from runkit.distributed import Dist, all_reduce_sum, full_student, print0, setup_distributed, shard
-from runkit.precision import autocast, checkpoint_blocks, choose_dtype, compile_blocks, frozen_dtype, master_dtype
+from runkit.distributed import Dist, all_reduce_sum, close_run, full_student, print0, setup_distributed, shard
+from runkit.precision import autocast, checkpoint_blocks, compile_blocks, frozen_dtype, master_dtype
 
 
 def main(argv=None):
@@ -54,20 +54,13 @@ def main(argv=None):
         import plan
         return plan.plan_from_train_args(args, args.teacher or offline.smollm2_dir())
     teacher_path = str(llama.resolve_folder(args.teacher or offline.smollm2_dir()))
-    student_config = llama.LlamaConfig.from_json(llama.resolve_folder(args.student) / "config.json") \
-        if args.student else None
-    flags.check(args, llama.LlamaConfig.from_json(Path(teacher_path) / "config.json"), student_config, say=print0)
+    flags.check_against_models(args, teacher_path, say=print0)  # every flag, before any weight loads
     d = setup_distributed()
     args.world_size = d.world
     out = Path(args.out)
     lock = run_folder.claim(out, args.resume, args.overwrite) if d.master else None  # ours, and only ours
     torch.manual_seed(args.seed)  # the same on every rank: every rank builds the same adapters
-    print0(f"precision: {choose_dtype(args.dtype, d.device).why}; trainable weights, gradients and AdamW "
-           f"state {str(master_dtype(args, d.device)).removeprefix('torch.')}")
-    if args.demo:
-        budget = ", ".join(f"{k}={getattr(args, k)}" for k in flags.DEMO) + f", lr={args.lr:g}"
-        print0(f"offline demo on the CPU with a small budget: {budget} (the paper's budget applies with "
-               f"--teacher or on a GPU; any flag overrides)")
+    report.print_settings(args, d)  # the precision chosen, and the demo's budget
 
     # ---- models ------------------------------------------------------------
     args.bases = checkpoint.base_fingerprints(args, teacher_path)
@@ -81,37 +74,25 @@ def main(argv=None):
     student = build_student(args, teacher_path, train_set[0]["input_ids"], d.device)
     base_path = save_student_base(student, args, out, d)
     student = prepare_student(student, args, d.device)
-    vocab_size = shared_vocab(student, teacher, tokenizer)
-    for examples in (train_set, held_set):
-        tokenized.check_labels(examples, vocab_size or student.lm_head.weight.shape[0])
+    vocab_size = shared_vocab(student, teacher, tokenizer, (train_set, held_set))
 
     # ---- data ----------------------------------------------------------------
-    if args.pack:  # rows of several whole examples; the model keeps them apart by document_ids
-        n_examples, train_set = len(train_set), data.pack(train_set, args.max_len, args.seed)
-        print0(f"data: packed {n_examples} examples into {len(train_set)} rows of up to {args.max_len} tokens")
+    train_set = packed(train_set, args) if args.pack else train_set
     loader = data.Batches(train_set, args.batch_size, pad_id=tokenizer.pad_token_id, rank=d.rank,
                           world_size=d.world, seed=args.seed)
     total_steps = count_steps(args, loader, len(train_set), d)
-    sample_from = int(args.on_policy_start * total_steps)  # the first step that samples (--on-policy)
-    if args.on_policy_start:
-        print0(f"on-policy: steps 1-{sample_from} of {total_steps} on the data set's replies, then the student "
-               f"answers a share {args.on_policy:g} of rows itself")
+    sample_from = on_policy.first_step(args, total_steps)  # the first step the student answers rows
     # scored now, before the first step changes the student
     scores = report.start_report(args, d, student, teacher, tokenizer, loader, held_set, vocab_size, out, cache)
 
     # ---- optimizer ------------------------------------------------------------
     if args.compile:
         compile_blocks(student, teacher if distilling else None)
-    # The student and the objective as one module (neo.py): the teacher rides beside it for kd/neo,
-    # or its cached rows come with each batch (cached_loss.py).
+    # The student and the loss as one module (neo.py; from a teacher cache, cached_loss.py)
     Distiller = cached_loss.CachedDistiller if cache is not None and distilling else neo.Distiller
     distiller = Distiller(student, teacher if distilling else None, args.alpha, args.temperature,
                           args.divergence, args.chunk_size, vocab_size)
-    start_step = 0
-    if state is not None:
-        distiller.load_state_dict(state["trainable"], strict=False)  # trainable weights only
-        start_step = state["step"]
-        loader.load_state_dict(state["data"])
+    start_step = checkpoint.resume_weights(distiller, loader, state)  # 0 for a new run
     # Data parallel: every rank holds the whole student and DDP all-reduces its gradients in
     # backward; FSDP2 (--zero 2/3) instead shards it, layer by layer (runkit/distributed.py).
     if args.zero >= 2:
@@ -129,9 +110,7 @@ def main(argv=None):
         optimizer = torch.optim.AdamW(params, **adamw)
     print0(f"method {args.method}: optimising {sum(p.numel() for p in params):,} parameters "
            f"({type(optimizer).__name__}{', FSDP2' if args.zero >= 2 else ''})")
-    if state is not None:
-        checkpoint.restore(wrapped, optimizer, state, args, d)
-    warmup = max(1, int(args.warmup * total_steps))
+    checkpoint.restore(wrapped, optimizer, state, args, d)  # a new run: nothing to restore
     step_kit = Step(wrapped, optimizer, params, cache if distilling else None, args, d, out, tokenizer, sample_from)
 
     # ---- loop ------------------------------------------------------------------
@@ -142,7 +121,7 @@ def main(argv=None):
     with report.progress_bar(total_steps, start_step, d) as bar:  # closed even when a bad loss stops the run
         for step in range(start_step, total_steps):
             t0 = time.time()
-            lr = lr_at(step, total_steps, warmup, args.lr, args.min_lr)
+            lr = lr_at(step, total_steps, max(1, int(args.warmup * total_steps)), args.lr, args.min_lr)
             micro = [next(batches) for _ in range(args.grad_accum)]
             s = train_step(step_kit, micro, lr, step)
             dt = time.time() - t0
@@ -157,9 +136,8 @@ def main(argv=None):
 
     # ---- save ------------------------------------------------------------------
     checkpoint.save_checkpoint(out, total_steps, wrapped, optimizer, loader, args, d, base_path)
-    final = full_student(wrapped, student, args.zero, d,
-                         lambda: lora.make_trainable(llama.Llama(student.config), args.method,
-                                                     **flags.lora_options(args)))
+    final = full_student(wrapped, student, args.zero, d, lambda: lora.make_trainable(
+        llama.Llama(student.config), args.method, **flags.lora_options(args)))  # FSDP2: an empty copy to fill
     if d.master:
         torch.compiler.set_stance("force_eager")  # --compile: scoring and generating below need no graphs
         export(final, out, args, base_path)
@@ -167,12 +145,8 @@ def main(argv=None):
         print0(f"trained {total_steps - start_step} steps in {train_time:.0f} s; wrote {out}")
         if scores is not None:
             scores.after(final)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    if lock is not None:
-        lock.release()
-    optimized = [n.removeprefix("module.").removeprefix("student.") for n, p in wrapped.named_parameters()
-                 if p.requires_grad]
+    close_run(lock)  # the process group closed, the run folder's lock released
+    optimized = [n for n, p in distiller.student.named_parameters() if p.requires_grad]
     return {"student": final, "optimized": optimized, "out": out}
 
 
@@ -231,15 +205,18 @@ def prepare_student(student, args, device):
     return student
 
 
-def shared_vocab(student, teacher, tokenizer):
-    """None when the LM heads match; the tokenizer's size when they differ only by padding rows."""
+def shared_vocab(student, teacher, tokenizer, splits):
+    """None when the LM heads match; the tokenizer's size when they differ only by padding rows.
+    Every label of the splits is checked against it, once, on the host."""
     vs = student.lm_head.weight.shape[0]
     vt = teacher.lm_head.weight.shape[0] if teacher is not None else vs
-    if vs == vt:
-        return None
-    if tokenizer.vocab_size <= min(vs, vt):
-        print0(f"vocab: teacher {vt} and student {vs} rows; comparing the tokenizer's {tokenizer.vocab_size}")
-        return tokenizer.vocab_size
+    if vs == vt or tokenizer.vocab_size <= min(vs, vt):
+        vocab_size = None if vs == vt else tokenizer.vocab_size
+        if vocab_size is not None:
+            print0(f"vocab: teacher {vt} and student {vs} rows; comparing the tokenizer's {vocab_size}")
+        for examples in splits:
+            tokenized.check_labels(examples, vocab_size or vs)
+        return vocab_size
     raise SystemExit(f"teacher and student vocabularies differ: teacher head {vt} rows, student head {vs} "
                      f"rows, tokenizer {tokenizer.vocab_size} tokens. Distillation needs one shared "
                      f"tokenizer; pick a student from the teacher's family (or --prune-to).")
@@ -258,6 +235,13 @@ def count_steps(args, loader, n_examples, d: Dist) -> int:
                          f"{args.batch_size} x {d.world} processes per epoch, fewer than --grad-accum "
                          f"{args.grad_accum}. Use more data or a smaller --batch-size/--grad-accum.")
     return min(total_steps, args.max_steps) if args.max_steps else total_steps
+
+
+def packed(examples, args):
+    """Rows of several whole examples (--pack); the model keeps them apart by document_ids."""
+    rows = data.pack(examples, args.max_len, args.seed)
+    print0(f"data: packed {len(examples)} examples into {len(rows)} rows of up to {args.max_len} tokens")
+    return rows
 
 
 def endless(loader):

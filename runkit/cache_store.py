@@ -81,8 +81,8 @@ def identity(args, teacher_path: str, tokenizer, splits: dict, device) -> dict:
     }
 
 
-def plan(args, k: int, k_max: int, tail_samples: int, shard_examples: int, teacher_path: str, tokenizer,
-         splits: dict, device) -> dict:
+def manifest_for(args, k: int, k_max: int, tail_samples: int, shard_examples: int, teacher_path: str, tokenizer,
+                 splits: dict, device) -> dict:
     """The whole manifest, before any teacher forward: identity, the vocabulary, and every shard."""
     vocab = llama.LlamaConfig.from_json(Path(teacher_path) / "config.json").vocab_size
     shards = []

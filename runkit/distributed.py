@@ -108,3 +108,12 @@ def full_student(wrapped, student, zero: int, d: Dist, skeleton):
     plain.load_state_dict({k.removeprefix("student."): v for k, v in full.items()})
     plain.source_dir = student.source_dir
     return plain
+
+
+def close_run(lock):
+    """The end of a run: the process group closed (torchrun) and the run folder's lock released
+    (rank 0 holds it; None elsewhere)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if lock is not None:
+        lock.release()

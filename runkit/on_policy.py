@@ -4,8 +4,17 @@ paper's method; train.train_step calls sample_replies when the flag is on."""
 import torch
 
 import data
-from runkit.distributed import module_of
+from runkit.distributed import module_of, print0
 from runkit.precision import autocast
+
+
+def first_step(args, total_steps: int) -> int:
+    """The first step whose rows the student may answer (--on-policy-start, a share of the run)."""
+    sample_from = int(args.on_policy_start * total_steps)
+    if args.on_policy_start:
+        print0(f"on-policy: steps 1-{sample_from} of {total_steps} on the data set's replies, then the student "
+               f"answers a share {args.on_policy:g} of rows itself")
+    return sample_from
 
 
 def sample_replies(kit, micro: list, step: int) -> tuple[list, int]:

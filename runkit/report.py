@@ -59,6 +59,18 @@ def plot_losses(metrics_path: Path, png: Path):
     plt.close(fig)
 
 
+def print_settings(args, d: Dist):
+    """The run's first lines: the precision chosen, and the demo's small budget when it is the demo."""
+    from runkit import flags
+    from runkit.precision import choose_dtype, master_dtype
+    print0(f"precision: {choose_dtype(args.dtype, d.device).why}; trainable weights, gradients and AdamW "
+           f"state {str(master_dtype(args, d.device)).removeprefix('torch.')}")
+    if args.demo:
+        budget = ", ".join(f"{k}={getattr(args, k)}" for k in flags.DEMO) + f", lr={args.lr:g}"
+        print0(f"offline demo on the CPU with a small budget: {budget} (the paper's budget applies with "
+               f"--teacher or on a GPU; any flag overrides)")
+
+
 def start_report(args, d, student, teacher, tokenizer, loader, held_set, vocab_size, out, cache):
     """The before/after report with its "before" half scored now, or None where there is none to make
     (--no-report, no held-out examples, a teacher sharded by --zero 3, or not the first rank)."""

@@ -321,7 +321,7 @@ def test_planner_predicts_the_peak_of_one_step(method, device, folders):
     setup = plan.Setup(method=method, rank=s["rank"], batch_size=s["batch"], max_len=s["seq"], chunk_size=s["chunk"],
                        frozen_dtype=torch.bfloat16, autocast=True)
     planner = plan.Planner(plan.load_config(teacher_dir), plan.load_config(student_dir))
-    predicted = planner.plan(setup).peak
+    predicted = planner.estimate(setup).peak
 
     free(device)
     start = torch.cuda.memory_allocated(dev) if device == "cuda" else 0
