@@ -212,17 +212,6 @@ def _swap_to_linear(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[
     return originals
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge ΔW into the base weights and replace every LoRALinear by a plain nn.Linear, in place.
-
-    The model is then an ordinary model again (model.save_pretrained writes a plain HF folder);
-    the adapters are gone.
-    """
-    merge_lora(model)
-    _swap_to_linear(model, {name: layer.weight.data for name, layer in lora_layers(model).items()})
-    return model
-
-
 def save_merged(model: nn.Module, folder, **save_kwargs):
     """Write W0 + ΔW as an ordinary HF folder via model.save_pretrained, leaving `model` untouched.
 

@@ -301,10 +301,10 @@ def train_step(kit: Step, micro: list, lr: float, step: int) -> dict:
         [float(n_local), float(n_tokens), float(sampling.get("gen_tokens", 0))], device=device))
     # DDP and FSDP average gradients over ranks; the loss is already a global mean, so undo that.
     normalizer = n_global.clamp(min=1) / kit.d.world
-    # For logging: loss·n, ce·n_ce, kl·n and n_ce (CE is logged per target it counts at: not at
-    # sampled replies)
     alpha = args.alpha if args.method in ("kd", "neo") else 1.0   # sft/lora: CE alone
     kd_weight = (1 - alpha) * (args.temperature * args.temperature)
+    # For logging: loss·n, ce·n_ce, kl·n and n_ce (CE is logged per target it counts at: not at
+    # sampled replies)
     sums = torch.zeros(4, device=device, dtype=master_dtype(args, device))
     bad = torch.zeros(len(micro), device=device)    # 1 where a micro-batch's loss is not finite
     for i, b in enumerate(micro):

@@ -147,6 +147,7 @@ def prepare(args) -> tuple[str, str, Path]:
     import data
     import model as llama
     import train
+    from benchmarks.examples import tokenize_all
     from runkit import files
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -154,7 +155,7 @@ def prepare(args) -> tuple[str, str, Path]:
     tok = data.Tokenizer.from_dir(teacher)
     conversations, _ = files.load_conversations(args.data, None, 0)
     # whole conversations (no truncation), packed back to back into the fixed-shape batch
-    examples = data.tokenize_all(tok, conversations[:args.batch_size * args.max_len // 64 + 64], 10**9)
+    examples = tokenize_all(tok, conversations[:args.batch_size * args.max_len // 64 + 64], 10**9)
     batch = pack(examples, args.batch_size, args.max_len)
     batch_file = work / f"batch_{args.batch_size}x{args.max_len}.pt"
     torch.save(batch, batch_file)
