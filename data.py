@@ -178,8 +178,11 @@ def assistant_spans(tok: Tokenizer, messages: list[dict]) -> tuple[str, list[tup
 def tokenize_conversation(tok: Tokenizer, messages: list[dict], max_len: int) -> dict:
     """-> {"input_ids", "labels", "truncated"}: labels are the ids of assistant tokens, else -100.
 
-    The rendered text is tokenised once (add_special_tokens=False: the template already holds any
-    BOS, as in transformers), and a token is trained when its character offsets overlap a reply.
+    The label rule, written for one conversation: the rendered text is tokenised once
+    (add_special_tokens=False: the template already holds any BOS, as in transformers), and a token
+    is trained when its character offsets overlap a reply. Training runs the same rule batched
+    (encode_conversations, called by runkit/tokenized.py); tests/test_data.py
+    (test_batched_tokenization_equals_one_by_one) checks that both give these exact labels.
     """
     text, spans = assistant_spans(tok, messages)
     encoding = tok.tokenizer.encode(text, add_special_tokens=False)
@@ -199,7 +202,8 @@ def encode_conversations(tok: Tokenizer, conversations: list, max_len: int):
     templates are rendered in Python (assistant_spans), all texts go through the `tokenizers`
     library's batch encoder in one call (Rust, on all threads it is allowed), and the label rule of
     tokenize_conversation (a token trains when its character offsets overlap a reply) runs as one
-    vectorised test per reply. Same labels, a few times faster (tests/test_data.py checks equality).
+    vectorised test per reply. Same labels, a few times faster (tests/test_data.py checks equality);
+    this is what training runs (runkit/tokenized.py).
     """
     rendered = [assistant_spans(tok, messages) for messages in conversations]
     encodings = tok.tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
@@ -219,19 +223,10 @@ def encode_conversations(tok: Tokenizer, conversations: list, max_len: int):
     return ids, trained, lengths, full > max_len
 
 
-def tokenize_batch(tok: Tokenizer, conversations: list, max_len: int) -> list[dict]:
-    """tokenize_conversation for a list of conversations, through the batched encoder."""
-    ids, trained, lengths, truncated = encode_conversations(tok, conversations, max_len)
-    labels = np.where(trained, ids, IGNORE_INDEX)
-    bounds = np.cumsum(lengths)
-    return [{"input_ids": ids[j - n:j].tolist(), "labels": labels[j - n:j].tolist(), "truncated": bool(cut)}
-            for n, j, cut in zip(lengths, bounds, truncated)]
-
-
 @dataclass
 class DataStats:
     """What happened to the data on its way to batches: runkit/files.py counts the reading,
-    tokenize_all the cuts; train.py prints `summary()`."""
+    the tokenising the cuts; runkit/tokenized.load_splits prints `summary()`."""
     files: int = 0
     records: int = 0         # records read
     bad_lines: int = 0       # malformed JSON lines and records skipped (skip_bad_lines=True)
@@ -247,22 +242,6 @@ class DataStats:
                 f"{self.no_assistant} conversations without an assistant reply; kept {self.conversations}; "
                 f"{self.truncated} truncated to max-len, {self.dropped} dropped (nothing left to train on); "
                 f"{self.examples} examples")
-
-
-def tokenize_all(tok: Tokenizer, conversations: list, max_len: int, stats: DataStats | None = None) -> list[dict]:
-    """Tokenise every conversation; count truncations and drop examples left with nothing to train."""
-    stats = stats or DataStats()
-    examples = []
-    for example in tokenize_batch(tok, conversations, max_len):
-        stats.truncated += example["truncated"]
-        if all(label == IGNORE_INDEX for label in example["labels"][1:]):  # labels[0] is never a target
-            stats.dropped += 1
-            continue
-        examples.append(example)
-    if not examples:
-        raise ValueError(f"no example keeps an assistant token within max_len={max_len} ({stats.summary()})")
-    stats.examples = len(examples)
-    return examples
 
 
 # ----------------------------------------------------------------------------------------------

@@ -172,6 +172,19 @@ def apply_lora(model: nn.Module, targets=ALL_PROJECTIONS, rank: int = 128, alpha
     return model
 
 
+def make_trainable(model: nn.Module, method: str, say=None, **lora_options) -> nn.Module:
+    """What each method of train.py trains: sft/kd every weight; neo/lora the adapters of
+    apply_lora(**lora_options), every other weight frozen. say: print the trainable count with it
+    (None: silent)."""
+    if method in ("sft", "kd"):
+        model.requires_grad_(True)
+        if say is not None:
+            n = sum(p.numel() for p in model.parameters())
+            say(f"trainable parameters: {n:,} / {n:,} (100%)")
+        return model
+    return apply_lora(model, **lora_options, verbose=say is not None)
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Merge ΔW into every base weight (idempotent)."""
     for layer in lora_layers(model).values():
@@ -197,17 +210,6 @@ def _swap_to_linear(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, plain)
     return originals
-
-
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge ΔW into the base weights and replace every LoRALinear by a plain nn.Linear, in place.
-
-    The model is then an ordinary model again (model.save_pretrained writes a plain HF folder);
-    the adapters are gone.
-    """
-    merge_lora(model)
-    _swap_to_linear(model, {name: layer.weight.data for name, layer in lora_layers(model).items()})
-    return model
 
 
 def save_merged(model: nn.Module, folder, **save_kwargs):

@@ -46,7 +46,7 @@ GPU-only costs the planner does not see are named in `print_plan` and in the REA
 context (~0.5 GiB per process), the caching allocator's reserve (nvidia-smi shows reserved, not
 allocated), NCCL buffers.
 
-    python plan.py --teacher ../shared/configs/llama-3.1-8b.json --student ../shared/configs/llama-3.2-1b.json \
+    python plan.py --teacher benchmarks/configs/llama-3.1-8b.json --student benchmarks/configs/llama-3.2-1b.json \
         --method neo --world-size 6 --dtype bfloat16 --gpu-memory 40
     python train.py --plan --gpu-memory 80 --teacher meta-llama/Llama-3.1-8B-Instruct --prune-to 16
     python plan.py --paper          # the paper's Table I and II settings beside its Mem column
@@ -64,6 +64,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import lora
 import model as llama
 import neo
 from runkit import flags
@@ -293,7 +294,7 @@ def build(setup: Setup, teacher_cfg, student_cfg, fake: bool):
             teacher = llama.Llama(teacher_cfg).eval().requires_grad_(False)
             for p in teacher.parameters():
                 p.data = p.data.to(setup.frozen_dtype)
-        student = neo.make_trainable(llama.Llama(student_cfg), targs)  # as train.prepare_student does
+        student = lora.make_trainable(llama.Llama(student_cfg), targs.method, **flags.lora_options(targs))
         if targs.grad_checkpoint:
             checkpoint_blocks(student)
         for p in student.parameters():  # the frozen base in the frozen dtype; trainable weights stay fp32
@@ -467,7 +468,7 @@ class Planner:
             self._ledgers[key] = ledger_of_step(setup, self.teacher_cfg, self.student_cfg, fake=True)
         return self._ledgers[key]
 
-    def plan(self, setup: Setup, world=1, zero=0) -> Plan:
+    def estimate(self, setup: Setup, world=1, zero=0) -> Plan:
         return Plan(setup, world, zero, *per_gpu(self.ledger(setup), world, zero))
 
     def make_it_fit(self, setup: Setup, world: int, zero: int, gpu_gib: float):
@@ -484,7 +485,7 @@ class Planner:
                 for z in zeros:
                     tries.append((replace(setup, grad_checkpoint=ck, batch_size=b), z))
         for s, z in tries[1:]:
-            p = self.plan(s, world, z)
+            p = self.estimate(s, world, z)
             if p.peak <= usable(gpu_gib):
                 return p
         return None
@@ -556,13 +557,13 @@ def plan_from_train_args(args, teacher_path):
     teacher_cfg = load_config(teacher_path)
     flags.check(args, teacher_cfg, load_config(args.student) if args.student else None)
     planner = Planner(teacher_cfg, student_config(teacher_cfg, args.student, args.prune_to))
-    print_plan(planner, planner.plan(setup_from_train_args(args), args.plan, args.zero), args.gpu_memory)
+    print_plan(planner, planner.estimate(setup_from_train_args(args), args.plan, args.zero), args.gpu_memory)
 
 
 # -----------------------------------------------------------------------------
 # The paper's settings (6 x A100 40G, batch 4 x 512, bf16, rank 128) beside its Mem column.
 
-CONFIGS = Path(__file__).resolve().parent.parent / "shared" / "configs"
+CONFIGS = Path(__file__).resolve().parent / "benchmarks" / "configs"  # the paper's models' config.json files
 PAPER = [  # (table, teacher, student, method, zero, the paper's Mem in GB over 6 GPUs or None for OOM)
     ("I", "llama-3.1-8b", "llama-3.2-1b", "sft", 0, 63), ("I", "llama-3.1-8b", "llama-3.2-1b", "lora", 0, 68),
     ("I", "llama-3.1-8b", "llama-3.2-1b", "kd", 0, 231), ("I", "llama-3.1-8b", "llama-3.2-1b", "neo", 0, 177),
@@ -584,7 +585,7 @@ def paper_table(configs=CONFIGS, world=6, gpu_gib=40) -> str:
         if (t, s) not in planners:
             planners[t, s] = Planner(load_config(configs / f"{t}.json"), load_config(configs / f"{s}.json"))
         setup = Setup(method=method, frozen_dtype=torch.bfloat16, autocast=True)
-        p = planners[t, s].plan(setup, world, zero)
+        p = planners[t, s].estimate(setup, world, zero)
         top = max(p.parts, key=p.parts.get)
         name = method + (f" + ZeRO-{zero}" if zero else "")
         lines.append(f"| {table} | {t} -> {s} | {name} | {p.peak / GiB:.1f} | {p.total / GiB:.0f} | "
@@ -626,7 +627,7 @@ def main(argv=None):
         raise SystemExit(f"--prune-to {args.prune_to}: the teacher has {teacher_cfg.num_hidden_layers} layers: a "
                          f"student keeps 1..{teacher_cfg.num_hidden_layers - 1} of them")
     planner = Planner(teacher_cfg, student_config(teacher_cfg, args.student, args.prune_to))
-    print_plan(planner, planner.plan(setup_from_train_args(args), args.world_size, args.zero), args.gpu_memory)
+    print_plan(planner, planner.estimate(setup_from_train_args(args), args.world_size, args.zero), args.gpu_memory)
 
 
 def check_flags(args):

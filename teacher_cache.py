@@ -3,7 +3,7 @@
 LLM-Neo's guidelines come from grids of runs (ranks x learning rates, 2 epochs each), and every
 run repeats the same teacher forward on the same tokens. This script runs that forward once, over
 the tokenised training and held-out examples that train.py builds from the same flags, and keeps
-for every target position (labels[t + 1] != -100) what the sparse loss in neo.py needs:
+for every target position (labels[t + 1] != -100) what the sparse loss in cached_loss.py needs:
 
     ids   (w,)  the teacher's w most likely next tokens at temperature T
     logp  (w,)  their log-probabilities log softmax(z_t / T), stored as uint8 steps below the top one
@@ -12,17 +12,17 @@ for every target position (labels[t + 1] != -100) what the sparse loss in neo.py
     plogp ()    the tail's Σ p_j log p_j
 
 w varies by position: k tokens per position on average, up to --k-max, placed where the teacher's
-mass is (neo.teacher_topk): a position where the teacher is sure of the next token keeps one or
+mass is (cached_loss.teacher_topk): a position where the teacher is sure of the next token keeps one or
 two, one where it hesitates keeps hundreds. At the same bytes this leaves far less mass in the
 tails than the same k everywhere, and the tail mass is what the sparse loss misses
 (benchmarks/bench_cache.py measures both; --k-max equal to --k stores a plain top-k).
 
-With the draws (--tail-samples s, 2 bytes each) the loss is D_S instead of D_K (neo.py): the tail
+With the draws (--tail-samples s, 2 bytes each) the loss is D_S instead of D_K (cached_loss.py): the tail
 bucket's bias, the shape of the tail the student is never taught, becomes zero-mean noise.
 
 Then `python train.py --teacher-cache DIR ...` trains kd / neo (LoRA or MoSLoRA) on
 α·CE + (1 − α)·T²·D_K, the forward KL over those k + 1 buckets, without loading the teacher.
-neo.py states how far D_K is from the full KL (below it, by the teacher's tail mass times the
+cached_loss.py states how far D_K is from the full KL (below it, by the teacher's tail mass times the
 mismatch of the tails); benchmarks/bench_cache.py measures it and the cache's size per token.
 
 Run it with train.py's own flags for the model and the data (they must be the ones of the runs that
@@ -70,10 +70,11 @@ import torch
 import torch.distributed as dist
 
 import data
+import cached_loss
 import model as llama
 import neo
 from runkit import flags, offline, tokenized
-from runkit.cache_store import (K_MAX, TAIL_SAMPLES, TeacherCache, data_change, digest, first_difference, flat, plan,
+from runkit.cache_store import (K_MAX, TAIL_SAMPLES, TeacherCache, data_change, digest, first_difference, flat, manifest_for,
                                 read_manifest, save_shard, stored, targets_per_example, verify_shard)
 from runkit.distributed import print0, setup_distributed
 from runkit.precision import frozen_dtype
@@ -119,7 +120,7 @@ def write_shard(path: Path, entry: dict, examples: list, teacher, manifest: dict
         hidden = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)    # (B, T, D)
         mask = b["labels"][:, 1:] != neo.IGNORE_INDEX                                 # (B, T-1)
         draws = torch.Generator(device).manual_seed(args.seed * 1_000_003 + entry["first"] + start)  # per batch
-        top = neo.teacher_topk(hidden[:, :-1][mask], teacher.lm_head.weight[:manifest["vocab_size"]],
+        top = cached_loss.teacher_topk(hidden[:, :-1][mask], teacher.lm_head.weight[:manifest["vocab_size"]],
                                manifest["k"], args.temperature, args.chunk_size, manifest["k_max"],
                                manifest["tail_samples"], draws)
         parts.append(flat(stored(top, manifest["ids_dtype"]).to("cpu")))
@@ -140,7 +141,7 @@ def main(argv=None):
     tokenizer = data.Tokenizer.from_dir(teacher_path)
     train_set, held_set = tokenized.load_splits(args, tokenizer)
     splits = {"train": train_set, "heldout": held_set}
-    manifest = plan(args, own.k, own.k_max, own.tail_samples, own.shard_examples, teacher_path, tokenizer, splits,
+    manifest = manifest_for(args, own.k, own.k_max, own.tail_samples, own.shard_examples, teacher_path, tokenizer, splits,
                     d.device)
     if d.master:
         cache.mkdir(parents=True, exist_ok=True)

@@ -19,9 +19,13 @@ Run it
 
 Read it top to bottom: main() is the whole run (set-up, models, data, optimizer, the loop, save),
 then the helpers it calls, in the order it calls them; train_step() holds the step and
-neo.Distiller the loss it backpropagates. What a real run needs but the method does not teach
-(flag checks, precision, torchrun and FSDP2, checkpoints and resume, the report) is in runkit/.
+writes the loss it backpropagates, α·CE + (1 − α)·T²·KL, from the sums neo.Distiller returns.
+Data parallel is plain PyTorch: DistributedDataParallel around the Distiller, ZeroRedundancyOptimizer
+for --zero 1, no_sync() during accumulation; FSDP2 (--zero 2/3) is in runkit/distributed.py. What a
+real run needs but the method does not teach (flag checks, precision, checkpoints and resume, the
+report, on-policy sampling) is in runkit/.
 """
+import contextlib
 import math
 import sys
 import time
@@ -31,37 +35,32 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.nn.parallel import DistributedDataParallel
 
+import cached_loss
 import data
 import lora
 import model as llama
 import neo
-import plan
-from runkit import adapters, cache_store, checkpoint, disk, flags, offline, report, run_folder, tokenized
-from runkit.distributed import (Dist, all_reduce_sum, full_student, make_optimizer, module_of, no_grad_sync,
-                                print0, setup_distributed, wrap)
-from runkit.precision import autocast, checkpoint_blocks, choose_dtype, compile_blocks, frozen_dtype, master_dtype
+from runkit import adapters, cache_store, checkpoint, disk, flags, offline, on_policy, report, run_folder, tokenized
+from runkit.distributed import Dist, all_reduce_sum, close_run, full_student, print0, setup_distributed, shard
+from runkit.precision import autocast, checkpoint_blocks, compile_blocks, frozen_dtype, master_dtype
 
 
 def main(argv=None):
     args = flags.parse(argv, description=__doc__.split("\n\n")[0].strip())
     if args.plan is not None:  # a dry run, whatever its value: config.json files alone, no weights, no data
+        import plan
         return plan.plan_from_train_args(args, args.teacher or offline.smollm2_dir())
     teacher_path = str(llama.resolve_folder(args.teacher or offline.smollm2_dir()))
-    student_config = llama.LlamaConfig.from_json(llama.resolve_folder(args.student) / "config.json") \
-        if args.student else None
-    flags.check(args, llama.LlamaConfig.from_json(Path(teacher_path) / "config.json"), student_config, say=print0)
+    flags.check_against_models(args, teacher_path, say=print0)  # every flag, before any weight loads
     d = setup_distributed()
     args.world_size = d.world
     out = Path(args.out)
     lock = run_folder.claim(out, args.resume, args.overwrite) if d.master else None  # ours, and only ours
     torch.manual_seed(args.seed)  # the same on every rank: every rank builds the same adapters
-    print0(f"precision: {choose_dtype(args.dtype, d.device).why}; trainable weights, gradients and AdamW "
-           f"state {str(master_dtype(args, d.device)).removeprefix('torch.')}")
-    if args.demo:
-        budget = ", ".join(f"{k}={getattr(args, k)}" for k in flags.DEMO) + f", lr={args.lr:g}"
-        print0(f"offline demo on the CPU with a small budget: {budget} (the paper's budget applies with "
-               f"--teacher or on a GPU; any flag overrides)")
+    report.print_settings(args, d)  # the precision chosen, and the demo's budget
 
     # ---- models ------------------------------------------------------------
     args.bases = checkpoint.base_fingerprints(args, teacher_path)
@@ -75,42 +74,44 @@ def main(argv=None):
     student = build_student(args, teacher_path, train_set[0]["input_ids"], d.device)
     base_path = save_student_base(student, args, out, d)
     student = prepare_student(student, args, d.device)
-    vocab_size = shared_vocab(student, teacher, tokenizer)
-    for examples in (train_set, held_set):
-        tokenized.check_labels(examples, vocab_size or student.lm_head.weight.shape[0])
+    vocab_size = shared_vocab(student, teacher, tokenizer, (train_set, held_set))
 
     # ---- data ----------------------------------------------------------------
-    if args.pack:  # rows of several whole examples; the model keeps them apart by document_ids
-        n_examples, train_set = len(train_set), data.pack(train_set, args.max_len, args.seed)
-        print0(f"data: packed {n_examples} examples into {len(train_set)} rows of up to {args.max_len} tokens")
+    train_set = packed(train_set, args) if args.pack else train_set
     loader = data.Batches(train_set, args.batch_size, pad_id=tokenizer.pad_token_id, rank=d.rank,
                           world_size=d.world, seed=args.seed)
     total_steps = count_steps(args, loader, len(train_set), d)
-    sample_from = int(args.on_policy_start * total_steps)  # the first step that samples (--on-policy)
-    if args.on_policy_start:
-        print0(f"on-policy: steps 1-{sample_from} of {total_steps} on the data set's replies, then the student "
-               f"answers a share {args.on_policy:g} of rows itself")
+    sample_from = on_policy.first_step(args, total_steps)  # the first step the student answers rows
     # scored now, before the first step changes the student
     scores = report.start_report(args, d, student, teacher, tokenizer, loader, held_set, vocab_size, out, cache)
 
     # ---- optimizer ------------------------------------------------------------
     if args.compile:
         compile_blocks(student, teacher if distilling else None)
-    # The student and the objective as one module (neo.py): the teacher rides beside it for kd/neo.
-    distiller = neo.Distiller(student, teacher if distilling else None, args.alpha, args.temperature,
-                              args.divergence, args.chunk_size, vocab_size)
-    start_step = 0
-    if state is not None:
-        distiller.load_state_dict(state["trainable"], strict=False)  # trainable weights only
-        start_step = state["step"]
-        loader.load_state_dict(state["data"])
-    wrapped = wrap(distiller, teacher if distilling else None, args.zero, d)
+    # The student and the loss as one module (neo.py; from a teacher cache, cached_loss.py)
+    Distiller = cached_loss.CachedDistiller if cache is not None and distilling else neo.Distiller
+    distiller = Distiller(student, teacher if distilling else None, args.alpha, args.temperature,
+                          args.divergence, args.chunk_size, vocab_size)
+    start_step = checkpoint.resume_weights(distiller, loader, state)  # 0 for a new run
+    # Data parallel: every rank holds the whole student and DDP all-reduces its gradients in
+    # backward; FSDP2 (--zero 2/3) instead shards it, layer by layer (runkit/distributed.py).
+    if args.zero >= 2:
+        wrapped = shard(distiller, teacher if distilling else None, args.zero)
+    elif d.world > 1:
+        wrapped = DistributedDataParallel(distiller, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    else:
+        wrapped = distiller
     torch.manual_seed(args.seed + 1 + d.rank)  # from here on each rank draws its own dropout masks
-    params, optimizer = make_optimizer(wrapped, args)
-    if state is not None:
-        checkpoint.restore(wrapped, optimizer, state, args, d)
-    warmup = max(1, int(args.warmup * total_steps))
-    ctx = Step(wrapped, optimizer, params, cache if distilling else None, args, d, out, tokenizer, sample_from)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    adamw = dict(lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    if args.zero == 1:  # ZeRO-1: each rank keeps the AdamW state of its share of the parameters
+        optimizer = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **adamw)
+    else:
+        optimizer = torch.optim.AdamW(params, **adamw)
+    print0(f"method {args.method}: optimising {sum(p.numel() for p in params):,} parameters "
+           f"({type(optimizer).__name__}{', FSDP2' if args.zero >= 2 else ''})")
+    checkpoint.restore(wrapped, optimizer, state, args, d)  # a new run: nothing to restore
+    step_kit = Step(wrapped, optimizer, params, cache if distilling else None, args, d, out, tokenizer, sample_from)
 
     # ---- loop ------------------------------------------------------------------
     metrics_path = checkpoint.start_metrics(out, args.resume, start_step, d)
@@ -120,9 +121,9 @@ def main(argv=None):
     with report.progress_bar(total_steps, start_step, d) as bar:  # closed even when a bad loss stops the run
         for step in range(start_step, total_steps):
             t0 = time.time()
-            lr = lr_at(step, total_steps, warmup, args.lr, args.min_lr)
+            lr = lr_at(step, total_steps, max(1, int(args.warmup * total_steps)), args.lr, args.min_lr)
             micro = [next(batches) for _ in range(args.grad_accum)]
-            s = train_step(ctx, micro, lr, step)
+            s = train_step(step_kit, micro, lr, step)
             dt = time.time() - t0
             row = {"step": step + 1, "loss": s["loss"], "ce": s["ce"], "kl": s["kl"], "lr": lr,
                    "grad_norm": s["grad_norm"], "tokens_per_s": s["tokens"] / dt, "step_s": dt,
@@ -135,8 +136,8 @@ def main(argv=None):
 
     # ---- save ------------------------------------------------------------------
     checkpoint.save_checkpoint(out, total_steps, wrapped, optimizer, loader, args, d, base_path)
-    final = full_student(wrapped, student, args.zero, d,
-                         lambda: neo.make_trainable(llama.Llama(student.config), args))
+    final = full_student(wrapped, student, args.zero, d, lambda: lora.make_trainable(
+        llama.Llama(student.config), args.method, **flags.lora_options(args)))  # FSDP2: an empty copy to fill
     if d.master:
         torch.compiler.set_stance("force_eager")  # --compile: scoring and generating below need no graphs
         export(final, out, args, base_path)
@@ -144,12 +145,8 @@ def main(argv=None):
         print0(f"trained {total_steps - start_step} steps in {train_time:.0f} s; wrote {out}")
         if scores is not None:
             scores.after(final)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    if lock is not None:
-        lock.release()
-    optimized = [n.removeprefix("module.").removeprefix("student.") for n, p in wrapped.named_parameters()
-                 if p.requires_grad]
+    close_run(lock)  # the process group closed, the run folder's lock released
+    optimized = [n for n, p in distiller.student.named_parameters() if p.requires_grad]
     return {"student": final, "optimized": optimized, "out": out}
 
 
@@ -197,7 +194,7 @@ def prepare_student(student, args, device):
     asked, and for neo/lora the frozen base in the frozen dtype (bf16 under --dtype auto where
     it is native; the adapters stay fp32: the optimizer's master copy). sft/kd keep every weight
     fp32 and get bf16 only through autocast."""
-    student = neo.make_trainable(student, args, say=print0)
+    student = lora.make_trainable(student, args.method, say=print0, **flags.lora_options(args))
     if args.grad_checkpoint:
         checkpoint_blocks(student)
     dtype = frozen_dtype(args, device)
@@ -208,15 +205,18 @@ def prepare_student(student, args, device):
     return student
 
 
-def shared_vocab(student, teacher, tokenizer):
-    """None when the LM heads match; the tokenizer's size when they differ only by padding rows."""
+def shared_vocab(student, teacher, tokenizer, splits):
+    """None when the LM heads match; the tokenizer's size when they differ only by padding rows.
+    Every label of the splits is checked against it, once, on the host."""
     vs = student.lm_head.weight.shape[0]
     vt = teacher.lm_head.weight.shape[0] if teacher is not None else vs
-    if vs == vt:
-        return None
-    if tokenizer.vocab_size <= min(vs, vt):
-        print0(f"vocab: teacher {vt} and student {vs} rows; comparing the tokenizer's {tokenizer.vocab_size}")
-        return tokenizer.vocab_size
+    if vs == vt or tokenizer.vocab_size <= min(vs, vt):
+        vocab_size = None if vs == vt else tokenizer.vocab_size
+        if vocab_size is not None:
+            print0(f"vocab: teacher {vt} and student {vs} rows; comparing the tokenizer's {vocab_size}")
+        for examples in splits:
+            tokenized.check_labels(examples, vocab_size or vs)
+        return vocab_size
     raise SystemExit(f"teacher and student vocabularies differ: teacher head {vt} rows, student head {vs} "
                      f"rows, tokenizer {tokenizer.vocab_size} tokens. Distillation needs one shared "
                      f"tokenizer; pick a student from the teacher's family (or --prune-to).")
@@ -235,6 +235,13 @@ def count_steps(args, loader, n_examples, d: Dist) -> int:
                          f"{args.batch_size} x {d.world} processes per epoch, fewer than --grad-accum "
                          f"{args.grad_accum}. Use more data or a smaller --batch-size/--grad-accum.")
     return min(total_steps, args.max_steps) if args.max_steps else total_steps
+
+
+def packed(examples, args):
+    """Rows of several whole examples (--pack); the model keeps them apart by document_ids."""
+    rows = data.pack(examples, args.max_len, args.seed)
+    print0(f"data: packed {len(examples)} examples into {len(rows)} rows of up to {args.max_len} tokens")
+    return rows
 
 
 def endless(loader):
@@ -269,21 +276,21 @@ class Step:
     sample_from: int = 0             # the first step whose rows the student may answer (--on-policy-start)
 
 
-def train_step(ctx: Step, micro: list, lr: float, step: int) -> dict:
+def train_step(kit: Step, micro: list, lr: float, step: int) -> dict:
     """One optimizer step over the micro-batches `micro` (CPU tensors). With a teacher cache the
     teacher's rows of each example are looked up by example id, not computed.
 
     The host never waits for the GPU between micro-batches: what it needs (the loss terms to log,
     whether every loss was finite, the gradient norm) comes back in one transfer per step, before
     the optimizer step, so a non-finite loss still stops the run with the weights untouched."""
-    args, device = ctx.args, ctx.d.device
-    for group in ctx.optimizer.param_groups:
+    args, device = kit.args, kit.d.device
+    for group in kit.optimizer.param_groups:
         group["lr"] = lr
     sampling = {}
     # On-policy: first every reply the step needs, so that its targets can be counted.
-    if args.on_policy and step >= ctx.sample_from:
+    if args.on_policy and step >= kit.sample_from:
         t0 = time.time()
-        micro, n_sampled = on_policy(ctx, micro, step)
+        micro, n_sampled = on_policy.sample_replies(kit, micro, step)
         sampling = {"gen_s": time.time() - t0, "gen_tokens": n_sampled}
     # Normalise by the valid target tokens of the whole step, over micro-batches and ranks, so
     # that 16 accumulated micro-batches on 6 processes equal one batch of 16 x 6 x 4. Counted on
@@ -293,79 +300,46 @@ def train_step(ctx: Step, micro: list, lr: float, step: int) -> dict:
     n_global, tokens, n_gen = all_reduce_sum(torch.tensor(
         [float(n_local), float(n_tokens), float(sampling.get("gen_tokens", 0))], device=device))
     # DDP and FSDP average gradients over ranks; the loss is already a global mean, so undo that.
-    normalizer = n_global.clamp(min=1) / ctx.d.world
+    normalizer = n_global.clamp(min=1) / kit.d.world
+    alpha = args.alpha if args.method in ("kd", "neo") else 1.0   # sft/lora: CE alone
+    kd_weight = (1 - alpha) * (args.temperature * args.temperature)
     # For logging: loss·n, ce·n_ce, kl·n and n_ce (CE is logged per target it counts at: not at
     # sampled replies)
     sums = torch.zeros(4, device=device, dtype=master_dtype(args, device))
     bad = torch.zeros(len(micro), device=device)    # 1 where a micro-batch's loss is not finite
     for i, b in enumerate(micro):
-        rows = ctx.cache.rows("train", b.get("example_ids")).to(device) if ctx.cache is not None else None
+        cached = {} if kit.cache is None else {"teacher_rows": kit.cache.rows("train", b.get("example_ids")).to(device)}
         b = {k: v.to(device) for k, v in b.items()}
         ce_mask = ~b["sampled"][:, None].expand_as(b["labels"]) if "sampled" in b else None
-        with no_grad_sync(ctx.model, args.zero, last=i == len(micro) - 1), autocast(device, args):
-            # α·CE + (1 − α)·T²·KL(teacher ‖ student) per target, summed / normalizer (neo.Distiller)
-            res = ctx.model(b["input_ids"], b["attention_mask"], b["labels"], normalizer, b.get("document_ids"),
-                            rows, ce_mask)
-            res.loss.backward()
-        bad[i] = (~torch.isfinite(res.loss.detach())).float()
-        sums += torch.stack([res.loss.detach() * normalizer, res.ce * res.n_ce, res.kl * res.n_tokens, res.n_ce])
-    grad_norm = torch.nn.utils.clip_grad_norm_(ctx.params, args.grad_clip if args.grad_clip > 0 else math.inf)
+        # Gradients add up over the micro-batches; DDP all-reduces them once, after the last one
+        # (FSDP2 has its own switch for the same).
+        last = i == len(micro) - 1
+        if args.zero >= 2:
+            kit.model.set_requires_gradient_sync(last)
+        no_sync = kit.model.no_sync if isinstance(kit.model, DistributedDataParallel) and not last \
+            else contextlib.nullcontext
+        with no_sync(), autocast(device, args):
+            res = kit.model(b["input_ids"], b["attention_mask"], b["labels"], normalizer,
+                            b.get("document_ids"), ce_mask=ce_mask, **cached)  # the sums over the targets
+            # The LLM-Neo loss as torchtune's KD recipe writes it: CE and KL(teacher ‖ student)
+            # mixed by α, T² keeping the KL's gradient scale, over the step's target count.
+            loss = (alpha * res.ce_sum + kd_weight * res.kl_sum) / normalizer
+            loss.backward()
+        bad[i] = (~torch.isfinite(loss.detach())).float()
+        sums += torch.stack([loss.detach() * normalizer, res.ce * res.n_ce, res.kl * res.n_tokens, res.n_ce])
+    grad_norm = torch.nn.utils.clip_grad_norm_(kit.params, args.grad_clip if args.grad_clip > 0 else math.inf)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: DTensor
     sums = all_reduce_sum(sums)
     sums = sums[:3] / torch.stack([n_global, sums[3], n_global]).clamp(min=1)
     bad = all_reduce_sum(bad)
     host = torch.cat([sums, grad_norm.reshape(1), tokens.reshape(1), bad]).tolist()  # the step's one sync
     if any(host[5:]):
-        checkpoint.stop_non_finite(step, next(i for i, x in enumerate(host[5:]) if x), ctx.out)
-    ctx.optimizer.step()
-    ctx.optimizer.zero_grad(set_to_none=True)
+        checkpoint.stop_non_finite(step, next(i for i, x in enumerate(host[5:]) if x), kit.out)
+    kit.optimizer.step()
+    kit.optimizer.zero_grad(set_to_none=True)
     if sampling:  # every rank's sampled tokens; the time is this rank's
         sampling["gen_tokens"] = int(n_gen)
     return {**dict(zip(("loss", "ce", "kl", "grad_norm", "tokens"), host[:5])), **sampling}
-
-
-def on_policy(ctx: Step, micro: list, step: int) -> tuple[list, int]:
-    """The step's micro-batches with a share --on-policy λ of their rows answered by the student itself
-    (GKD, Agarwal et al. 2024), and how many tokens it sampled. A row's prompt is its conversation up
-    to the first reply (data.prompts); its reply is sampled with the adapters active and dropout off,
-    at --on-policy-temperature, with the KV cache and no gradient, all the step's rows in one batch;
-    the reply's tokens become the row's only targets, scored by the teacher (data.with_replies; the
-    row's CE is dropped by ce_mask in train_step). Which rows, and what each samples, is keyed by
-    (seed, step, example) rather than drawn from a running generator: the same on any number of ranks
-    and after a resume, so there is no sampler state to save."""
-    args, device = ctx.args, ctx.d.device
-    rows, gens, chosen = [], [], set()  # (micro-batch, row) of every row, its generator, the sampled ones
-    for m, b in enumerate(micro):
-        for i, example in enumerate(b["example_ids"].tolist()):
-            gen = torch.Generator(device).manual_seed(((args.seed * 1_000_003 + step) * 1_000_003 + example) % 2**63)
-            rows.append((m, i))
-            gens.append(gen)
-            if torch.rand((), generator=gen, device=device) < args.on_policy:
-                chosen.add((m, i))
-    lockstep = args.zero >= 2  # FSDP2 gathers each layer on every rank together: all rows, every new token
-    sample = [k for k, row in enumerate(rows) if lockstep or row in chosen]
-    replies = {}
-    if sample:
-        prompts = [data.prompts(b) for b in micro]
-        asked = [prompts[rows[k][0]][rows[k][1]] for k in sample]
-        distiller = module_of(ctx.model)
-        room = min(args.on_policy_max_new, distiller.student.config.max_position_embeddings - max(map(len, asked)),
-                   args.max_len - min(map(len, asked)))
-        stop = ctx.tokenizer.stop_token_ids
-        distiller.student.eval()
-        with autocast(device, args):
-            outs = distiller.generate(asked, max_new_tokens=max(1, room), temperature=args.on_policy_temperature,
-                                      stop_token_ids=[] if lockstep else stop, generators=[gens[k] for k in sample],
-                                      keep_stop=True)
-        distiller.student.train()
-        for k, out in zip(sample, outs):
-            ends = [j for j, t in enumerate(out) if t in stop]
-            replies[rows[k]] = out[:ends[0] + 1] if ends else out  # lockstep ran past the stop: cut there
-    new = []
-    for m, b in enumerate(micro):
-        mine = sorted(i for (mm, i) in chosen if mm == m)
-        new.append(data.with_replies(b, mine, [replies[m, i] for i in mine], args.max_len, ctx.tokenizer.pad_token_id))
-    return new, sum(len(replies[row]) for row in chosen)
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Time and memory of one optimizer step for each method of the paper's Table I, side by side.
 
 One optimizer step = teacher forward under no_grad (kd, neo) + student forward and backward +
-gradient clipping + AdamW step, built from the core's own pieces (`neo.make_trainable`, `Distiller`,
+gradient clipping + AdamW step, built from the core's own pieces (`lora.make_trainable`, `Distiller`,
 neo.neo_loss, the pruned student), so it is the step `python train.py` runs:
 
     method        trains                loss
@@ -11,7 +11,7 @@ neo.neo_loss, the pruned student), so it is the step `python train.py` runs:
     neo           LoRA adapters         α·CE + (1-α)·KL(teacher ‖ student)     <- LLM-Neo
     neo-moslora   MoSLoRA adapters      the same
     neo-cache     LoRA adapters         the same with the teacher's top-k read from a cache
-                                        (teacher_cache.py, neo.sparse_neo_loss): no teacher in memory
+                                        (teacher_cache.py, cached_loss.sparse_neo_loss): no teacher in memory
     hf-peft-neo   the Neo step written the way most users write it today (benchmarks/peers.py):
                   transformers LlamaForCausalLM for teacher and student (the same weights, from the
                   same folders), PEFT LoRA with the same rank/alpha/dropout/targets, and the loss on
@@ -147,6 +147,7 @@ def prepare(args) -> tuple[str, str, Path]:
     import data
     import model as llama
     import train
+    from benchmarks.examples import tokenize_all
     from runkit import files
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -154,17 +155,17 @@ def prepare(args) -> tuple[str, str, Path]:
     tok = data.Tokenizer.from_dir(teacher)
     conversations, _ = files.load_conversations(args.data, None, 0)
     # whole conversations (no truncation), packed back to back into the fixed-shape batch
-    examples = data.tokenize_all(tok, conversations[:args.batch_size * args.max_len // 64 + 64], 10**9)
+    examples = tokenize_all(tok, conversations[:args.batch_size * args.max_len // 64 + 64], 10**9)
     batch = pack(examples, args.batch_size, args.max_len)
     batch_file = work / f"batch_{args.batch_size}x{args.max_len}.pt"
     torch.save(batch, batch_file)
     if "neo-cache" in args.methods:  # what teacher_cache.py would store for this batch, with its dtypes
-        import neo
+        import cached_loss
         teacher_model = llama.Llama.from_pretrained(teacher).eval()
         with torch.no_grad():
             hidden = teacher_model(batch["input_ids"], batch["attention_mask"], return_hidden=True)
         mask = batch["labels"][:, 1:] != -100
-        top = neo.teacher_topk(hidden[:, :-1][mask], teacher_model.lm_head.weight, args.k,
+        top = cached_loss.teacher_topk(hidden[:, :-1][mask], teacher_model.lm_head.weight, args.k,
                                k_max=max(args.k, cache_store.K_MAX), samples=cache_store.TAIL_SAMPLES,
                                generator=torch.Generator().manual_seed(0))
         torch.save(cache_store.stored(top, "uint16")._asdict(), batch_file.with_name(batch_file.stem + f"_top{args.k}.pt"))
@@ -219,12 +220,13 @@ class OneBatchOfRows:
         self.stored = rows
 
     def rows(self, split, example_ids):
-        import neo
-        return cache_store.decoded(neo.TeacherTopK(**self.stored))
+        import cached_loss
+        return cache_store.decoded(cached_loss.TeacherTopK(**self.stored))
 
 
 def ours(method, args, teacher_dir, student_dir, device):
     """train.py's models, trainable set, Distiller and step: returns (step function, trainable params)."""
+    import cached_loss
     import model as llama
     import neo
     import train
@@ -246,7 +248,8 @@ def ours(method, args, teacher_dir, student_dir, device):
     student = train.prepare_student(student, targs, device)
     if targs.compile:
         compile_blocks(student, teacher)
-    distiller = neo.Distiller(student, teacher if use_teacher else None, targs.alpha, targs.temperature,
+    distiller = (neo.Distiller if rows is None else cached_loss.CachedDistiller)(
+        student, teacher if use_teacher else None, targs.alpha, targs.temperature,
                               targs.divergence, targs.chunk_size)
     params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=targs.lr, betas=(0.9, 0.999), weight_decay=targs.weight_decay)

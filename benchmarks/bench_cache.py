@@ -1,4 +1,4 @@
-"""What the offline teacher cache costs and what it loses (teacher_cache.py, neo.sparse_neo_loss).
+"""What the offline teacher cache costs and what it loses (teacher_cache.py, cached_loss.sparse_neo_loss).
 
     python -m benchmarks.bench_cache sizes        # bytes/token and KL error against the dense loss, per k
     python -m benchmarks.bench_cache demo         # the offline demo trained from the cache vs the live teacher
@@ -13,14 +13,14 @@ position on average, up to --k-max, where the teacher's mass is). Bytes per targ
 file's size over its rows; the adaptive layout is also written with --tail-samples draws per
 position. Then the sparse KL of each student against the rows read back (D_K, or D_S with draws)
 is compared with the dense KL(teacher ‖ student) of neo.neo_loss on the same tokens. The relative
-error (KL − D) / KL is what the cache gives away: for D_K ≥ 0 by neo.py's bound, up to the rounding
+error (KL − D) / KL is what the cache gives away: for D_K ≥ 0 by cached_loss.py's bound, up to the rounding
 of the stored log-probabilities; for D_S the noise of one set of draws, of either sign.
 
     python -m benchmarks.bench_cache sizes --student untrained=pruned \
         --student neo-live=runs/bench_cache/demo_live_512_32/model \
         --student neo-cache=runs/bench_cache/demo_cache_512_32/model     # after `demo`: its two students
 
-`loss`: neo.sparse_neo_loss against the cached rows and neo.neo_loss against teacher hidden states,
+`loss`: cached_loss.sparse_neo_loss against the cached rows and neo.neo_loss against teacher hidden states,
 forward + backward, on the bench batch (4 x 512 tokens, V = 49,152, bf16 hidden states and head
 as under --dtype auto), alternated --repeats times; CPU time of this process, median (robust to
 other jobs on the machine where wall time is not). Run `python -m benchmarks.bench --methods
@@ -84,6 +84,7 @@ def student_and_teacher(work: Path, max_len: int):
 def sizes(args):
     import data
     import model as llama
+    import cached_loss
     import neo
     from safetensors.torch import load_file
     work = Path(args.work_dir)
@@ -108,7 +109,7 @@ def sizes(args):
         for layout, (k_max, draws) in layouts.items():
             # per batch of 4 conversations, as teacher_cache.write_shard calls it
             parts = [cache_store.flat(cache_store.stored(
-                neo.teacher_topk(th[:, :-1][m], teacher.lm_head.weight, k, k_max=k_max(k), samples=draws,
+                cached_loss.teacher_topk(th[:, :-1][m], teacher.lm_head.weight, k, k_max=k_max(k), samples=draws,
                                  generator=torch.Generator().manual_seed(i)), "uint16"))
                 for i, (th, m) in enumerate(zip(teacher_hidden, masks))]
             tensors = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
@@ -137,7 +138,7 @@ def sizes(args):
                 for b, sh, m in zip(batches, hidden, masks):
                     part = top.select(slice(first, first + int(m.sum())))
                     first += int(m.sum())
-                    out = neo.sparse_neo_loss(sh, student.lm_head.weight, part, b["labels"], normalizer=1.0)
+                    out = cached_loss.sparse_neo_loss(sh, student.lm_head.weight, part, b["labels"], normalizer=1.0)
                     sparse += out.kl.item() * out.n_tokens.item()
                 sparse /= n
                 row = {"student": name, "student_dir": folder, "k": k, "layout": layout, "bytes_per_token": size,
@@ -167,6 +168,7 @@ def sizes(args):
 
 def loss(args):
     import statistics
+    import cached_loss
     import neo
     torch.set_num_threads(args.threads)
     b = torch.load("runs/bench/batch_4x512.pt")
@@ -178,7 +180,7 @@ def loss(args):
     ht = torch.randn(4, 512, D, generator=g).bfloat16()
 
     def sparse():
-        neo.sparse_neo_loss(hs, ws, cache_store.decoded(neo.TeacherTopK(**rows)), b["labels"]).loss.backward()
+        cached_loss.sparse_neo_loss(hs, ws, cache_store.decoded(cached_loss.TeacherTopK(**rows)), b["labels"]).loss.backward()
 
     def dense():
         neo.neo_loss(hs, ws, ht, ws, b["labels"]).loss.backward()

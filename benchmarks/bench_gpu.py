@@ -1,7 +1,7 @@
 """Speed and memory at the paper's real shapes, with random weights: no downloads, no data.
 
 The paper's two Table I pairs, built straight from their config.json (benchmarks/configs/, copies
-of ../shared/configs/: Llama-3.1-8B teacher -> a Llama-3.2-1B-shaped student, Llama-2-7B ->
+of benchmarks/configs/: Llama-3.1-8B teacher -> a Llama-3.2-1B-shaped student, Llama-2-7B ->
 TinyLlama-1.1B), random weights drawn on the device itself, synthetic tokens (every position a
 target), batch 4 x 512, rank 128, train.py's --dtype auto (bf16 frozen weights + bf16 autocast on
 a GPU; trainable weights and AdamW state fp32). One optimizer step per method, as

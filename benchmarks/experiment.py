@@ -590,14 +590,15 @@ class CachedHeldOut:
 
     @torch.no_grad()
     def kl_se(self, m) -> float:
-        """The standard error of the held-out D_S mean over its tail draws (neo.sampled_tail_se, pooled
+        """The standard error of the held-out D_S mean over its tail draws (benchmarks/tail_noise.py, pooled
         over the batches): what a cached held-out KL may differ from the live one by, by chance."""
         import neo
+        from benchmarks import tail_noise
         var = n = 0.0
         for b in self.held:
             hidden = m(b["input_ids"], b["attention_mask"], return_hidden=True)
             rows = int(neo.count_targets(b["labels"]))
-            se = neo.sampled_tail_se(hidden, m.lm_head.weight, self.cache.rows("heldout", b["example_ids"]), b["labels"])
+            se = tail_noise.sampled_tail_se(hidden, m.lm_head.weight, self.cache.rows("heldout", b["example_ids"]), b["labels"])
             var, n = var + (se * rows) ** 2, n + rows
         return var ** 0.5 / max(n, 1)
 

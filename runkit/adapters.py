@@ -22,7 +22,6 @@ train.py --resume call `check_base`, which refuses another base and names both.
 import hashlib
 import json
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -100,23 +99,9 @@ def save_adapter(model: nn.Module, folder, base_model_name_or_path: str | None =
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
             save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata=metadata)
         disk.follow_umask(tmp)  # mkdtemp's 0700 and safetensors' 0600 shut out everyone else
-        replace_folder(tmp, folder)
+        disk.replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def replace_folder(new: Path, folder: Path):
-    """Put the complete folder `new` at `folder`. An old `folder` is moved aside first and deleted
-    only after `new` is in place, so at every instant one complete copy exists under a known name."""
-    folder = Path(folder)
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-        Path(new).rename(folder)
-        shutil.rmtree(old)
-    else:
-        Path(new).rename(folder)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import cached_loss
 import model as llama
 import neo
 from runkit import disk, tokenized
@@ -80,8 +81,8 @@ def identity(args, teacher_path: str, tokenizer, splits: dict, device) -> dict:
     }
 
 
-def plan(args, k: int, k_max: int, tail_samples: int, shard_examples: int, teacher_path: str, tokenizer,
-         splits: dict, device) -> dict:
+def manifest_for(args, k: int, k_max: int, tail_samples: int, shard_examples: int, teacher_path: str, tokenizer,
+                 splits: dict, device) -> dict:
     """The whole manifest, before any teacher forward: identity, the vocabulary, and every shard."""
     vocab = llama.LlamaConfig.from_json(Path(teacher_path) / "config.json").vocab_size
     shards = []
@@ -232,42 +233,42 @@ def dequantise_logp(codes: torch.Tensor, tail_logp: torch.Tensor, width: torch.T
     With width, only a row's first width columns are its tokens (the rest repeat column 0)."""
     rel = codes.float() * -LOGP_STEP                                           # log p_i − log p_1, rounded
     top_mass = torch.log(-torch.expm1(tail_logp.float()))                      # log(1 − p_tail)
-    kept = rel if width is None else rel.masked_fill(neo.padding_columns(width, rel.shape[1]), -torch.inf)
+    kept = rel if width is None else rel.masked_fill(cached_loss.padding_columns(width, rel.shape[1]), -torch.inf)
     return rel - torch.logsumexp(kept, dim=-1, keepdim=True) + top_mass[:, None]
 
 
-def stored(top: neo.TeacherTopK, ids_dtype: str) -> neo.TeacherTopK:
+def stored(top: cached_loss.TeacherTopK, ids_dtype: str) -> cached_loss.TeacherTopK:
     """The rows in the stored dtypes: 16-bit ids when the vocabulary fits, uint8 log-prob codes, fp32
     tail, uint16 widths (every row's full k when the rows are a plain top-k)."""
     width = top.width if top.width is not None else torch.full(top.tail_logp.shape, top.ids.shape[1])
-    return neo.TeacherTopK(top.ids.to(getattr(torch, ids_dtype)), quantise_logp(top.logp), top.tail_logp.float(),
+    return cached_loss.TeacherTopK(top.ids.to(getattr(torch, ids_dtype)), quantise_logp(top.logp), top.tail_logp.float(),
                            width.to(device=top.ids.device, dtype=torch.uint16),
                            None if top.samples is None else top.samples.to(getattr(torch, ids_dtype)),
                            None if top.tail_plogp is None else top.tail_plogp.float())
 
 
-def decoded(top: neo.TeacherTopK) -> neo.TeacherTopK:
+def decoded(top: cached_loss.TeacherTopK) -> cached_loss.TeacherTopK:
     """Stored rows as the loss reads them: long ids, fp32 log-probabilities, long widths."""
     width = None if top.width is None else top.width.long()
-    return neo.TeacherTopK(top.ids.long(), dequantise_logp(top.logp, top.tail_logp, width), top.tail_logp, width,
+    return cached_loss.TeacherTopK(top.ids.long(), dequantise_logp(top.logp, top.tail_logp, width), top.tail_logp, width,
                            None if top.samples is None else top.samples.long(), top.tail_plogp)
 
 
-def flat(top: neo.TeacherTopK) -> dict:
+def flat(top: cached_loss.TeacherTopK) -> dict:
     """Stored rows as they go to disk: each row's width tokens, row after row (no padding)."""
-    keep = ~neo.padding_columns(top.width.long(), top.ids.shape[1])
+    keep = ~cached_loss.padding_columns(top.width.long(), top.ids.shape[1])
     tensors = {"ids": top.ids[keep], "logp": top.logp[keep], "width": top.width, "tail": top.tail_logp}
     return tensors if top.samples is None else {**tensors, "draws": top.samples, "plogp": top.tail_plogp}
 
 
 def unflat(ids: torch.Tensor, logp: torch.Tensor, width: torch.Tensor, tail: torch.Tensor,
-           draws: torch.Tensor | None = None, plogp: torch.Tensor | None = None) -> neo.TeacherTopK:
+           draws: torch.Tensor | None = None, plogp: torch.Tensor | None = None) -> cached_loss.TeacherTopK:
     """flat()'s inverse: rows padded to the widest, each padding column a copy of the row's column 0."""
     w = width.long()
     start = w.cumsum(0) - w                                                    # (R,) each row's first entry
     cols = torch.arange(int(w.max()) if len(w) else 0)
     index = start[:, None] + torch.where(cols[None, :] < w[:, None], cols[None, :], 0)   # (R, max width)
-    return neo.TeacherTopK(ids[index], logp[index], tail, width, draws, plogp)
+    return cached_loss.TeacherTopK(ids[index], logp[index], tail, width, draws, plogp)
 
 
 def save_shard(path: Path, entry: dict, tensors: dict, rows_per_example: list, manifest: dict):
@@ -335,7 +336,7 @@ class TeacherCache:
             self._open[entry["file"]] = (f, f.get_tensor("offsets").tolist(), starts.tolist())
         return self._open[entry["file"]]
 
-    def rows(self, split: str, example_ids) -> neo.TeacherTopK:
+    def rows(self, split: str, example_ids) -> cached_loss.TeacherTopK:
         """The cached rows of these examples, concatenated in the given order (the batch's row order),
         with the log-probabilities decoded to fp32."""
         shards = self.shards[split]

@@ -86,8 +86,20 @@ def base_fingerprints(args, teacher_path) -> dict:
             "data": tokenized.data_identity(args.data or "offline")}
 
 
+def resume_weights(distiller, loader, state) -> int:
+    """The checkpoint's trainable weights into the Distiller and its position into the loader;
+    returns the step to start from (0 without a checkpoint)."""
+    if state is None:
+        return 0
+    distiller.load_state_dict(state["trainable"], strict=False)  # trainable weights only
+    loader.load_state_dict(state["data"])
+    return state["step"]
+
+
 def restore(wrapped, optimizer, state, args, d: Dist):
-    """Optimizer state and this rank's dropout RNG, from a checkpoint."""
+    """Optimizer state and this rank's dropout RNG, from a checkpoint (state None: nothing)."""
+    if state is None:
+        return
     if args.zero >= 2:
         set_optimizer_state_dict(wrapped, optimizer, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))

@@ -96,3 +96,17 @@ def room_for(folder, needed: int, what: str, kept: str = "the folder holds what 
         raise DiskFull(f"{what}: the disk holding {folder} is full (this needs about {size(needed)}; "
                          f"{size(free_bytes(folder))} free now). Nothing was lost: the partial copy was removed "
                          f"and {kept}. Free some space, or choose a folder on another disk, and run again.") from None
+
+
+def replace_folder(new: Path, folder: Path):
+    """Put the complete folder `new` at `folder`. An old `folder` is moved aside first and deleted
+    only after `new` is in place, so at every instant one complete copy exists under a known name."""
+    folder = Path(folder)
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+        Path(new).rename(folder)
+        shutil.rmtree(old)
+    else:
+        Path(new).rename(folder)

@@ -1,10 +1,11 @@
-"""Data parallel and sharded training with PyTorch's own engines: torchrun set-up, DDP or FSDP2
-around the trained module, ZeroRedundancyOptimizer (--zero 1), and gathering what is sharded.
+"""Data parallel and sharded training with PyTorch's own engines, the parts train.py does not
+write out: torchrun set-up (setup_distributed, print0, all_reduce_sum), FSDP2 around the trained
+module (shard, --zero 2/3), and gathering what DDP, ZeroRedundancyOptimizer or FSDP2 hold on
+each rank (trainable_state for checkpoints, full_student for the export).
 
 torchrun sets RANK/WORLD_SIZE; plain `python train.py` is a world of one, and every function here
 is then a no-op or the plain single-process version.
 """
-import contextlib
 import os
 from dataclasses import dataclass
 
@@ -12,7 +13,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 
@@ -53,44 +53,21 @@ def print0(*a, **k):
         print(*a, **k, flush=True)
 
 
-def wrap(distiller, teacher, zero: int, d: Dist):
-    """Data parallel (DDP) or sharded (FSDP2) student; the teacher is never wrapped by DDP."""
-    if zero >= 2:
-        reshard = zero == 3
-        for layer in distiller.student.model.layers:
-            fully_shard(layer, reshard_after_forward=reshard)
-        fully_shard(distiller, reshard_after_forward=reshard)
-        register_fsdp_forward_method(distiller, "generate")  # on-policy sampling gathers the weights too
-        if zero == 3 and teacher is not None:
-            # Teacher layers are sharded too; its LM head stays whole for the chunked loss.
-            for layer in teacher.model.layers:
-                fully_shard(layer)
-            fully_shard(teacher, ignored_params={teacher.lm_head.weight, teacher.model.embed_tokens.weight})
-        return distiller
-    if d.world > 1:
-        return DDP(distiller, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+def shard(distiller, teacher, zero: int):
+    """FSDP2 (--zero 2/3): the student sharded layer by layer across ranks, gathered for each
+    layer's forward and backward; at --zero 3 the teacher's layers too. (--zero 0/1: train.py
+    wraps the Distiller in DistributedDataParallel itself.)"""
+    reshard = zero == 3
+    for layer in distiller.student.model.layers:
+        fully_shard(layer, reshard_after_forward=reshard)
+    fully_shard(distiller, reshard_after_forward=reshard)
+    register_fsdp_forward_method(distiller, "generate")  # on-policy sampling gathers the weights too
+    if zero == 3 and teacher is not None:
+        # Teacher layers are sharded too; its LM head stays whole for the chunked loss.
+        for layer in teacher.model.layers:
+            fully_shard(layer)
+        fully_shard(teacher, ignored_params={teacher.lm_head.weight, teacher.model.embed_tokens.weight})
     return distiller
-
-
-def make_optimizer(wrapped, args):
-    """AdamW over the trainable parameters; with --zero 1 each rank keeps the state of its share."""
-    params = [p for p in wrapped.parameters() if p.requires_grad]
-    print0(f"method {args.method}: optimising {sum(p.numel() for p in params):,} parameters "
-           f"({'ZeroRedundancyOptimizer' if args.zero == 1 else 'FSDP2' if args.zero >= 2 else 'AdamW'})")
-    adamw = dict(lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    if args.zero == 1:
-        return params, ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **adamw)
-    return params, torch.optim.AdamW(params, **adamw)
-
-
-def no_grad_sync(wrapped, zero: int, last: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
-    if zero >= 2:
-        wrapped.set_requires_gradient_sync(last)
-        return contextlib.nullcontext()
-    if isinstance(wrapped, DDP) and not last:
-        return wrapped.no_sync()
-    return contextlib.nullcontext()
 
 
 def module_of(wrapped):
@@ -131,3 +108,12 @@ def full_student(wrapped, student, zero: int, d: Dist, skeleton):
     plain.load_state_dict({k.removeprefix("student."): v for k, v in full.items()})
     plain.source_dir = student.source_dir
     return plain
+
+
+def close_run(lock):
+    """The end of a run: the process group closed (torchrun) and the run folder's lock released
+    (rank 0 holds it; None elsewhere)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if lock is not None:
+        lock.release()

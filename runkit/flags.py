@@ -10,9 +10,11 @@ Paper values are the defaults; the offline demo (no --teacher, no GPU) swaps in 
 finishes in minutes on two CPU cores, and says so.
 """
 import argparse
+from pathlib import Path
 
 import torch
 
+import model as llama
 from lora import ALL_PROJECTIONS
 from neo import DIVERGENCES
 
@@ -157,6 +159,12 @@ RESUME_FLAGS = ["method", "adapter", "rank", "lora_alpha", "lora_dropout", "targ
                 "teacher_cache", "on_policy", "on_policy_start", "on_policy_temperature", "on_policy_max_new"]
 
 
+def lora_options(args) -> dict:
+    """The adapter flags as lora.apply_lora's keyword arguments."""
+    return dict(targets=tuple(args.targets.split(",")), rank=args.rank, alpha=args.lora_alpha,
+                dropout=args.lora_dropout, variant=args.adapter)
+
+
 def add(parser, *dests, **defaults):
     """Add train.py's own definition of the flags `dests` to `parser`; a keyword overrides a default."""
     for dest in dests:
@@ -202,6 +210,13 @@ def check_plan(args, refuse):
         refuse("plan", "is the number of GPUs to plan for: must be 1 or more")
     if args.gpu_memory is not None and not args.gpu_memory > 0:
         refuse("gpu_memory", "is the memory of one GPU in GiB: must be above 0")
+
+
+def check_against_models(args, teacher_path, say=print):
+    """check() with the teacher's and --student's config.json read from their folders."""
+    student_config = llama.LlamaConfig.from_json(llama.resolve_folder(args.student) / "config.json") \
+        if args.student else None
+    check(args, llama.LlamaConfig.from_json(Path(teacher_path) / "config.json"), student_config, say=say)
 
 
 def check(args, teacher_config, student_config=None, say=print):

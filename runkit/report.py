@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import cached_loss
 import data
 import neo
 from runkit import run_folder
@@ -58,6 +59,18 @@ def plot_losses(metrics_path: Path, png: Path):
     plt.close(fig)
 
 
+def print_settings(args, d: Dist):
+    """The run's first lines: the precision chosen, and the demo's small budget when it is the demo."""
+    from runkit import flags
+    from runkit.precision import choose_dtype, master_dtype
+    print0(f"precision: {choose_dtype(args.dtype, d.device).why}; trainable weights, gradients and AdamW "
+           f"state {str(master_dtype(args, d.device)).removeprefix('torch.')}")
+    if args.demo:
+        budget = ", ".join(f"{k}={getattr(args, k)}" for k in flags.DEMO) + f", lr={args.lr:g}"
+        print0(f"offline demo on the CPU with a small budget: {budget} (the paper's budget applies with "
+               f"--teacher or on a GPU; any flag overrides)")
+
+
 def start_report(args, d, student, teacher, tokenizer, loader, held_set, vocab_size, out, cache):
     """The before/after report with its "before" half scored now, or None where there is none to make
     (--no-report, no held-out examples, a teacher sharded by --zero 3, or not the first rank)."""
@@ -80,7 +93,7 @@ class Report:
     """Scores the student on the held-out batches and asks it PROMPTS, before and after training.
     The 'before' half is kept in report_before.json, so that a resumed run still compares against
     the untrained student; report.json holds both halves."""
-    teacher: nn.Module | None  # None with a teacher cache: its top-k rows give the KL (neo.sparse_neo_loss)
+    teacher: nn.Module | None  # None with a teacher cache: its top-k rows give the KL (cached_loss.sparse_neo_loss)
     tokenizer: data.Tokenizer
     batches: list            # held-out micro-batches (CPU tensors)
     device: torch.device
@@ -128,7 +141,7 @@ class Report:
 def heldout_scores(student, teacher, batches, device, chunk_size, vocab_size, cache=None, temperature=1.0):
     """Per-token CE on the labels and forward KL(teacher ‖ student) on the held-out set; with a teacher
     cache (teacher None) the KL is the cache's form of it: D_K, a lower bound of the full KL, or with
-    tail draws D_S, an unbiased estimate of it (neo.py)."""
+    tail draws D_S, an unbiased estimate of it (cached_loss.py)."""
     was_training = student.training
     student.eval()
     ce = kl = n = 0.0
@@ -137,10 +150,14 @@ def heldout_scores(student, teacher, batches, device, chunk_size, vocab_size, ca
         b = {k: v.to(device) for k, v in b.items()}
         sh = student(b["input_ids"], b["attention_mask"], return_hidden=True)
         th = teacher(b["input_ids"], b["attention_mask"], return_hidden=True).float() if top is None else None
-        out = neo.distill_loss(sh.float(), student.lm_head.weight.float(), b["labels"], teacher_hidden=th,
-                               teacher_head_weight=None if th is None else teacher.lm_head.weight.float(),
-                               teacher_topk=top, alpha=0.5, temperature=temperature, chunk_size=chunk_size,
-                               normalizer=1.0, vocab_size=vocab_size if top is None else None)
+        ws = student.lm_head.weight.float()
+        if top is not None:
+            out = cached_loss.sparse_neo_loss(sh.float(), ws, top, b["labels"], temperature=temperature,
+                                              chunk_size=chunk_size, normalizer=1.0)
+        else:
+            out = neo.neo_loss(sh.float(), ws, th, teacher.lm_head.weight.float(), b["labels"],
+                               temperature=temperature, chunk_size=chunk_size, normalizer=1.0,
+                               vocab_size=vocab_size)
         ce += out.ce.item() * out.n_tokens.item()
         kl += out.kl.item() * out.n_tokens.item()
         n += out.n_tokens.item()

@@ -28,7 +28,7 @@ import socket
 import time
 from pathlib import Path
 
-from runkit.adapters import replace_folder
+from runkit.disk import replace_folder
 
 # What train.py writes; --overwrite removes exactly these, nothing else.
 OUTPUTS = ("checkpoints", "metrics.jsonl", "report_before.json", "report.json", "loss_curve.png",

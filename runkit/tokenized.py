@@ -179,7 +179,7 @@ class TokenizedSet:
     def select(self, indices, stats: DataStats | None = None) -> "Examples":
         """Conversations `indices` as examples, without those left with nothing to train on.
 
-        Counts into `stats` as data.tokenize_all does: conversations, truncated, dropped, examples."""
+        Counts into `stats` as benchmarks/examples.tokenize_all does: conversations, truncated, dropped, examples."""
         indices = np.asarray(indices, dtype=np.int64)
         stats = stats if stats is not None else DataStats()
         stats.conversations = len(indices)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import data
-from data import IGNORE_INDEX, Batches, DataStats, Tokenizer, tokenize_all, tokenize_conversation
+from benchmarks.examples import tokenize_all, tokenize_batch
+from data import IGNORE_INDEX, Batches, DataStats, Tokenizer, tokenize_conversation
 from runkit import offline
 from runkit.files import load_conversations
 
@@ -215,7 +216,7 @@ def test_batched_tokenization_equals_one_by_one(template, smol, llama3_dir, tmp_
              [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "Fine. " * 40}]]
     chats += [r["messages"] for r in heldout if r["source"] == "coqa"][:3] + [r["messages"] for r in heldout[::40]]
     for max_len in (4096, 40, 7):
-        batched = data.tokenize_batch(tok, chats, max_len)
+        batched = tokenize_batch(tok, chats, max_len)
         assert batched == [tokenize_conversation(tok, m, max_len) for m in chats]
     assert any(e["truncated"] for e in batched) and sum(len(m) > 2 for m in chats) >= 4
 
@@ -542,7 +543,7 @@ def test_prompts_are_the_conversation_up_to_the_first_reply(smol):
     header, nothing of the reply, and only the first exchange of a multi-turn conversation."""
     conversations = [CONVERSATION, [{"role": "user", "content": "Name a colour."},
                                     {"role": "assistant", "content": "Blue."}]]
-    batch = collate(data.tokenize_batch(smol, conversations, 512))
+    batch = collate(tokenize_batch(smol, conversations, 512))
     got = data.prompts(batch)
     assert got == [first_prompt(smol, c) for c in conversations]
     assert smol.decode(got[0], skip_special_tokens=False).endswith("<|im_start|>assistant\n")

@@ -316,9 +316,6 @@ def test_save_merged_writes_a_plain_folder_and_leaves_the_model_alone(tmp_path):
         close(plain(ids, mask), y, atol=EXACT, rtol=0)
         assert all(torch.equal(p, base[n]) for n, p in student.named_parameters())
         assert torch.equal(student(ids, mask), y)
-        lora.merge_and_unload(student)
-        assert not lora.lora_layers(student)
-        close(student(ids, mask), y, atol=EXACT, rtol=0)
 
 
 @pytest.mark.parametrize("variant", ["lora", "moslora"])

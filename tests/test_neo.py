@@ -318,3 +318,20 @@ def test_bf16_inputs_give_fp32_softmax_close_to_fp32():
     out = neo_loss(hs.bfloat16(), ws.bfloat16(), ht.bfloat16(), wt.bfloat16(), labels)
     assert out.loss.dtype == torch.float32
     close(out.loss, ref, rtol=3e-2, atol=0)
+
+
+def test_the_chunked_sums_refuse_a_mix_other_than_their_own():
+    """neo_loss's chunked Function folds the gradient of α·CE + (1 − α)·T²·D in its forward, so its
+    two sums carry that gradient only when mixed with those weights (train.py's α-mix): backpropagating
+    another mix must fail, not train on a wrong gradient."""
+    g = torch.Generator().manual_seed(0)
+    hs = torch.randn(2, 6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    ws, wt = torch.randn(11, 8, generator=g, dtype=torch.float64), torch.randn(11, 8, generator=g, dtype=torch.float64)
+    ht = torch.randn(2, 6, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 11, (2, 6), generator=g)
+    res = neo_loss(hs, ws, ht, wt, labels, alpha=0.3, temperature=2.0)
+    grad_ours, = torch.autograd.grad(0.3 * res.ce_sum + 0.7 * 4.0 * res.kl_sum, hs, retain_graph=True)
+    grad_res, = torch.autograd.grad(res.loss * res.n_tokens, hs, retain_graph=True)
+    close(grad_ours, grad_res, rtol=1e-12, atol=0)
+    with pytest.raises(RuntimeError, match="must be mixed as"):
+        torch.autograd.grad(res.ce_sum + res.kl_sum, hs)

@@ -114,7 +114,7 @@ def test_train_plan_reads_configs_only(tiny_teacher_dir, monkeypatch, capsys):
 def test_plan_suggests_a_flag_that_fits():
     planner = plan.Planner(TEACHER, STUDENT)
     setup = plan.Setup(method="kd", rank=8, batch_size=4, max_len=128)
-    base = planner.plan(setup, world=4, zero=0)
+    base = planner.estimate(setup, world=4, zero=0)
     gib = (base.peak * 0.8 / plan.HEADROOM + plan.CUDA_CONTEXT) / plan.GiB  # 80% of what it needs
     fix = planner.make_it_fit(setup, 4, 0, gib)
     assert fix is not None and fix.peak <= plan.usable(gib) < base.peak

@@ -1,4 +1,4 @@
-"""neo.sparse_neo_loss (the cached top-k teacher) against the dense loss and an autograd reference.
+"""cached_loss.sparse_neo_loss (the cached top-k teacher) against the dense loss and an autograd reference.
 
 Random tensors only. k = V must give the dense loss exactly; k < V must fall short of it by exactly
 the amount the chain rule of KL gives (p_tail · KL of the renormalised tails), never more. Rows of
@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neo import TeacherTopK, neo_loss, reference_loss, sampled_tail_se, sparse_neo_loss, teacher_topk
+from benchmarks.tail_noise import sampled_tail_se
+from cached_loss import TeacherTopK, sparse_neo_loss, teacher_topk
+from neo import neo_loss, reference_loss
 from tolerance import close
 
 B, T, D, DT, V = 3, 9, 16, 24, 50

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import cached_loss
 import data
 import model as llama
-import neo
 import teacher_cache
 import train
 from conftest import make_tiny_llama
@@ -42,7 +42,7 @@ def shard_tensors(folder):
     return {p.name: load_file(str(p)) for p in sorted(Path(folder).glob("*.safetensors"))}
 
 
-def own_tokens(top: neo.TeacherTopK):
+def own_tokens(top: cached_loss.TeacherTopK):
     """Each row's own tokens, row after row (padding dropped), its widths and its tails."""
     keep = torch.arange(top.ids.shape[1])[None, :] < top.width[:, None]
     return top.ids[keep], top.logp[keep], top.width.long(), top.tail_logp
@@ -63,7 +63,7 @@ def test_rows_are_the_teacher_top_k_of_each_shuffled_batch(cache_dir, tiny_teach
         b = data.Batches(train_set, 1, pad_id=0, shuffle=False).collate(train_set[start:start + 2])
         with torch.no_grad():
             hidden = teacher(b["input_ids"], b["attention_mask"], return_hidden=True)
-        top = neo.teacher_topk(hidden[:, :-1][b["labels"][:, 1:] != -100], teacher.lm_head.weight, 16,
+        top = cached_loss.teacher_topk(hidden[:, :-1][b["labels"][:, 1:] != -100], teacher.lm_head.weight, 16,
                                k_max=cache_store.K_MAX, samples=cache_store.TAIL_SAMPLES,
                                generator=torch.Generator().manual_seed(args.seed * 1_000_003 + start))
         assert top.width is not None and top.width.float().mean() == 16
@@ -97,7 +97,7 @@ def test_uint8_log_probs_decode_to_a_distribution_within_a_step():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(50, 300, generator=g, dtype=torch.float64) * 3
     for k in (1, 20, 300):
-        top = neo.teacher_topk(z, torch.eye(300, dtype=torch.float64), k)
+        top = cached_loss.teacher_topk(z, torch.eye(300, dtype=torch.float64), k)
         codes = cache_store.quantise_logp(top.logp)
         assert codes.dtype == torch.uint8 and (codes[:, 0] == 0).all()
         logp = cache_store.dequantise_logp(codes, top.tail_logp)
@@ -112,7 +112,7 @@ def test_rows_of_different_widths_survive_the_disk_layout():
     same tokens per row, the padding again copies of column 0, each row a distribution again."""
     g = torch.Generator().manual_seed(1)
     z = torch.randn(50, 300, generator=g, dtype=torch.float64) * torch.linspace(0.5, 6, 50, dtype=torch.float64)[:, None]
-    top = neo.teacher_topk(z, torch.eye(300, dtype=torch.float64), 20, k_max=200)
+    top = cached_loss.teacher_topk(z, torch.eye(300, dtype=torch.float64), 20, k_max=200)
     assert top.width.min() < 20 < top.width.max()
     on_disk = cache_store.flat(cache_store.stored(top, "uint16"))
     assert on_disk["ids"].shape == (20 * 50,) and on_disk["width"].dtype == torch.uint16
@@ -150,7 +150,7 @@ def test_training_from_the_cache_never_loads_the_teacher(cache_dir, tiny_teacher
     for _, b in zip(range(2), data.Batches(train_set, 2, pad_id=tok.pad_token_id, seed=0)):
         with torch.no_grad():
             top = cache_store.TeacherCache(cache_dir).rows("train", b["example_ids"])   # its examples' rows
-            out = neo.sparse_neo_loss(base(b["input_ids"], b["attention_mask"], return_hidden=True),
+            out = cached_loss.sparse_neo_loss(base(b["input_ids"], b["attention_mask"], return_hidden=True),
                                       base.lm_head.weight, top, b["labels"])
         kl, n = kl + out.kl * out.n_tokens, n + out.n_tokens
     close(rows[0]["kl"], (kl / n).item(), rtol=1e-5, atol=0)

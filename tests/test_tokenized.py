@@ -1,4 +1,4 @@
-"""runkit/tokenized.py: the cached tokenisation equals data.tokenize_all, is built once and reused, is rebuilt
+"""runkit/tokenized.py: the cached tokenisation equals benchmarks.examples.tokenize_all, is built once and reused, is rebuilt
 when its key changes, is never left half-written, and worker processes give the same bytes."""
 import json
 import os
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import data
+from benchmarks.examples import tokenize_all
 from data import DataStats, Tokenizer
 from runkit import files, tokenized
 
@@ -52,7 +52,7 @@ def test_cache_equals_tokenize_all_and_is_reused(smol, tmp_path, monkeypatch):
     stats = store.stats()
     examples = store.select(range(len(store)), stats)
     conversations, ref_stats = files.load_conversations(path)
-    reference = data.tokenize_all(smol, conversations, 48, ref_stats)
+    reference = tokenize_all(smol, conversations, 48, ref_stats)
     assert as_lists(examples) == as_lists(reference)
     assert stats == ref_stats and stats.truncated > 0 and stats.dropped > 0 and stats.no_assistant == 1
     assert isinstance(store.tokens, np.memmap) and store.tokens.dtype == np.int32
@@ -65,7 +65,7 @@ def test_cache_equals_tokenize_all_and_is_reused(smol, tmp_path, monkeypatch):
     keep = files.sample_indices(len(store), 10, seed=1)
     sub_stats = DataStats()
     assert as_lists(store.select(keep, sub_stats)) == as_lists(
-        data.tokenize_all(smol, [conversations[i] for i in keep], 48, DataStats()))
+        tokenize_all(smol, [conversations[i] for i in keep], 48, DataStats()))
     assert sub_stats.conversations == 10
 
 
