@@ -77,6 +77,6 @@ def _record(rule, tolerance, used, worst_error):
     site = f"{Path(caller.f_code.co_filename).resolve().relative_to(ROOT)}:{caller.f_lineno}"
     row = dict(site=site, test=os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0], rule=rule,
                tolerance=tolerance, used=used, error=worst_error,
-               capability=os.environ.get("ATEN_CPU_CAPABILITY", "(best)"), threads=torch.get_num_threads())
+               capability=os.environ.get("ATEN_CPU_CAPABILITY", "best"), threads=torch.get_num_threads())
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
