@@ -164,6 +164,119 @@ def test_cli_table_and_accuracies_match_hf(tiny_dir, tmp_path, capsys):
     assert set(saved) == set(columns) and "piqa" in saved[f"hf:{tiny_dir.name}"]["results"]
 
 
+# ----------------------------------------------------------------------------- shared contexts, on lm-eval's tasks
+
+OFFLINE_TASKS = ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "openbookqa",
+                 "mmlu_abstract_algebra", "mmlu_high_school_biology"]  # two MMLU subjects: one-token answers
+TASK_DOCS = 3
+
+
+@pytest.fixture(scope="module")
+def task_requests(hf_long):
+    """{task: lm-eval's own loglikelihood requests for its first TASK_DOCS documents}, plus per task one
+    request continuing a document's context with the model's greedy tokens (so is_greedy is True there)."""
+    tasks = neo_eval.task_manager("offline").load(OFFLINE_TASKS)["tasks"]
+    requests = {}
+    for name in OFFLINE_TASKS:
+        tasks[name].build_all_requests(limit=TASK_DOCS)
+        requests[name] = [inst for inst in tasks[name].instances if inst.request_type == "loglikelihood"]
+        context = requests[name][0].args[0]
+        gen = Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 3}), 0)
+        greedy = hf_long.generate_until([gen], disable_tqdm=True)[0]
+        if greedy and hf_long._encode_pair(context, greedy)[1]:  # not when it is EOS or merges into the context
+            requests[name].append(Instance("loglikelihood", None, (context, greedy), len(requests[name])))
+    return requests
+
+
+@pytest.fixture(scope="module")
+def hf_long(tiny_dir):
+    """HFLM with room for every request: no truncation."""
+    from lm_eval.models.huggingface import HFLM
+    return HFLM(pretrained=str(tiny_dir), device="cpu", dtype="float32", batch_size=4, max_length=256,
+                logits_cache=False)
+
+
+def assert_same_scores(theirs, ours, requests):
+    """Request by request: log-probabilities within TOL, is_greedy identical."""
+    for (a, greedy_a), (b, greedy_b), req in zip(theirs, ours, requests, strict=True):
+        assert abs(a - b) < TOL, req.args
+        assert greedy_a == greedy_b, req.args
+
+
+@pytest.fixture(scope="module")
+def hf_task_scores(hf_lm, hf_long, task_requests):
+    """{max_length: (requests, HFLM's scores)}: with room for every request, and with MAX_LEN, where most
+    contexts are left-truncated (continuations longer than MAX_LEN, which HFLM refuses, left out)."""
+    every = [r for requests in task_requests.values() for r in requests]
+    fits = [r for r in every if len(hf_lm._encode_pair(*r.args)[1]) <= MAX_LEN]
+    return {256: (every, hf_long.loglikelihood(every, disable_tqdm=True)),
+            MAX_LEN: (fits, hf_lm.loglikelihood(fits, disable_tqdm=True))}
+
+
+# Measured on these requests, fp32: the largest |ours - HFLM| is 2e-6 (float rounding in other kernel
+# orders: SDPA with a mask vs is_causal, the head on fewer rows), so TOL = 1e-4 leaves a 50x margin.
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+@pytest.mark.parametrize("max_length", [256, MAX_LEN])
+def test_tasks_match_hf_request_by_request(tiny_dir, hf_task_scores, batch_size, max_length):
+    """Every offline task: each request's log-probability and is_greedy equal HFLM's, at batch sizes
+    1, 3 and 64, with the context shared by the choices (and cut as HFLM cuts it when too long)."""
+    requests, theirs = hf_task_scores[max_length]
+    neo = neo_eval.NeoLM(str(tiny_dir), device="cpu", batch_size=batch_size, max_length=max_length)
+    ours = neo.loglikelihood(requests, disable_tqdm=True)
+    assert_same_scores(theirs, ours, requests)
+    assert {r.task_name for r in requests} - {None} == set(OFFLINE_TASKS)  # requests of every task
+    assert (neo.n_truncated > 0) == (max_length == MAX_LEN)
+    assert sum(g for _, g in ours) >= 3  # the greedy continuations are recognised
+
+
+def test_each_question_context_runs_once(tiny_dir, task_requests):
+    """With room for every request, share_prefixes makes one group per document: the choices of a
+    question share its context, WinoGrande's two sentences their words up to the blank."""
+    neo = neo_eval.NeoLM(str(tiny_dir), device="cpu", max_length=256)
+    for name, requests in task_requests.items():
+        questions = [r for r in requests if r.doc is not None]  # not the added greedy request
+        inputs = [(c + x)[:-1] for c, x in (neo._encode_pair(*r.args) for r in questions)]
+        groups = neo_eval.share_prefixes(inputs, max_row=neo.max_length)
+        group_of = {i: k for k, g in enumerate(groups) for i in g}
+        per_doc = len(inputs) // TASK_DOCS  # lm-eval lists a document's requests together
+        for d in range(TASK_DOCS):  # a document is never split (WinoGrande's twin sentences may even join)
+            assert len({group_of[i] for i in range(d * per_doc, (d + 1) * per_doc)}) == 1, name
+        shared = sum(neo_eval.row_length(inputs, g) for g in groups)
+        assert shared < sum(map(len, inputs)), name
+
+
+def test_share_prefixes_joins_only_when_it_saves_tokens():
+    a, b = [5, 6, 7, 8, 1], [5, 6, 7, 8, 2, 3]  # one context, two answers
+    c = [5, 9, 9, 9]                             # another question that only begins alike
+    assert sorted(map(sorted, neo_eval.share_prefixes([c, a, b], max_row=100))) == [[0], [1, 2]]
+    assert neo_eval.row_length([a, b], [0, 1]) == 4 + 1 + 2
+    assert neo_eval.share_prefixes([a, b], max_row=6) == [[0], [1]]  # the row would not fit
+    ids, segment, position, places = neo_eval.pack([a, b], [0, 1])
+    assert ids == [5, 6, 7, 8, 1, 2, 3] and segment == [0, 0, 0, 0, 1, 2, 2]
+    assert position == [0, 1, 2, 3, 4, 4, 5] and places == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 5, 6]]
+
+
+def test_unmerged_adapter_matches_peft_on_tasks(tiny_dir, tmp_path, task_requests):
+    """--no-merge: the adapter run beside the weights, with shared contexts, equals HFLM + PEFT."""
+    import lora
+    import model as model_lib
+    from lm_eval.models.huggingface import HFLM
+
+    base = model_lib.Llama.from_pretrained(tiny_dir)
+    lora.apply_lora(base, rank=4, alpha=8, verbose=False)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for layer in lora.lora_layers(base).values():
+            layer.lora_B.normal_(0.0, 0.5)
+    adapters.save_adapter(base, tmp_path / "adapter", base_model_name_or_path=str(tiny_dir))
+    requests = [r for reqs in task_requests.values() for r in reqs]
+    peft = HFLM(pretrained=str(tiny_dir), peft=str(tmp_path / "adapter"), device="cpu", dtype="float32",
+                batch_size=8, max_length=256, logits_cache=False).loglikelihood(requests, disable_tqdm=True)
+    unmerged = neo_eval.NeoLM(str(tiny_dir), adapter=str(tmp_path / "adapter"), merge_adapter=False, device="cpu",
+                              batch_size=16, max_length=256)
+    assert_same_scores(peft, unmerged.loglikelihood(requests, disable_tqdm=True), requests)
+
+
 # ----------------------------------------------------------------------------- adapters and bad input
 
 def test_adapter_merged_equals_unmerged_and_peft(tiny_dir, tmp_path):
