@@ -75,6 +75,7 @@ def main():
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights dtype for both")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per model and task (the best one counts)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--count-only", action="store_true", help="only the token columns (no model runs): fast")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -101,8 +102,6 @@ def main():
           f"{torch.get_num_threads()} threads; best of {args.repeats}")
 
     neo = neo_eval.NeoLM(folder, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
-    models = {"neo": neo, "hf": HFLM(pretrained=folder, device=args.device, dtype=args.dtype,
-                                     batch_size=args.batch_size)}
 
     # Tokens, from the requests alone.
     tokens = {}
@@ -112,7 +111,16 @@ def main():
         tokens[name] = (sum(map(len, inputs)), sum(neo_eval.row_length(inputs, g) for g in groups),
                         trie_tokens(inputs))
 
+    if args.count_only:
+        print(f"{'task':<14}{'requests':>9}{'per-row tok':>12}{'shared tok':>11}{'tok ratio':>10}{'bound':>7}")
+        for name, (row, shared, trie) in [*tokens.items(), ("all", [sum(t) for t in zip(*tokens.values())])]:
+            n = sum(map(len, requests.values())) if name == "all" else len(requests[name])
+            print(f"{name:<14}{n:>9}{row:>12}{shared:>11}{row / shared:>9.2f}x{row / trie:>6.2f}x")
+        return
+
     # Wall time and memory, the two models alternating.
+    models = {"neo": neo, "hf": HFLM(pretrained=folder, device=args.device, dtype=args.dtype,
+                                     batch_size=args.batch_size)}
     for lm in models.values():
         lm.loglikelihood(requests[names[0]][:args.batch_size], disable_tqdm=True)  # warm-up
     seconds = {(n, m): float("inf") for n in names for m in models}
