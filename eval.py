@@ -332,13 +332,17 @@ class NeoLM(TemplateLM):
         for b, (row_ids, row_segment, row_position, _) in enumerate(rows):
             n = len(row_ids)
             ids[b, :n], segment[b, :n], position[b, :n] = map(torch.tensor, (row_ids, row_segment, row_position))
+        # Query t sees key s when s <= t and s lies in the shared prefix (segment 0) or in t's own segment.
         t = torch.arange(T)
-        sees = (t[None, :] <= t[:, None]) & ((segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None]))
-        hidden = self.model(ids.to(self.device), sees[:, None].to(self.device), position_ids=position.to(self.device),
-                            return_hidden=True).flatten(0, 1)                                 # (B * T, D)
-        # A request's scored positions: the last len(continuation) of its input, as row indices.
-        members = [(i, b * T + torch.tensor(where[-len(conts[i]):]))
-                   for b, (group, (_, _, _, places)) in enumerate(zip(groups, rows)) for i, where in zip(group, places)]
+        causal = t[None, :] <= t[:, None]                                                 # (T, T)
+        same = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])  # (B, T, T)
+        sees = (causal & same)[:, None]                                                  # (B, 1, T, T)
+        hidden = self.model(ids.to(self.device), sees.to(self.device), position_ids=position.to(self.device),
+                            return_hidden=True).flatten(0, 1)                            # (B * T, D)
+        # A request's scored positions: the last len(continuation) of its input, as indices into hidden.
+        members = []
+        for b, (group, (_, _, _, places)) in enumerate(zip(groups, rows)):
+            members += [(i, b * T + torch.tensor(where[-len(conts[i]):])) for i, where in zip(group, places)]
         scored = hidden[torch.cat([at for _, at in members]).to(self.device)]                # (N, D)
         targets = torch.tensor([t for i, _ in members for t in conts[i]], device=self.device)  # (N,)
         token_logp, greedy = [], []
