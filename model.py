@@ -287,8 +287,8 @@ class Llama(nn.Module):
         c, w = self.config, self.lm_head.weight
         return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim, w.dtype, w.device)
 
-    def forward(self, input_ids, attention_mask=None, *, document_ids=None, return_hidden=False, cache=None,
-                start_pos=0):
+    def forward(self, input_ids, attention_mask=None, *, document_ids=None, position_ids=None, return_hidden=False,
+                cache=None, start_pos=0):
         """input_ids (B, T) -> logits (B, T, vocab) float32, or the final-normed hidden states (B, T, D).
 
         attention_mask (B, start_pos + T), 1 = token, 0 = padding, covers every position seen so far
@@ -298,12 +298,22 @@ class Llama(nn.Module):
         document_ids (B, T), for packed rows (data.pack): several documents back to back in a row,
         each a run of equal ids. Attention stays inside each run and positions restart at 0 in each,
         so every document gets exactly the logits it gets alone; attention_mask is not needed then.
+
+        position_ids (B, T) with a boolean attention_mask (B, 1, T, T), True where query t sees key s:
+        any other pattern, as transformers' 4-D masks. eval.py packs the answer choices of a question
+        behind its context this way: each choice sees the context and itself, at the positions it has alone.
         """
         B, T = input_ids.shape
-        if start_pos + T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_position_embeddings={self.config.max_position_embeddings}")
+        longest = T if position_ids is None else int(position_ids.max()) + 1
+        if start_pos + longest > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {start_pos + longest} tokens exceeds "
+                             f"max_position_embeddings={self.config.max_position_embeddings}")
         S = start_pos + T  # number of keys attended to
-        if document_ids is not None:
+        if position_ids is not None:
+            if cache is not None or attention_mask is None or attention_mask.dim() != 4:
+                raise ValueError("position_ids need a (B, 1, T, T) boolean attention_mask, and no cache")
+            pos, mask = position_ids, attention_mask
+        elif document_ids is not None:
             if cache is not None:
                 raise ValueError("document_ids (packed rows) describe whole sequences; generate with a cache unpacked")
             pos, mask = self._documents(document_ids)

@@ -34,23 +34,27 @@ def ll_requests(pairs):
 
 # ----------------------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smollm2_dir):
+def save_tiny_llama(folder, smollm2_dir, embed_std):
     """A random 2-layer Llama saved by transformers, with SmolLM2's tokenizer (vocab 49152)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
     model = LlamaForCausalLM(config)
-    with torch.no_grad():  # larger embeddings: peaked distributions, so greedy tokens are well defined
-        model.model.embed_tokens.weight.normal_(0.0, 0.3)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0.0, embed_std)
     model.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(Path(smollm2_dir) / name, folder / name)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_dir):
+    """Larger embeddings than a fresh model's: peaked distributions, so greedy tokens are well defined."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", smollm2_dir, embed_std=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +166,127 @@ def test_cli_table_and_accuracies_match_hf(tiny_dir, tmp_path, capsys):
     assert "PIQA" in table and "WinoGrande" in table and "ARC-e" in table and "Avg" in table
     saved = json.loads(out.read_text())
     assert set(saved) == set(columns) and "piqa" in saved[f"hf:{tiny_dir.name}"]["results"]
+
+
+# ----------------------------------------------------------------------------- shared contexts, on lm-eval's tasks
+
+OFFLINE_TASKS = ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "openbookqa",
+                 "mmlu_abstract_algebra", "mmlu_high_school_biology"]  # two MMLU subjects: one-token answers
+TASK_DOCS = 3
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory, smollm2_dir):
+    """Embeddings as transformers initialises them: log-probabilities of a realistic size (up to ~400 nats
+    per continuation here), where the 0.3 of tiny_dir makes float32's own log-softmax 5e-4 off float64."""
+    return save_tiny_llama(tmp_path_factory.mktemp("task") / "tiny-llama", smollm2_dir, embed_std=0.02)
+
+
+def hf_for_tasks(task_dir, max_length, **kwargs):
+    """HFLM with its log-softmax and sums in float64: its default float32 rounds its own sums of a few
+    hundred nats by up to 3e-5, which would hide ours (2.8e-6 from this float64 reference)."""
+    from lm_eval.models.huggingface import HFLM
+    return HFLM(pretrained=str(task_dir), device="cpu", dtype="float32", batch_size=4, max_length=max_length,
+                logits_cache=False, softmax_dtype="float64", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def task_requests(task_dir):
+    """{task: lm-eval's own loglikelihood requests for its first TASK_DOCS documents}, plus per task one
+    request continuing a document's context with the model's greedy tokens (so is_greedy is True there)."""
+    hf = hf_for_tasks(task_dir, 256)
+    tasks = neo_eval.task_manager("offline").load(OFFLINE_TASKS)["tasks"]
+    requests = {}
+    for name in OFFLINE_TASKS:
+        tasks[name].build_all_requests(limit=TASK_DOCS)
+        requests[name] = [inst for inst in tasks[name].instances if inst.request_type == "loglikelihood"]
+        context = requests[name][0].args[0]
+        gen = Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 3}), 0)
+        greedy = hf.generate_until([gen], disable_tqdm=True)[0]
+        if greedy and hf._encode_pair(context, greedy)[1]:  # not when it is EOS or merges into the context
+            requests[name].append(Instance("loglikelihood", None, (context, greedy), len(requests[name])))
+    return requests
+
+
+def assert_same_scores(theirs, ours, requests):
+    """Request by request: log-probabilities within TOL, is_greedy identical."""
+    for (a, greedy_a), (b, greedy_b), req in zip(theirs, ours, requests, strict=True):
+        assert abs(a - b) < TOL, req.args
+        assert greedy_a == greedy_b, req.args
+
+
+@pytest.fixture(scope="module")
+def hf_task_scores(task_dir, task_requests):
+    """{max_length: (requests, HFLM's scores)}: with room for every request, and with MAX_LEN, where most
+    contexts are left-truncated (continuations longer than MAX_LEN, which HFLM refuses, left out)."""
+    every = [r for requests in task_requests.values() for r in requests]
+    short = hf_for_tasks(task_dir, MAX_LEN)
+    fits = [r for r in every if len(short._encode_pair(*r.args)[1]) <= MAX_LEN]
+    return {256: (every, hf_for_tasks(task_dir, 256).loglikelihood(every, disable_tqdm=True)),
+            MAX_LEN: (fits, short.loglikelihood(fits, disable_tqdm=True))}
+
+
+# Measured on these requests, fp32 model, against HFLM's float64 log-softmax: the largest |ours - HFLM|
+# is 2.8e-6 here and 3.4e-6 with the adapter below (our float32 log-softmax on continuations of up to
+# ~400 nats), so TOL = 1e-4 is a margin of 29x or more.
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+@pytest.mark.parametrize("max_length", [256, MAX_LEN])
+def test_tasks_match_hf_request_by_request(task_dir, hf_task_scores, batch_size, max_length):
+    """Every offline task: each request's log-probability and is_greedy equal HFLM's, at batch sizes
+    1, 3 and 64, with the context shared by the choices (and cut as HFLM cuts it when too long)."""
+    requests, theirs = hf_task_scores[max_length]
+    neo = neo_eval.NeoLM(str(task_dir), device="cpu", batch_size=batch_size, max_length=max_length)
+    ours = neo.loglikelihood(requests, disable_tqdm=True)
+    assert_same_scores(theirs, ours, requests)
+    assert {r.task_name for r in requests} - {None} == set(OFFLINE_TASKS)  # requests of every task
+    assert (neo.n_truncated > 0) == (max_length == MAX_LEN)
+    assert sum(g for _, g in ours) >= 3  # the greedy continuations are recognised
+
+
+def test_each_question_context_runs_once(task_dir, task_requests):
+    """With room for every request, share_prefixes makes one group per document: the choices of a
+    question share its context, WinoGrande's two sentences their words up to the blank."""
+    neo = neo_eval.NeoLM(str(task_dir), device="cpu", max_length=256)
+    for name, requests in task_requests.items():
+        questions = [r for r in requests if r.doc is not None]  # not the added greedy request
+        inputs = [(c + x)[:-1] for c, x in (neo._encode_pair(*r.args) for r in questions)]
+        groups = neo_eval.share_prefixes(inputs, max_row=neo.max_length)
+        group_of = {i: k for k, g in enumerate(groups) for i in g}
+        per_doc = len(inputs) // TASK_DOCS  # lm-eval lists a document's requests together
+        for d in range(TASK_DOCS):  # a document is never split (WinoGrande's twin sentences may even join)
+            assert len({group_of[i] for i in range(d * per_doc, (d + 1) * per_doc)}) == 1, name
+        shared = sum(neo_eval.row_length(inputs, g) for g in groups)
+        assert shared < sum(map(len, inputs)), name
+
+
+def test_share_prefixes_joins_only_when_it_saves_tokens():
+    a, b = [5, 6, 7, 8, 1], [5, 6, 7, 8, 2, 3]  # one context, two answers
+    c = [5, 9, 9, 9]                             # another question that only begins alike
+    assert sorted(map(sorted, neo_eval.share_prefixes([c, a, b], max_row=100))) == [[0], [1, 2]]
+    assert neo_eval.row_length([a, b], [0, 1]) == 4 + 1 + 2
+    assert neo_eval.share_prefixes([a, b], max_row=6) == [[0], [1]]  # the row would not fit
+    ids, segment, position, places = neo_eval.pack([a, b], [0, 1])
+    assert ids == [5, 6, 7, 8, 1, 2, 3] and segment == [0, 0, 0, 0, 1, 2, 2]
+    assert position == [0, 1, 2, 3, 4, 4, 5] and places == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 5, 6]]
+
+
+def test_unmerged_adapter_matches_peft_on_tasks(task_dir, tmp_path, task_requests):
+    """--no-merge: the adapter run beside the weights, with shared contexts, equals HFLM + PEFT."""
+    import lora
+    import model as model_lib
+
+    base = model_lib.Llama.from_pretrained(task_dir)
+    lora.apply_lora(base, rank=4, alpha=8, verbose=False)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for layer in lora.lora_layers(base).values():
+            layer.lora_B.normal_(0.0, 0.5)
+    adapters.save_adapter(base, tmp_path / "adapter", base_model_name_or_path=str(task_dir))
+    requests = [r for reqs in task_requests.values() for r in reqs]
+    peft = hf_for_tasks(task_dir, 256, peft=str(tmp_path / "adapter")).loglikelihood(requests, disable_tqdm=True)
+    unmerged = neo_eval.NeoLM(str(task_dir), adapter=str(tmp_path / "adapter"), merge_adapter=False, device="cpu",
+                              batch_size=16, max_length=256)
+    assert_same_scores(peft, unmerged.loglikelihood(requests, disable_tqdm=True), requests)
 
 
 # ----------------------------------------------------------------------------- adapters and bad input

@@ -141,6 +141,23 @@ def test_packed_row_equals_each_document_alone(tmp_path):
         close(packed[b, at:at + len(logits)], logits, atol=EXACT, rtol=0)
 
 
+def test_shared_prefix_row_equals_each_sequence_alone(tmp_path):
+    """position_ids with a 4-D mask (eval.py's rows): a prefix once, then two continuations that each
+    see the prefix and themselves, at the positions they have alone, give each sequence's logits."""
+    ours = ours_from(hf_model(), tmp_path)
+    prefix, x, y = random_ids(1, 6, seed=1)[0], random_ids(1, 3, seed=2)[0], random_ids(1, 4, seed=3)[0]
+    ids = torch.cat([prefix, x, y])[None]                                    # (1, 13)
+    segment = torch.tensor([0] * 6 + [1] * 3 + [2] * 4)
+    position = torch.tensor([*range(6), *range(6, 9), *range(6, 10)])[None]
+    t = torch.arange(13)
+    sees = (t[None, :] <= t[:, None]) & ((segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
+    with torch.no_grad():
+        row = ours(ids, sees[None, None], position_ids=position)[0]
+        with_x, with_y = ours(torch.cat([prefix, x])[None])[0], ours(torch.cat([prefix, y])[None])[0]
+    torch.testing.assert_close(row[:9], with_x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat([row[:6], row[9:]]), with_y, atol=1e-5, rtol=0)
+
+
 # ----------------------------------------------------------------------------- generation
 
 def test_greedy_generate_matches_transformers_with_and_without_cache(tmp_path):
