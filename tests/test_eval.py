@@ -425,7 +425,9 @@ def test_smollm2_matches_hf(smollm2_dir):
              ("The capital of France is", " Paris"), ("The capital of France is", " Berlin")]
     for (a, ga), (b, gb) in zip(theirs_lm.loglikelihood(ll_requests(pairs), disable_tqdm=True),
                                 ours_lm.loglikelihood(ll_requests(pairs), disable_tqdm=True)):
-        close(a, b, atol=TOL, rtol=0)
+        # Sums of ~20 token log-probs (~50 nats) after 30 float32 layers: measured 1.4e-5 apart under
+        # ATEN_CPU_CAPABILITY=avx2 (7x on TOL alone), hence the sum's share too (~50x)
+        close(a, b, atol=TOL, rtol=SUM_RTOL)
         assert ga == gb
     text = [Instance("loglikelihood_rolling", {}, ("The quick brown fox jumps over the lazy dog. " * 3,), 0)]
     close(theirs_lm.loglikelihood_rolling(text, disable_tqdm=True)[0],
