@@ -114,6 +114,10 @@ def close_run(lock):
     """The end of a run: the process group closed (torchrun) and the run folder's lock released
     (rank 0 holds it; None elsewhere)."""
     if dist.is_initialized():
+        # Rank 0 exports alone while the others wait here: tearing gloo down on one rank while another
+        # still works can leave both hung at exit (seen once in 8 two-rank float64 runs on plain C++
+        # kernels, where rank 0's export is slowest), so every rank leaves together.
+        dist.barrier()
         dist.destroy_process_group()
     if lock is not None:
         lock.release()
