@@ -119,12 +119,17 @@ def test_adapter_folder_loads_onto_its_base(tiny_teacher_dir, tiny_chat_jsonl, t
 @pytest.fixture(scope="module")
 def single_process_run(tiny_teacher_dir, tiny_chat_jsonl, tmp_path_factory):
     """One process with micro-batch 4: the same global batch as 2 processes x 2. dtype -> its folder."""
+    return single_runs(tiny_teacher_dir, tiny_chat_jsonl, tmp_path_factory, "single", "--max-steps", "3")
+
+
+def single_runs(teacher, data, tmp_path_factory, name, *flags):
+    """dtype -> the folder of one run of `flags` with micro-batch 4, each dtype trained once, on first use."""
     runs = {}
 
     def run(dtype):
         if dtype not in runs:
-            out = tmp_path_factory.mktemp(f"single-{dtype}")
-            args = base_args(tiny_teacher_dir, tiny_chat_jsonl, out, "--max-steps", "3", "--dtype", dtype)
+            out = tmp_path_factory.mktemp(f"{name}-{dtype}")
+            args = base_args(teacher, data, out, *flags, "--dtype", dtype)
             args[args.index("--batch-size") + 1] = "4"
             r = run_cli(args)
             assert r.returncode == 0, r.stderr[-3000:]
@@ -685,18 +690,7 @@ ON_POLICY_DP = ["--max-steps", "4", "--on-policy", "0.5", "--on-policy-temperatu
 @pytest.fixture(scope="module")
 def on_policy_single_run(tiny_teacher_dir, tiny_chat_jsonl, tmp_path_factory):
     """One process with micro-batch 4 sampling on-policy. dtype -> its folder."""
-    runs = {}
-
-    def run(dtype):
-        if dtype not in runs:
-            out = tmp_path_factory.mktemp(f"on-policy-single-{dtype}")
-            args = base_args(tiny_teacher_dir, tiny_chat_jsonl, out, *ON_POLICY_DP, "--dtype", dtype)
-            args[args.index("--batch-size") + 1] = "4"
-            r = run_cli(args)
-            assert r.returncode == 0, r.stderr[-3000:]
-            runs[dtype] = out
-        return runs[dtype]
-    return run
+    return single_runs(tiny_teacher_dir, tiny_chat_jsonl, tmp_path_factory, "on-policy-single", *ON_POLICY_DP)
 
 
 @pytest.mark.exact
