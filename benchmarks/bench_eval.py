@@ -4,7 +4,8 @@ The requests are the real ones lm-eval builds for the first --docs documents of 
 (0-shot). Per task this prints:
 
   tokens    the model tokens each way computes: per row (every request alone, as hf; padding not
-            counted) and shared (eval.py: the common prefix of each group once, eval.share_prefixes);
+            counted) and shared (eval.py: each group of eval.share_prefixes as a token trie, eval.pack;
+            eval.fill_rows leaves almost no padding);
   bound     per-row tokens / the fewest tokens any prefix sharing can compute (every distinct prefix
             of the inputs once: a token trie), counted from the requests alone, without a model;
   seconds   wall time of each model on the task, the two alternating in one process (same dtype,
@@ -109,7 +110,7 @@ def main():
     for name, reqs in requests.items():
         inputs = model_inputs(neo, reqs)
         groups = neo_eval.share_prefixes(inputs, max_row=neo.max_length)
-        tokens[name] = (sum(map(len, inputs)), sum(neo_eval.row_length(inputs, g) for g in groups),
+        tokens[name] = (sum(map(len, inputs)), sum(neo_eval.trie_length(inputs, g) for g in groups),
                         trie_tokens(inputs))
 
     if args.count_only:

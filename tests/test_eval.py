@@ -271,9 +271,42 @@ def test_share_prefixes_joins_only_when_it_saves_tokens():
     assert sorted(map(sorted, neo_eval.share_prefixes([c, a, b], max_row=100))) == [[0], [1, 2]]
     assert neo_eval.row_length([a, b], [0, 1]) == 4 + 1 + 2
     assert neo_eval.share_prefixes([a, b], max_row=6) == [[0], [1]]  # the row would not fit
-    ids, segment, position, places = neo_eval.pack([a, b], [0, 1])
-    assert ids == [5, 6, 7, 8, 1, 2, 3] and segment == [0, 0, 0, 0, 1, 2, 2]
-    assert position == [0, 1, 2, 3, 4, 4, 5] and places == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 5, 6]]
+    ids, position, members = neo_eval.pack([a, b], [[0, 1]])
+    assert ids == [5, 6, 7, 8, 1, 2, 3] and position == [0, 1, 2, 3, 4, 4, 5]
+    assert members == [(0, [0, 1, 2, 3, 4]), (1, [0, 1, 2, 3, 5, 6])]
+
+
+def test_pack_is_a_trie_and_fill_rows_fills_padding():
+    """Answers that begin alike share those tokens too; a duplicate adds nothing; two groups in one row
+    stay apart; fill_rows places every group once, in rows no longer than its batch's longest group."""
+    x, y, z = [1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 7]  # after context 1 2: answers 3 4 / 3 5 6 / 7
+    other = [9, 8]
+    ids, position, members = neo_eval.pack([x, y, z, x, other], [[2, 0, 1, 3], [4]])
+    assert ids == [1, 2, 3, 4, 5, 6, 7, 9, 8] and position == [0, 1, 2, 3, 3, 4, 2, 0, 1]
+    assert dict(members) == {0: [0, 1, 2, 3], 3: [0, 1, 2, 3], 1: [0, 1, 2, 4, 5], 2: [0, 1, 6], 4: [7, 8]}
+    assert neo_eval.trie_length([x, y, z, x], [0, 1, 2, 3]) == 7
+    lengths = [9, 1, 4, 4, 3, 8, 2, 9, 5, 1]
+    batches = neo_eval.fill_rows(lengths, batch_size=2)
+    placed = [g for batch in batches for row in batch for g in row]
+    assert sorted(placed) == list(range(len(lengths)))
+    longest = [max(lengths[g] for row in batch for g in row) for batch in batches]
+    assert longest == sorted(longest, reverse=True)
+    for batch, T in zip(batches, longest):
+        assert len(batch) <= 2 and all(sum(lengths[g] for g in row) <= T for row in batch)
+    assert batches[1] == [[5], [8, 4]] and len(batches) == 4  # 9|9, 8|5+3, 4|4, 2|1+1 (padded rows: 5 batches)
+
+
+def test_answers_that_begin_alike_match_hf(task_dir):
+    """Requests whose answers share first tokens, repeat, or extend one another (trie rows, several
+    groups per row) score as HFLM scores each alone."""
+    context = "The cat sat on the"
+    answers = [" mat", " mat and purred", " mat and slept", " hat", " mat", " mat and", " chair by the door"]
+    requests = [Instance("loglikelihood", None, (c, a), k) for k, (c, a) in enumerate(
+        [(context, a) for a in answers] + [("A dog ran", " home"), ("A dog ran", " away fast"), ("Yes", " no")])]
+    theirs = hf_for_tasks(task_dir, 256).loglikelihood(requests, disable_tqdm=True)
+    for batch_size in (1, 2, 16):
+        neo = neo_eval.NeoLM(str(task_dir), device="cpu", batch_size=batch_size, max_length=256)
+        assert_same_scores(theirs, neo.loglikelihood(requests, disable_tqdm=True), requests)
 
 
 def test_unmerged_adapter_matches_peft_on_tasks(task_dir, tmp_path, task_requests):
