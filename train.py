@@ -26,6 +26,7 @@ real run needs but the method does not teach (flag checks, precision, checkpoint
 report, on-policy sampling) is in runkit/.
 """
 import contextlib
+import functools
 import math
 import sys
 import time
@@ -43,9 +44,9 @@ import data
 import lora
 import model as llama
 import neo
-from runkit import adapters, cache_store, checkpoint, disk, flags, offline, on_policy, report, run_folder, tokenized
+from runkit import adapters, cache_store, checkpoint, disk, flags, mfu, offline, on_policy, report, run_folder, tokenized
 from runkit.distributed import Dist, all_reduce_sum, close_run, full_student, print0, setup_distributed, shard
-from runkit.precision import autocast, checkpoint_blocks, compile_blocks, frozen_dtype, master_dtype
+from runkit.precision import autocast, checkpoint_blocks, choose_dtype, compile_blocks, frozen_dtype, master_dtype
 
 
 def main(argv=None):
@@ -113,6 +114,16 @@ def main(argv=None):
     checkpoint.restore(wrapped, optimizer, state, args, d)  # a new run: nothing to restore
     step_kit = Step(wrapped, optimizer, params, cache if distilling else None, args, d, out, tokenizer, sample_from)
 
+    # MFU, as nanoGPT prints it: the model FLOPs of the step's micro-batches (runkit/mfu.py) / step time / peak
+    compute = choose_dtype(args.dtype, d.device).compute or master_dtype(args, d.device)
+    peak, source = mfu.device_peak(d.device, compute, args.batch_size * args.max_len, student.config.hidden_size,
+                                   student.config.intermediate_size)
+    print0(f"MFU: model FLOPs per second / {source}")
+    flops = functools.partial(mfu.batch_flops, method=args.method, student_cfg=student.config,
+                              teacher_cfg=llama.LlamaConfig.from_json(Path(teacher_path) / "config.json"),
+                              rank=args.rank, targets=args.targets.split(","), moslora=args.adapter == "moslora",
+                              teacher_runs=cache is None)
+
     # ---- loop ------------------------------------------------------------------
     metrics_path = checkpoint.start_metrics(out, args.resume, start_step, d)
     wrapped.train()  # adapter dropout on; the teacher stays in eval()
@@ -127,6 +138,7 @@ def main(argv=None):
             dt = time.time() - t0
             row = {"step": step + 1, "loss": s["loss"], "ce": s["ce"], "kl": s["kl"], "lr": lr,
                    "grad_norm": s["grad_norm"], "tokens_per_s": s["tokens"] / dt, "step_s": dt,
+                   "mfu": sum(map(flops, micro)) / dt / peak,
                    "mem_gb": report.memory_gb(d.device), **{k: s[k] for k in ("gen_s", "gen_tokens") if k in s}}
             if d.master:
                 report.log_step(row, metrics_path, bar)

@@ -26,19 +26,10 @@ between rows see the same machine load.
 
 Speed is also given as a fraction of the machine's measured matmul peak (MFU): the peak is the best
 of repeated 2048 x 576 x 1536 matmuls (the bench shape's MLP matmul) in the step's compute dtype,
-measured in the worker before and after its timed steps; the step's model FLOPs are counted by
-`step_flops`, per token of the batch:
-    every Linear (in -> out) of a block     forward 2·in·out
-        student backward                    + 2·in·out (input gradient, every layer, frozen or not)
-                                            + 2·in·out if the weight trains (sft, kd)
-    every adapter (A: r x in, B: out x r[, M: r x r])   3 x 2·r·(in + out [+ r]) (fwd, input and weight grad)
-    attention per layer                     forward 4·T·H·hd (QKᵀ and AV, the full T x T square as in
-                                            PaLM's MFU; not halved for causality), student backward 2x that
-    LM head, only on the N target rows the loss projects: teacher 2·V·D, student 2·V·D forward +
-    2·V·D input gradient (+ 2·V·D weight gradient if it trains)
-Not counted: embeddings, norms, RoPE, softmax and other elementwise work, and the recomputation of
---grad-checkpoint. hf-peft-neo is credited with the same FLOPs as neo (it does the same useful
-work; its extra head rows on non-target positions are overhead, not model FLOPs).
+measured in the worker before and after its timed steps; the step's model FLOPs (matmuls only) are
+counted by `runkit/mfu.py`'s step_flops, the count train.py prints as MFU; its docstring gives the
+formula. hf-peft-neo is credited with the same FLOPs as neo (it does the same useful work; its extra
+head rows on non-target positions are overhead, not model FLOPs).
 
 Every method runs in its own fresh subprocess, so its peak memory is its own: peak resident set
 size (getrusage ru_maxrss, everything the process ever held: weights, optimizer state,
@@ -59,7 +50,6 @@ two config.json files on fake tensors, without loading weights.
 """
 import argparse
 import json
-import math
 import os
 import resource
 import statistics
@@ -72,7 +62,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import peers
-from runkit import cache_store, flags, offline
+from runkit import cache_store, flags, mfu, offline
 from runkit.distributed import Dist
 from runkit.precision import choose_dtype, compile_blocks, frozen_dtype
 
@@ -322,56 +312,22 @@ def profile_step(step, device, n: int) -> list[dict]:
     return [{"op": e.key, "self_s": key(e) / 1e6, "calls": e.count} for e in ops]
 
 
-def matmul_peak(dtype, device, repeats=10) -> float:
-    """FLOP/s of the best of `repeats` 2048 x 576 x 1536 matmuls in `dtype` (the bench shape's MLP)."""
-    a = torch.randn(2048, 576, dtype=dtype, device=device)
-    b = torch.randn(576, 1536, dtype=dtype, device=device)
-    best = math.inf
-    for _ in range(repeats + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * 2048 * 576 * 1536 / best
+def matmul_peak(dtype, device) -> float:
+    """FLOP/s of the best 2048 x 576 x 1536 matmul in `dtype` (the bench shape's MLP): runkit/mfu.py's probe."""
+    return mfu.matmul_peak(dtype, device)
 
 
 def step_flops(method, args, batch) -> float:
-    """Model FLOPs of one optimizer step, counted as the module docstring says (matmuls only)."""
+    """Model FLOPs of one optimizer step on `batch`: runkit/mfu.py's count (matmuls only), for the bench's methods."""
     import model as llama
     import neo
-    t = llama.LlamaConfig.from_json(Path(args.teacher) / "config.json")
-    s = llama.LlamaConfig.from_json(Path(args.student) / "config.json")
     B, T = batch["input_ids"].shape
-    n_tok, n_targets = B * T, int(neo.count_targets(batch["labels"]))
-    full = method in ("sft", "kd")
-
-    def linears(c):  # (in, out) of every projection of one block
-        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-        return {"q_proj": (c.hidden_size, q), "k_proj": (c.hidden_size, kv), "v_proj": (c.hidden_size, kv),
-                "o_proj": (q, c.hidden_size), "gate_proj": (c.hidden_size, c.intermediate_size),
-                "up_proj": (c.hidden_size, c.intermediate_size), "down_proj": (c.intermediate_size, c.hidden_size)}
-
-    def matmuls(c):   # forward FLOPs per token of one block's linears
-        return sum(2 * i * o for i, o in linears(c).values())
-
-    def attention(c):  # forward FLOPs per token of QKᵀ and AV over the full T x T square
-        return 4 * T * c.num_attention_heads * c.head_dim
-
-    # student: linears fwd + input grad (+ weight grad when trained); attention fwd + grads of Q, K, V
-    student = n_tok * s.num_hidden_layers * (matmuls(s) * (3 if full else 2) + attention(s) * 3)
-    if method not in ("sft", "kd"):
-        targets = flags.parse([]).targets.split(",")  # the adapters ours and hf-peft-neo place
-        extra = args.rank if method == "neo-moslora" else 0
-        student += n_tok * s.num_hidden_layers * sum(3 * 2 * args.rank * (i + o + extra)
-                                                     for name, (i, o) in linears(s).items() if name in targets)
-    student += n_targets * 2 * s.vocab_size * s.hidden_size * (3 if full else 2)
-    teacher = 0
-    if method in ("kd", "neo", "neo-moslora"):
-        teacher = n_tok * t.num_hidden_layers * (matmuls(t) + attention(t)) + n_targets * 2 * t.vocab_size * t.hidden_size
-    return float(student + teacher)
+    base = {"neo-moslora": "neo", "neo-cache": "neo"}.get(method, method)
+    return mfu.step_flops(base, llama.LlamaConfig.from_json(Path(args.teacher) / "config.json"),
+                          llama.LlamaConfig.from_json(Path(args.student) / "config.json"), B * T, T,
+                          int(neo.count_targets(batch["labels"])), rank=args.rank,
+                          targets=flags.parse([]).targets.split(","), moslora=method == "neo-moslora",
+                          teacher_runs=method != "neo-cache")
 
 
 # -----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ Reported per row: seconds per step (median of --steps after --warmup), tokens/s,
 activations; peak RSS of the worker on the CPU) and model FLOPs utilisation (MFU):
 
     MFU = model FLOPs of the step / step time / peak FLOP/s
-    model FLOPs: benchmarks/bench.py's step_flops (issue 10), matmuls only, per token of the batch:
+    model FLOPs: runkit/mfu.py's step_flops (train.py's MFU), matmuls only, per token of the batch:
       every block Linear 2·in·out forward, + 2·in·out input gradient in the student's backward,
       + 2·in·out weight gradient where it trains; adapters 3 x 2·r·(in + out); attention
       4·T·heads·head_dim per layer forward (the full T x T square, as PaLM's MFU), x3 in the
@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 
 import torch
-from runkit import flags
+from runkit import flags, mfu
 from runkit.distributed import Dist
 from runkit.precision import autocast, choose_dtype, frozen_dtype
 
@@ -62,7 +62,6 @@ PAIRS = {"llama3": ("llama-3.1-8b", "llama-3.2-1b"), "llama2": ("llama-2-7b", "t
 METHODS = ("sft", "lora", "kd", "neo", "hf-peft-neo")
 LOSS_CHUNKS = (256, 1024, 2048)
 LIGER = {"liger fused linear JSD (published, H100)": (60.7e-3, 11.1), "plain torch (published, H100)": (213e-3, 68.9)}
-DATASHEET_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # dense, SXM parts
 TARGETS = {"mfu": 0.40, "loss_time_vs_liger": 1.5, "neo_vs_kd_peak": 0.8}
 
 
@@ -247,16 +246,11 @@ def precision(args, device) -> str:
 
 
 def step_flops(method, tcfg, scfg, rank, batch) -> float:
-    """benchmarks/bench.py's count, which reads the models' config.json from folders: ours are
-    written to a temporary folder first (the --scale'd shapes included)."""
-    from types import SimpleNamespace
-    from benchmarks import bench
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, cfg in (("teacher", tcfg), ("student", scfg)):
-            (Path(tmp) / name).mkdir()
-            (Path(tmp) / name / "config.json").write_text(json.dumps(cfg.to_hf()))
-        return bench.step_flops(method, SimpleNamespace(teacher=Path(tmp) / "teacher", student=Path(tmp) / "student",
-                                                        rank=rank), batch)
+    """runkit/mfu.py's count (train.py's MFU), for the configs in hand (the --scale'd shapes included)."""
+    import neo
+    B, T = batch["input_ids"].shape
+    return mfu.step_flops(method, tcfg, scfg, B * T, T, int(neo.count_targets(batch["labels"])), rank=rank,
+                          targets=flags.parse([]).targets.split(","))
 
 
 # -----------------------------------------------------------------------------
@@ -378,7 +372,7 @@ def peak_flops(device, dtype) -> tuple[float, str]:
     """(FLOP/s, where it came from): the datasheet's dense bf16 rate for known GPUs, else measured."""
     if device.type == "cuda" and dtype == torch.bfloat16:
         name = torch.cuda.get_device_name(device)
-        for key, rate in DATASHEET_BF16.items():
+        for key, rate in mfu.DATASHEET_BF16.items():
             if key in name:
                 return rate, f"{name}: datasheet dense bf16 {rate / 1e12:.1f} TFLOP/s"
     rate = measured_matmul(device, dtype)

@@ -37,7 +37,8 @@ def log_step(row: dict, metrics_path: Path, bar):
     with open(metrics_path, "a") as f:
         f.write(json.dumps(row) + "\n")
     bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", kl=f"{row['kl']:.3f}",
-                    lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['mem_gb']:.1f}G")
+                    lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}", mfu=f"{100 * row['mfu']:.0f}%",
+                    mem=f"{row['mem_gb']:.1f}G")
     bar.update(1)
 
 

@@ -96,6 +96,7 @@ def test_each_method_trains_exactly_its_parameters(method, tiny_teacher_dir, tin
     assert len(rows) == 2
     uses_teacher = method in ("neo", "kd")
     assert all((r["kl"] > 0) == uses_teacher for r in rows)  # the KL term is on only for neo and kd
+    assert all(0 < r["mfu"] < 10 for r in rows)  # runkit/mfu.py's FLOPs over a probed peak (its count: test_bench)
     assert (tmp_path / "loss_curve.png").stat().st_size > 0
     # The final folder is an ordinary model: the merged student (or the full one) loads back.
     reloaded = llama.Llama.from_pretrained(tmp_path / "model")
