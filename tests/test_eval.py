@@ -286,14 +286,16 @@ def test_pack_is_a_trie_and_fill_rows_fills_padding():
     assert dict(members) == {0: [0, 1, 2, 3], 3: [0, 1, 2, 3], 1: [0, 1, 2, 4, 5], 2: [0, 1, 6], 4: [7, 8]}
     assert neo_eval.trie_length([x, y, z, x], [0, 1, 2, 3]) == 7
     lengths = [9, 1, 4, 4, 3, 8, 2, 9, 5, 1]
-    batches = neo_eval.fill_rows(lengths, batch_size=2)
+    batches = neo_eval.fill_rows(lengths, budget=18)
     placed = [g for batch in batches for row in batch for g in row]
     assert sorted(placed) == list(range(len(lengths)))
     longest = [max(lengths[g] for row in batch for g in row) for batch in batches]
     assert longest == sorted(longest, reverse=True)
     for batch, T in zip(batches, longest):
-        assert len(batch) <= 2 and all(sum(lengths[g] for g in row) <= T for row in batch)
-    assert batches[1] == [[5], [8, 4]] and len(batches) == 4  # 9|9, 8|5+3, 4|4, 2|1+1 (padded rows: 5 batches)
+        assert len(batch) * T <= 18 and all(sum(lengths[g] for g in row) <= T for row in batch)
+    # 9|9, then 8|5+3, then rows of 4: 4|4|2+1+1 (padded rows, two a batch: 5 passes, 90 slots for 46 tokens)
+    assert batches == [[[7], [0]], [[5], [8, 4]], [[3], [2], [6, 9, 1]]]
+    assert neo_eval.fill_rows([30, 5, 5], budget=18) == [[[0]], [[2], [1]]]  # a group longer than the budget: alone
 
 
 def test_answers_that_begin_alike_match_hf(task_dir):
