@@ -26,7 +26,6 @@ real run needs but the method does not teach (flag checks, precision, checkpoint
 report, on-policy sampling) is in runkit/.
 """
 import contextlib
-import functools
 import math
 import sys
 import time
@@ -46,7 +45,7 @@ import model as llama
 import neo
 from runkit import adapters, cache_store, checkpoint, disk, flags, mfu, offline, on_policy, report, run_folder, tokenized
 from runkit.distributed import Dist, all_reduce_sum, close_run, full_student, print0, setup_distributed, shard
-from runkit.precision import autocast, checkpoint_blocks, choose_dtype, compile_blocks, frozen_dtype, master_dtype
+from runkit.precision import autocast, checkpoint_blocks, compile_blocks, frozen_dtype, master_dtype
 
 
 def main(argv=None):
@@ -114,15 +113,9 @@ def main(argv=None):
     checkpoint.restore(wrapped, optimizer, state, args, d)  # a new run: nothing to restore
     step_kit = Step(wrapped, optimizer, params, cache if distilling else None, args, d, out, tokenizer, sample_from)
 
-    # MFU, as nanoGPT prints it: the model FLOPs of the step's micro-batches (runkit/mfu.py) / step time / peak
-    compute = choose_dtype(args.dtype, d.device).compute or master_dtype(args, d.device)
-    peak, source = mfu.device_peak(d.device, compute, args.batch_size * args.max_len, student.config.hidden_size,
-                                   student.config.intermediate_size)
-    print0(f"MFU: model FLOPs per second / {source}")
-    flops = functools.partial(mfu.batch_flops, method=args.method, student_cfg=student.config,
-                              teacher_cfg=llama.LlamaConfig.from_json(Path(teacher_path) / "config.json"),
-                              rank=args.rank, targets=args.targets.split(","), moslora=args.adapter == "moslora",
-                              teacher_runs=cache is None)
+    # MFU, as nanoGPT prints it: the model FLOPs of the step's micro-batches / step time / the device's peak
+    peak, source, flops = mfu.for_run(args, student.config, teacher_path, d.device, teacher_runs=cache is None)
+    print0(f"MFU: model FLOPs per second (runkit/mfu.py) / {source}")
 
     # ---- loop ------------------------------------------------------------------
     metrics_path = checkpoint.start_metrics(out, args.resume, start_step, d)

@@ -93,3 +93,19 @@ def batch_flops(batch: dict, method: str, teacher_cfg, student_cfg, **adapters) 
     import neo
     B, T = batch["input_ids"].shape
     return step_flops(method, teacher_cfg, student_cfg, B * T, T, int(neo.count_targets(batch["labels"])), **adapters)
+
+
+def for_run(args, student_cfg, teacher_path, device, teacher_runs: bool):
+    """train.py's meter: (the device's peak FLOP/s, where it came from, micro-batch -> its model FLOPs)."""
+    from pathlib import Path
+    import model as llama
+    from runkit.precision import choose_dtype
+    precision = choose_dtype(args.dtype, device)
+    peak, source = device_peak(device, precision.compute or precision.master, args.batch_size * args.max_len,
+                               student_cfg.hidden_size, student_cfg.intermediate_size)
+    teacher_cfg = llama.LlamaConfig.from_json(Path(teacher_path) / "config.json")
+    adapters = dict(rank=args.rank, targets=args.targets.split(","), moslora=args.adapter == "moslora")
+
+    def flops(batch):
+        return batch_flops(batch, args.method, teacher_cfg, student_cfg, teacher_runs=teacher_runs, **adapters)
+    return peak, source, flops
