@@ -61,8 +61,9 @@ def step_flops(method: str, teacher_cfg, student_cfg, tokens: int, seq_len: int,
 
 def matmul_peak(dtype, device, m=2048, k=576, n=1536, repeats=10) -> float:
     """FLOP/s of the best of `repeats` (m x k) @ (k x n) matmuls in `dtype` on `device`."""
-    a = torch.randn(m, k, dtype=dtype, device=device)
-    b = torch.randn(k, n, dtype=dtype, device=device)
+    gen = torch.Generator(device).manual_seed(0)  # its own: the run's random stream (dropout, resume) stays untouched
+    a = torch.randn(m, k, dtype=dtype, device=device, generator=gen)
+    b = torch.randn(k, n, dtype=dtype, device=device, generator=gen)
     best = math.inf
     for _ in range(repeats + 2):  # the first two warm up
         if device.type == "cuda":
