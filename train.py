@@ -32,7 +32,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -173,12 +172,9 @@ def build_student(args, teacher_path, train_set, device):
     keep_n = args.prune_to or n_layers // 2
     if not 0 < keep_n <= n_layers:
         raise SystemExit(f"--prune-to {keep_n}: the teacher has {n_layers} layers; choose 1..{n_layers}")
-    rows = [np.asarray(train_set[i]["input_ids"], dtype=np.int64) for i in range(min(args.calibration, len(train_set)))]
-    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)           # (K, T), right-padded
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)], mask[i, :len(r)] = torch.from_numpy(r), 1
-    ids, mask = ids.to(device), mask.to(device)
+    rows = [train_set[i] for i in range(min(args.calibration, len(train_set)))]
+    batch = data.Batches(rows, len(rows), pad_id=0, shuffle=False).collate(rows)  # right-padded (K, T)
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     if args.prune_by == "span":
         keep = llama.span_to_keep(full, ids, keep_n, mask)
     else:
@@ -324,9 +320,9 @@ def train_step(kit: Step, micro: list, lr: float, step: int) -> dict:
     normalizer = n_global.clamp(min=1) / kit.d.world
     alpha = args.alpha if args.method in ("kd", "neo") else 1.0   # sft/lora: CE alone
     kd_weight = (1 - alpha) * (args.temperature * args.temperature)
-    # For logging: loss·n, ce·n_ce, kl·n and n_ce (CE is logged per target it counts at: not at
-    # sampled replies)
-    sums = torch.zeros(5, device=device, dtype=master_dtype(args, device))  # and H·n (--hidden-weight)
+    # For logging: loss·n, ce·n_ce, kl·n, n_ce and H·n (CE is logged per target it counts at: not at
+    # sampled replies; H is --hidden-weight's term, 0 without it)
+    sums = torch.zeros(5, device=device, dtype=master_dtype(args, device))
     bad = torch.zeros(len(micro), device=device)    # 1 where a micro-batch's loss is not finite
     for i, b in enumerate(micro):
         cached = {} if kit.cache is None else {"teacher_rows": kit.cache.rows("train", b.get("example_ids")).to(device)}
