@@ -22,7 +22,8 @@ Parameter names are exactly Hugging Face's (model.layers.0.self_attn.q_proj.weig
 checkpoints load without renaming and what we save loads in transformers.
 
 Also here: a KV cache built on demand, `generate()`, and depth pruning (ShortGPT / Shortened
-LLaMA: drop the decoder blocks whose output is most similar to their input).
+LLaMA: drop the decoder blocks whose output is most similar to their input; or Gromov et al.: drop
+the contiguous span whose output is most similar to its input).
 
     model = Llama.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")   # or a local folder
     logits = model(input_ids, attention_mask)                               # (B, T, vocab)
