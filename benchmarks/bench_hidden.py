@@ -1,8 +1,9 @@
 """Score finished demo runs (issue 31): does the pruned student learn more, and loop less?
 
-    OMP_NUM_THREADS=1 python train.py --seed 0 --out runs/h31/base_s0                     # today's demo
-    OMP_NUM_THREADS=1 python train.py --seed 0 --hidden-weight 1 --out runs/h31/b1_s0     # a variant
-    python -m benchmarks.bench_hidden runs/h31/*_s[0-9]        # the table, from the finished runs
+    OMP_NUM_THREADS=1 python train.py --seed 0 --out runs/base_s0                      # today's demo
+    OMP_NUM_THREADS=1 python train.py --seed 0 --hidden-weight 10 --out runs/b10_s0    # a variant
+    python -m benchmarks.bench_hidden runs/base_s0 runs/b10_s0   # the table, from the finished runs
+    python -m benchmarks.bench_hidden --scale                   # why a cosine: distances per block
 
 For each run folder (named <variant>_s<seed>): train.py's own held-out scores (report.json: CE
 and KL(teacher ‖ student) on the seed's 32 held-out conversations); the KL and CE on a second
@@ -102,12 +103,42 @@ def table(rows, teacher_q) -> str:
     return "\n".join(lines) + "\n\n± is half the range over the seeds.\n"
 
 
+@torch.no_grad()
+def scale(tok, keep=(0, 1, 8, 10, 11, 18, 19, 20, 21, 22, 23, 24, 27, 28, 29), n=8):
+    """Why a cosine: per kept block of the untrained demo student (seed 0's layers), on its first n
+    training conversations, the squared error per coordinate, the relative one, 1 − cos, and the
+    teacher stream's median norm, at the loss's target positions."""
+    import torch.nn.functional as F
+    from runkit import flags
+    train_set, _ = tokenized.load_splits(flags.parse([]), tok)
+    teacher = llama.Llama.from_pretrained(str(offline.smollm2_dir()), dtype=torch.float32).eval()
+    student = llama.prune_layers(teacher, list(keep)).eval()
+    rows = [train_set[i] for i in range(n)]
+    b = data.Batches(rows, n, pad_id=tok.pad_token_id, shuffle=False).collate(rows)
+    _, ts = teacher(b["input_ids"], b["attention_mask"], return_hidden=True, hidden_at=list(keep))
+    _, ss = student(b["input_ids"], b["attention_mask"], return_hidden=True, hidden_at=range(len(keep)))
+    mask = b["labels"][:, 1:] != -100
+    lines = ["| student block | teacher block | squared error per coordinate | relative squared error | 1 − cos | "
+             "teacher stream's median norm |", "|---:|---:|---:|---:|---:|---:|"]
+    for j, (a, t) in enumerate(zip(ss, ts)):
+        a, t = a[:, :-1][mask], t[:, :-1][mask]
+        se = (a - t).pow(2).sum(-1)
+        lines.append(f"| {j} | {keep[j]} | {se.mean() / a.shape[1]:.1f} | {(se / t.pow(2).sum(-1)).mean():.3f} | "
+                     f"{(1 - F.cosine_similarity(a, t, dim=-1)).mean():.3f} | {t.norm(dim=-1).median():.0f} |")
+    return "\n".join(lines) + f"\n\n{int(mask.sum())} target positions of {n} training conversations.\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="*", help="finished train.py run folders named <variant>_s<seed>")
     p.add_argument("--output", default="benchmarks/results/hidden_states.json")
     p.add_argument("--check-questions", action="store_true", help="say whether any question is in the offline data")
+    p.add_argument("--scale", action="store_true", help="no runs: the distances per block of the untrained student")
     args = p.parse_args(argv)
+    if args.scale:
+        text = scale(data.Tokenizer.from_dir(str(offline.smollm2_dir())))
+        Path(args.output).with_name("hidden_states_scale.md").write_text(text)
+        return print(text)
     if args.check_questions:
         texts = [m["content"].lower() for split in ("train", "heldout") for r in offline.chat_dataset(split)
                  for m in r["messages"]]
