@@ -133,6 +133,7 @@ def main(argv=None):
     p.add_argument("runs", nargs="*", help="finished train.py run folders named <variant>_s<seed>")
     p.add_argument("--output", default="benchmarks/results/hidden_states.json")
     p.add_argument("--check-questions", action="store_true", help="say whether any question is in the offline data")
+    p.add_argument("--merge", nargs="*", default=[], help="add the runs of these --output files (other scorers')")
     p.add_argument("--scale", action="store_true", help="no runs: the distances per block of the untrained student")
     args = p.parse_args(argv)
     if args.scale:
@@ -147,11 +148,18 @@ def main(argv=None):
         return
     out = Path(args.output)
     saved = json.loads(out.read_text()) if out.exists() else {"runs": []}
+    for other in args.merge:  # runs scored by another process (two scorers side by side)
+        more = json.loads(Path(other).read_text())
+        saved["teacher"] = saved.get("teacher", more["teacher"])
+        keys = {(r["variant"], r["seed"]) for r in more["runs"]}
+        saved["runs"] = [r for r in saved["runs"] if (r["variant"], r["seed"]) not in keys] + more["runs"]
     tok = data.Tokenizer.from_dir(str(offline.smollm2_dir()))
-    teacher = llama.Llama.from_pretrained(str(offline.smollm2_dir()), dtype=torch.float32).eval()
+    if args.runs:
+        teacher = llama.Llama.from_pretrained(str(offline.smollm2_dir()), dtype=torch.float32).eval()
+        held = second_heldout(tok)
     if "teacher" not in saved:
         saved["teacher"] = quality(answers(Path(offline.smollm2_dir()), list(QUESTIONS)), tok)
-    held = second_heldout(tok)
+    out.write_text(json.dumps(saved, indent=1))
     for run in map(Path, args.runs):
         r = score(run, teacher, held, tok)
         saved["runs"] = [x for x in saved["runs"] if (x["variant"], x["seed"]) != (r["variant"], r["seed"])] + [r]
