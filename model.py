@@ -22,7 +22,8 @@ Parameter names are exactly Hugging Face's (model.layers.0.self_attn.q_proj.weig
 checkpoints load without renaming and what we save loads in transformers.
 
 Also here: a KV cache built on demand, `generate()`, and depth pruning (ShortGPT / Shortened
-LLaMA: drop the decoder blocks whose output is most similar to their input).
+LLaMA: drop the decoder blocks whose output is most similar to their input; or Gromov et al.: drop
+the contiguous span whose output is most similar to its input).
 
     model = Llama.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")   # or a local folder
     logits = model(input_ids, attention_mask)                               # (B, T, vocab)
@@ -70,6 +71,7 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     model_type: str = "llama"             # "llama" | "mistral" | "qwen2"
+    pruned_from: list[int] | None = None  # the teacher's block each block was cut from (prune_layers)
 
     def __post_init__(self):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
@@ -129,6 +131,8 @@ class LlamaConfig:
         """A config.json that transformers loads (old-style rope fields, read by transformers 4 and 5)."""
         d = asdict(self)
         d.update(architectures=[ARCHITECTURES[self.model_type]], hidden_act="silu")
+        if self.pruned_from is None:
+            d.pop("pruned_from")  # a model that was not pruned: transformers' keys only
         if self.model_type == "qwen2":
             d.pop("attention_bias")  # implied by the architecture
         if self.model_type in ("mistral", "qwen2"):
@@ -288,8 +292,11 @@ class Llama(nn.Module):
         return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim, w.dtype, w.device)
 
     def forward(self, input_ids, attention_mask=None, *, document_ids=None, position_ids=None, return_hidden=False,
-                cache=None, start_pos=0):
+                cache=None, start_pos=0, hidden_at=()):
         """input_ids (B, T) -> logits (B, T, vocab) float32, or the final-normed hidden states (B, T, D).
+
+        hidden_at: block indices; when given, forward returns (that, [the residual stream after each
+        of those blocks, (B, T, D)]), for distilling a pruned student block by block (neo.py).
 
         attention_mask (B, start_pos + T), 1 = token, 0 = padding, covers every position seen so far
         (the cache holds the first start_pos). Positions count real tokens only, so a right-padded row
@@ -331,13 +338,16 @@ class Llama(nn.Module):
         cos = self.rope_cos[pos].to(dtype).unsqueeze(1)  # (B, 1, T, hd)
         sin = self.rope_sin[pos].to(dtype).unsqueeze(1)
         x = self.model.embed_tokens(input_ids)           # (B, T, D)
-        for layer in self.model.layers:
+        states = {}
+        for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache, start_pos)
+            if i in hidden_at:
+                states[i] = x                            # (B, T, D), the block's output
         x = self.model.norm(x)
-        if return_hidden:
-            return x
-        logits = self.lm_head(x)
-        return logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
+        if not return_hidden:
+            x = self.lm_head(x)
+            x = x.to(torch.promote_types(x.dtype, torch.float32))  # logits: bf16 -> fp32; fp64 stays
+        return (x, [states[i] for i in hidden_at]) if len(hidden_at) else x
 
     @staticmethod
     def _documents(document_ids):
@@ -570,12 +580,15 @@ def build(config: LlamaConfig, state: dict[str, tuple[torch.Tensor, str]], devic
 
 def prune_layers(model: Llama, keep: list[int]) -> Llama:
     """A new, smaller model with only the decoder layers `keep` (in that order); the rest is copied.
+    Its config records where each block came from (`pruned_from`, the original model's indices).
 
     Tensors are cloned, so training the student never changes the model it was cut from."""
     n = model.config.num_hidden_layers
     if not keep or any(not 0 <= i < n for i in keep) or len(set(keep)) != len(keep):
         raise ValueError(f"keep={keep}: need distinct layer indices in [0, {n})")
-    config = LlamaConfig(**{**asdict(model.config), "num_hidden_layers": len(keep)})
+    origin = model.config.pruned_from or list(range(n))
+    config = LlamaConfig(**{**asdict(model.config), "num_hidden_layers": len(keep),
+                            "pruned_from": [origin[i] for i in keep]})
     new_index = {str(old): str(new) for new, old in enumerate(keep)}
     state = {}
     for name, t in model.state_dict().items():
@@ -617,3 +630,25 @@ def block_importance(model: Llama, input_ids, attention_mask=None) -> list[float
 def most_important_layers(importance: list[float], n: int) -> list[int]:
     """Indices of the n layers with the highest importance, in their original order."""
     return sorted(sorted(range(len(importance)), key=lambda i: -importance[i])[:n])
+
+
+@torch.no_grad()
+def span_to_keep(model: Llama, input_ids, n: int, attention_mask=None) -> list[int]:
+    """The n layers left when the most redundant contiguous span of the others is removed.
+
+    Gromov et al. 2024 ("The Unreasonable Ineffectiveness of the Deeper Layers"): the span of
+    k = L − n blocks starting at ℓ whose input x_ℓ and output x_(ℓ+k) are closest in angle,
+    arccos(cos(x_ℓ, x_(ℓ+k))) / π averaged over tokens, changes the residual stream least."""
+    L = len(model.model.layers)
+    k = L - n
+    x0 = model.model.embed_tokens(input_ids)
+    _, states = model(input_ids, attention_mask, return_hidden=True, hidden_at=range(L))
+    xs = [x0] + states                                                  # x_ℓ: the input of block ℓ
+    valid = torch.ones(input_ids.shape) if attention_mask is None else attention_mask.float().cpu()
+
+    def angle(a, b):
+        cos = F.cosine_similarity(a.float(), b.float(), dim=-1).clamp(-1, 1).cpu()   # (B, T)
+        return ((torch.arccos(cos) / math.pi * valid).sum() / valid.sum()).item()
+
+    start = min(range(L - k + 1), key=lambda s: angle(xs[s], xs[s + k]))
+    return [i for i in range(L) if not start <= i < start + k]

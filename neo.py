@@ -70,6 +70,7 @@ class NeoLoss(NamedTuple):
     n_ce: torch.Tensor      # local number of those where CE counts (n_tokens without a ce_mask)
     ce_sum: torch.Tensor    # CE summed over the CE-counted targets (differentiable)
     kl_sum: torch.Tensor    # the divergence summed over the valid targets (differentiable)
+    hidden_sum: torch.Tensor | None = None  # hidden_state_sum, or None without --hidden-weight
 
 
 def reference_loss(student_logits, teacher_logits, labels, *, alpha: float = 0.5,
@@ -368,6 +369,52 @@ def neo_loss(student_hidden, student_head_weight, teacher_hidden, teacher_head_w
 
 
 # ----------------------------------------------------------------------------------------------
+# Intermediate states: a pruned student's blocks follow the teacher blocks they were cut from.
+
+def hidden_state_sum(student_states, teacher_states, labels, ignore_index: int = IGNORE_INDEX):
+    """Σ over the valid targets t of the mean over the m matched blocks of a cosine distance:
+
+        H_sum = Σ_t (1/m) Σ_j (1 − cos(h_s^j(t), h_t^π(j)(t)))
+
+    h_s^j (B, T, D) is the student's residual stream after its block j, h_t^π(j) the teacher's
+    after the block π(j) that block j was cut from (teacher_states, in the same order). Minitron
+    (Muralidharan et al. 2024, arXiv 2407.14679) distils such intermediate states beside the logits.
+    train.py adds β·H_sum to the α-mix over the same normaliser (--hidden-weight β).
+
+    Why a cosine, not a squared error: the residual stream's norm grows along the depth, so a
+    squared error does too. In the demo's untrained student it is 9 per coordinate after teacher
+    block 8 and 896 after block 29 (the stream's median norm 121 -> 759), so one β would weigh the
+    last block 100x the first, and differently for every model. 1 − cos lies in [0, 2] at any
+    depth, width and scale (0.13-0.44 per block there), and direction is what the next block
+    reads: each one enters through an RMSNorm, as does the LM head. The mean over the blocks
+    keeps β independent of the depth (benchmarks/results/hidden_states.md, "scale").
+    Positions are the loss's own: t where labels[t + 1] is a target (the shifted mask).
+    Gradients: ∂/∂a (1 − cos(a, b)) = −(b/‖b‖ − cos·a/‖a‖)/‖a‖, through autograd."""
+    if len(student_states) != len(teacher_states) or not student_states:
+        raise ValueError(f"{len(student_states)} student states but {len(teacher_states)} teacher states")
+    mask = labels[:, 1:] != ignore_index                               # (B, T-1), the shifted mask
+    total = 0.0
+    for hs, ht in zip(student_states, teacher_states):
+        a = _at_least_fp32(hs[:, :-1][mask])                           # (N, D)
+        b = _at_least_fp32(ht[:, :-1][mask].detach()).to(a.dtype)      # (N, D)
+        total = total + (1 - F.cosine_similarity(a, b, dim=-1)).sum()
+    return total / len(student_states)
+
+
+def matched_layers(student_config, teacher_config) -> list[int]:
+    """π: the teacher block each student block distils from. A student pruned from the teacher
+    (model.prune_layers) knows where its blocks came from; another student of the same width is
+    mapped evenly along the depth, as Minitron does (its last block to the teacher's last)."""
+    if student_config.hidden_size != teacher_config.hidden_size:
+        raise ValueError(f"the student's hidden states are {student_config.hidden_size} wide and the "
+                         f"teacher's {teacher_config.hidden_size}: no block of one compares with the other's")
+    m, n = student_config.num_hidden_layers, teacher_config.num_hidden_layers
+    if student_config.pruned_from is not None and max(student_config.pruned_from) < n:
+        return list(student_config.pruned_from)
+    return [(j + 1) * n // m - 1 for j in range(m)]
+
+
+# ----------------------------------------------------------------------------------------------
 # The trained module: the student plus the objective. Wrapping the loss inside forward() lets DDP
 # and FSDP2 see one module: FSDP2 gathers the student's LM head for the chunked projection. The
 # teacher is held beside it, not inside it: DDP and FSDP2 wrap the student only, and the module's
@@ -379,29 +426,44 @@ class Distiller(torch.nn.Module):
     it runs in its own dtype), the student's, and neo_loss between them; train.py backpropagates
     α·ce_sum + (1 − α)·T²·kl_sum over the step's target count. teacher None: sft/lora (CE only;
     cached_loss.CachedDistiller distils from a teacher cache). ce_mask: where CE counts (False on
-    the student's own sampled replies, which have no ground truth)."""
+    the student's own sampled replies, which have no ground truth).
+
+    hidden_weight β > 0 (a teacher needed): the teacher also returns its residual stream after
+    the blocks `teacher_layers` (π, matched_layers; only those, in its frozen dtype), the student
+    after each of its blocks, and hidden_sum = hidden_state_sum between them joins the result;
+    train.py adds β·hidden_sum to the mix (NeoLoss.loss includes it too)."""
 
     def __init__(self, student, teacher=None, alpha=0.5, temperature=1.0, divergence="forward_kl",
-                 chunk_size=256, vocab_size=None):
+                 chunk_size=256, vocab_size=None, hidden_weight=0.0, teacher_layers=None):
         super().__init__()
         self.student = student
         self.__dict__["teacher"] = teacher  # beside the module, not a submodule (section comment above)
         self.alpha, self.temperature, self.divergence = alpha, temperature, divergence
         self.chunk_size, self.vocab_size = chunk_size, vocab_size
+        self.hidden_weight = hidden_weight
+        self.teacher_layers = teacher_layers if hidden_weight and teacher is not None else ()  # π(j), block j
 
     def forward(self, input_ids, attention_mask, labels, normalizer=None, document_ids=None, ce_mask=None):
-        teacher_hidden = teacher_head = None
+        teacher_hidden = teacher_head = teacher_states = student_states = None
         if self.teacher is not None:
             with torch.no_grad(), torch.autocast(input_ids.device.type, enabled=False):
                 teacher_hidden = self.teacher(input_ids, attention_mask, document_ids=document_ids,
-                                              return_hidden=True)                      # (B, T, Dt)
+                                              return_hidden=True, hidden_at=self.teacher_layers)  # (B, T, Dt)
             teacher_head = self.teacher.lm_head.weight
+        student_blocks = range(len(self.student.model.layers)) if self.teacher_layers else ()
         hidden = self.student(input_ids, attention_mask, document_ids=document_ids,
-                              return_hidden=True)                                       # (B, T, D)
-        return neo_loss(hidden, self.student.lm_head.weight, teacher_hidden, teacher_head, labels,
-                        alpha=self.alpha, temperature=self.temperature, divergence=self.divergence,
-                        chunk_size=self.chunk_size, normalizer=normalizer, vocab_size=self.vocab_size,
-                        ce_mask=ce_mask)
+                              return_hidden=True, hidden_at=student_blocks)              # (B, T, D)
+        if self.teacher_layers:  # (final, [after block j]) pairs
+            (teacher_hidden, teacher_states), (hidden, student_states) = teacher_hidden, hidden
+        res = neo_loss(hidden, self.student.lm_head.weight, teacher_hidden, teacher_head, labels,
+                       alpha=self.alpha, temperature=self.temperature, divergence=self.divergence,
+                       chunk_size=self.chunk_size, normalizer=normalizer, vocab_size=self.vocab_size,
+                       ce_mask=ce_mask)
+        if not self.teacher_layers:
+            return res
+        h = hidden_state_sum(student_states, teacher_states, labels)
+        denom = (res.n_tokens if normalizer is None else torch.as_tensor(normalizer)).clamp(min=1)
+        return res._replace(loss=res.loss + self.hidden_weight * h / denom.to(h.dtype), hidden_sum=h)
 
     def generate(self, *args, **kwargs):
         """The student's model.generate (on-policy replies). A method of the wrapped module, so that

@@ -9,7 +9,8 @@ One optimizer step of train.py holds, at its peak, some of these (all in bytes o
     optimizer state          AdamW's exp_avg and exp_avg_sq: twice the trainable weights
     saved activations        what the student's forward keeps alive for backward
     loss-time transients     neo_loss's chunk logits and the ∂L/∂h (and ∂L/∂W) it builds
-    teacher activations      the teacher's final hidden states (and its forward's temporaries)
+    teacher activations      the teacher's final hidden states (and its forward's temporaries; with
+                             --hidden-weight also its states after the blocks the student's match)
     other transients         backward's and AdamW's temporaries
 
 KD and Neo differ in the third to fifth rows only: KD trains the whole student, so it carries
@@ -276,6 +277,7 @@ class Setup:
     autocast: bool = False              # bf16 autocast around the student's forward and backward
     targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     n_targets: int | None = None        # valid target tokens per micro-batch (None: every position)
+    hidden_weight: float = 0.0          # --hidden-weight: the teacher keeps its states after the matched blocks
     extra_flags: list = field(default_factory=list)
 
     def train_args(self):
@@ -300,7 +302,10 @@ def build(setup: Setup, teacher_cfg, student_cfg, fake: bool):
         for p in student.parameters():  # the frozen base in the frozen dtype; trainable weights stay fp32
             if not p.requires_grad:
                 p.data = p.data.to(setup.frozen_dtype)
-        distiller = neo.Distiller(student, teacher, targs.alpha, targs.temperature, targs.divergence, targs.chunk_size)
+        hidden = dict(hidden_weight=setup.hidden_weight, teacher_layers=neo.matched_layers(student_cfg, teacher_cfg)) \
+            if setup.hidden_weight and teacher is not None else {}
+        distiller = neo.Distiller(student, teacher, targs.alpha, targs.temperature, targs.divergence, targs.chunk_size,
+                                  **hidden)
         params = [p for p in distiller.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=targs.lr, weight_decay=targs.weight_decay)
         shape = (setup.batch_size, setup.max_len)
@@ -548,7 +553,8 @@ def setup_from_train_args(args) -> Setup:
     bf16 = args.dtype in ("auto", "bfloat16")
     return Setup(method=args.method, adapter=args.adapter, rank=args.rank, batch_size=args.batch_size,
                  max_len=args.max_len, chunk_size=args.chunk_size, grad_checkpoint=args.grad_checkpoint,
-                 frozen_dtype=torch.bfloat16 if bf16 else torch.float32, autocast=bf16, targets=args.targets)
+                 frozen_dtype=torch.bfloat16 if bf16 else torch.float32, autocast=bf16, targets=args.targets,
+                 hidden_weight=args.hidden_weight)
 
 
 def plan_from_train_args(args, teacher_path):

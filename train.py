@@ -32,7 +32,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -71,7 +70,7 @@ def main(argv=None):
     cache = cache_store.open_cache(args, teacher_path, tokenizer, train_set, held_set, d.device) \
         if args.teacher_cache else None
     teacher = load_teacher(teacher_path, args, d) if (distilling or not args.no_report) and cache is None else None
-    student = build_student(args, teacher_path, train_set[0]["input_ids"], d.device)
+    student = build_student(args, teacher_path, train_set, d.device)
     base_path = save_student_base(student, args, out, d)
     student = prepare_student(student, args, d.device)
     vocab_size = shared_vocab(student, teacher, tokenizer, (train_set, held_set))
@@ -91,7 +90,7 @@ def main(argv=None):
     # The student and the loss as one module (neo.py; from a teacher cache, cached_loss.py)
     Distiller = cached_loss.CachedDistiller if cache is not None and distilling else neo.Distiller
     distiller = Distiller(student, teacher if distilling else None, args.alpha, args.temperature,
-                          args.divergence, args.chunk_size, vocab_size)
+                          args.divergence, args.chunk_size, vocab_size, **hidden_states(args, student, teacher))
     start_step = checkpoint.resume_weights(distiller, loader, state)  # 0 for a new run
     # Data parallel: every rank holds the whole student and DDP all-reduces its gradients in
     # backward; FSDP2 (--zero 2/3) instead shards it, layer by layer (runkit/distributed.py).
@@ -130,6 +129,7 @@ def main(argv=None):
             s = train_step(step_kit, micro, lr, step)
             dt = time.time() - t0
             row = {"step": step + 1, "loss": s["loss"], "ce": s["ce"], "kl": s["kl"], "lr": lr,
+                   **({"hidden": s["hidden"]} if args.hidden_weight else {}),
                    "grad_norm": s["grad_norm"], "tokens_per_s": s["tokens"] / dt, "step_s": dt,
                    "mfu": sum(map(flops, micro)) / dt / peak,
                    "mem_gb": report.memory_gb(d.device), **{k: s[k] for k in ("gen_s", "gen_tokens") if k in s}}
@@ -165,8 +165,10 @@ def load_teacher(teacher_path, args, d: Dist):
     return teacher.eval().requires_grad_(False)
 
 
-def build_student(args, teacher_path, calibration, device):
-    """The student in fp32 (fp64 for tests): a given model, or the teacher less its least important layers."""
+def build_student(args, teacher_path, train_set, device):
+    """The student in fp32 (fp64 for tests): a given model, or the teacher less its least important
+    layers (--prune-by importance: ShortGPT's block by block; span: Gromov et al.'s contiguous span),
+    measured on the first --calibration training examples."""
     dtype = master_dtype(args, device)
     if args.student is not None:
         return llama.Llama.from_pretrained(args.student, dtype=dtype, device=device)
@@ -175,11 +177,26 @@ def build_student(args, teacher_path, calibration, device):
     keep_n = args.prune_to or n_layers // 2
     if not 0 < keep_n <= n_layers:
         raise SystemExit(f"--prune-to {keep_n}: the teacher has {n_layers} layers; choose 1..{n_layers}")
-    ids = torch.as_tensor(np.asarray(calibration, dtype=np.int64), device=device)[None]  # (1, T)
-    keep = llama.most_important_layers(llama.block_importance(full, ids), keep_n)
-    print0(f"student: the teacher's {keep_n} most important of {n_layers} layers {keep} "
-           f"(block importance on {ids.shape[1]} calibration tokens)")
+    rows = [train_set[i] for i in range(min(args.calibration, len(train_set)))]
+    batch = data.Batches(rows, len(rows), pad_id=0, shuffle=False).collate(rows)  # right-padded (K, T)
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    if args.prune_by == "span":
+        keep = llama.span_to_keep(full, ids, keep_n, mask)
+    else:
+        keep = llama.most_important_layers(llama.block_importance(full, ids, mask), keep_n)
+    print0(f"student: the teacher's {keep_n} of {n_layers} layers {keep} (--prune-by {args.prune_by} on "
+           f"{int(mask.sum())} calibration tokens)")
     return llama.prune_layers(full, keep)
+
+
+def hidden_states(args, student, teacher) -> dict:
+    """The Distiller's hidden-state term (--hidden-weight β): β and π, the teacher block each student
+    block distils from (neo.matched_layers); nothing when β is 0."""
+    if not args.hidden_weight or teacher is None:
+        return {}
+    layers = neo.matched_layers(student.config, teacher.config)
+    print0(f"hidden states: student block j follows teacher block {layers}[j], weight {args.hidden_weight}")
+    return dict(hidden_weight=args.hidden_weight, teacher_layers=layers)
 
 
 def save_student_base(student, args, out: Path, d: Dist) -> str:
@@ -308,9 +325,9 @@ def train_step(kit: Step, micro: list, lr: float, step: int) -> dict:
     normalizer = n_global.clamp(min=1) / kit.d.world
     alpha = args.alpha if args.method in ("kd", "neo") else 1.0   # sft/lora: CE alone
     kd_weight = (1 - alpha) * (args.temperature * args.temperature)
-    # For logging: loss·n, ce·n_ce, kl·n and n_ce (CE is logged per target it counts at: not at
-    # sampled replies)
-    sums = torch.zeros(4, device=device, dtype=master_dtype(args, device))
+    # For logging: loss·n, ce·n_ce, kl·n, n_ce and H·n (CE is logged per target it counts at: not at
+    # sampled replies; H is --hidden-weight's term, 0 without it)
+    sums = torch.zeros(5, device=device, dtype=master_dtype(args, device))
     bad = torch.zeros(len(micro), device=device)    # 1 where a micro-batch's loss is not finite
     for i, b in enumerate(micro):
         cached = {} if kit.cache is None else {"teacher_rows": kit.cache.rows("train", b.get("example_ids")).to(device)}
@@ -329,22 +346,25 @@ def train_step(kit: Step, micro: list, lr: float, step: int) -> dict:
             # The LLM-Neo loss as torchtune's KD recipe writes it: CE and KL(teacher ‖ student)
             # mixed by α, T² keeping the KL's gradient scale, over the step's target count.
             loss = (alpha * res.ce_sum + kd_weight * res.kl_sum) / normalizer
+            if res.hidden_sum is not None:  # --hidden-weight β: + β·H, the blocks' distance to the teacher's
+                loss = loss + args.hidden_weight * res.hidden_sum / normalizer
             loss.backward()
         bad[i] = (~torch.isfinite(loss.detach())).float()
-        sums += torch.stack([loss.detach() * normalizer, res.ce * res.n_ce, res.kl * res.n_tokens, res.n_ce])
+        hidden = res.hidden_sum.detach() if res.hidden_sum is not None else torch.zeros_like(res.ce)
+        sums += torch.stack([loss.detach() * normalizer, res.ce * res.n_ce, res.kl * res.n_tokens, res.n_ce, hidden])
     grad_norm = torch.nn.utils.clip_grad_norm_(kit.params, args.grad_clip if args.grad_clip > 0 else math.inf)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: DTensor
     sums = all_reduce_sum(sums)
-    sums = sums[:3] / torch.stack([n_global, sums[3], n_global]).clamp(min=1)
+    sums = torch.cat([sums[:3], sums[4:]]) / torch.stack([n_global, sums[3], n_global, n_global]).clamp(min=1)
     bad = all_reduce_sum(bad)
     host = torch.cat([sums, grad_norm.reshape(1), tokens.reshape(1), bad]).tolist()  # the step's one sync
-    if any(host[5:]):
-        checkpoint.stop_non_finite(step, next(i for i, x in enumerate(host[5:]) if x), kit.out)
+    if any(host[6:]):
+        checkpoint.stop_non_finite(step, next(i for i, x in enumerate(host[6:]) if x), kit.out)
     kit.optimizer.step()
     kit.optimizer.zero_grad(set_to_none=True)
     if sampling:  # every rank's sampled tokens; the time is this rank's
         sampling["gen_tokens"] = int(n_gen)
-    return {**dict(zip(("loss", "ce", "kl", "grad_norm", "tokens"), host[:5])), **sampling}
+    return {**dict(zip(("loss", "ce", "kl", "hidden", "grad_norm", "tokens"), host[:6])), **sampling}
 
 
 # -----------------------------------------------------------------------------

@@ -56,6 +56,12 @@ FLAGS = {  # group -> {dest: (flag, argparse keywords)}
         "prune_to": ("--prune-to", dict(type=int, default=None,
                                         help="build the student by keeping this many of the teacher's most important "
                                              "layers (default when no --student: half of them)")),
+        "prune_by": ("--prune-by", dict(choices=["importance", "span"], default="importance",
+                                        help="which layers pruning removes: importance, the least important blocks "
+                                             "one by one (ShortGPT: 1 - cos(input, output)); span, the contiguous "
+                                             "span whose input and output are closest in angle (Gromov et al. 2024)")),
+        "calibration": ("--calibration", dict(type=int, default=1,
+                                              help="training examples on which pruning measures the layers")),
     },
     "data": {
         "data": ("--data", dict(default=None, help="JSONL/JSON/Parquet file, folder or Hub dataset id "
@@ -90,6 +96,12 @@ FLAGS = {  # group -> {dest: (flag, argparse keywords)}
         "on_policy_max_new": ("--on-policy-max-new", dict(type=int, default=128,
                                                           help="most tokens of a sampled reply (and at most "
                                                                "--max-len with its prompt)")),
+        "hidden_weight": ("--hidden-weight", dict(type=float, default=0.0, metavar="BETA",
+                                                  help="add BETA x the mean over the student's blocks of the cosine "
+                                                       "distance between its hidden state after each block and the "
+                                                       "teacher's after the block it was cut from (evenly matched for "
+                                                       "a --student not pruned from the teacher; neo/kd, live teacher, "
+                                                       "same width)")),
         "chunk_size": ("--chunk-size", dict(type=int, default=256,
                                             help="target tokens projected to the vocabulary at once "
                                                  "(memory: ~8 x chunk x vocab x 4 bytes)")),
@@ -156,7 +168,8 @@ RESUME_FLAGS = ["method", "adapter", "rank", "lora_alpha", "lora_dropout", "targ
                 "prune_to", "data", "max_samples", "heldout", "skip_bad_lines", "max_len", "pack", "alpha",
                 "temperature", "divergence", "chunk_size", "batch_size", "grad_accum", "epochs", "max_steps",
                 "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "dtype", "seed", "world_size",
-                "teacher_cache", "on_policy", "on_policy_start", "on_policy_temperature", "on_policy_max_new"]
+                "teacher_cache", "on_policy", "on_policy_start", "on_policy_temperature", "on_policy_max_new",
+                "hidden_weight", "prune_by", "calibration"]
 
 
 def lora_options(args) -> dict:
@@ -304,6 +317,19 @@ def check(args, teacher_config, student_config=None, say=print):
         if args.pack:
             refuse("pack", "a sampled reply replaces one conversation's reply, and a packed row holds several: "
                            "train on-policy unpacked")
+    if not args.hidden_weight >= 0:
+        refuse("hidden_weight", "must be 0 or more (0: no hidden-state term)")
+    if args.hidden_weight and args.method not in ("neo", "kd"):
+        refuse("hidden_weight", f"compares the student's hidden states with the teacher's; --method {args.method} "
+                                f"has no teacher: use neo or kd")
+    if args.hidden_weight and args.teacher_cache:
+        refuse("hidden_weight", "needs the teacher's hidden states after its blocks, which --teacher-cache does "
+                                "not hold (only its top-k output rows): drop --teacher-cache or --hidden-weight")
+    if not args.calibration >= 1:
+        refuse("calibration", "must be 1 or more")
+    if args.student is not None and {"prune_by", "calibration"} & args.given:
+        refuse("prune_by" if "prune_by" in args.given else "calibration",
+               "chooses the layers pruning keeps, but --student gives the student: drop one")
     if args.resume and args.overwrite:
         refuse("overwrite", "would delete the checkpoints that --resume continues from: pass one of them")
 
@@ -311,6 +337,10 @@ def check(args, teacher_config, student_config=None, say=print):
     layers = teacher_config.num_hidden_layers
     if args.prune_to is not None and not 1 <= args.prune_to < layers:
         refuse("prune_to", f"the teacher has {layers} layers: a student keeps 1..{layers - 1} of them")
+    if args.hidden_weight and student_config is not None and student_config.hidden_size != teacher_config.hidden_size:
+        refuse("hidden_weight", f"compares hidden states block by block, but the student's are "
+                                f"{student_config.hidden_size} wide and the teacher's {teacher_config.hidden_size}: "
+                                f"use a student of the teacher's width (or --prune-to), or drop --hidden-weight")
     for name, config in (("teacher", teacher_config), ("student", student_config)):
         if config is not None and args.max_len > config.max_position_embeddings:
             refuse("max_len", f"the {name} handles at most {config.max_position_embeddings} positions "

@@ -527,7 +527,8 @@ def copy_run(finished_run, tmp_path):
 
 @pytest.mark.parametrize("flag, value", [("--lr", "2e-2"), ("--min-lr", "0"), ("--warmup", "0.5"),
                                          ("--lora-dropout", "0.1"), ("--dtype", "bfloat16"), ("--max-steps", "3"),
-                                         ("--heldout", "5"), ("--weight-decay", "0.1")])
+                                         ("--heldout", "5"), ("--weight-decay", "0.1"), ("--hidden-weight", "1"),
+                                         ("--calibration", "2")])
 def test_resume_checks_every_flag_that_changes_the_result_before_loading(finished_run, tmp_path, monkeypatch,
                                                                          flag, value):
     args = copy_run(finished_run, tmp_path)
