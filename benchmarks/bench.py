@@ -167,7 +167,7 @@ def prepare(args) -> tuple[str, str, Path]:
         if not (Path(student) / "config.json").exists():
             targs = flags.parse(["--teacher", teacher] + (["--prune-to", str(args.prune_to)]
                                                                if args.prune_to else []))
-            train.build_student(targs, teacher, examples[0]["input_ids"], torch.device("cpu")).save_pretrained(student)
+            train.build_student(targs, teacher, examples, torch.device("cpu")).save_pretrained(student)
     return teacher, student, batch_file
 
 

@@ -77,7 +77,7 @@ def student_and_teacher(work: Path, max_len: int):
     if not (student_dir / "config.json").exists():
         targs = flags.parse(["--max-len", str(max_len)])
         train_set, _ = tokenized.load_splits(targs, data.Tokenizer.from_dir(teacher_dir))
-        train.build_student(targs, teacher_dir, train_set[0]["input_ids"], torch.device("cpu")).save_pretrained(student_dir)
+        train.build_student(targs, teacher_dir, train_set, torch.device("cpu")).save_pretrained(student_dir)
     return teacher_dir, str(student_dir)
 
 

@@ -179,7 +179,7 @@ def bench_steps(args, tok) -> dict:
     targs = flags.parse(["--teacher", teacher_dir, "--rank", str(args.rank), "--method", "neo"])
     device = torch.device("cpu")
     teacher = llama.Llama.from_pretrained(teacher_dir).eval().requires_grad_(False)
-    student = train.prepare_student(train.build_student(targs, teacher_dir, examples[0]["input_ids"].tolist(), device),
+    student = train.prepare_student(train.build_student(targs, teacher_dir, examples, device),
                                     targs, device)
     distiller = neo.Distiller(student, teacher, targs.alpha, targs.temperature, targs.divergence, targs.chunk_size)
     params = [p for p in distiller.parameters() if p.requires_grad]

@@ -168,7 +168,7 @@ def build_student(args, teacher) -> str:
                                   "--max-samples", str(args.max_samples), "--seed", "0"]
                                  + (["--prune-to", str(args.prune_to)] if args.prune_to else []))
         train_set, _ = tokenized.load_splits(targs, data.Tokenizer.from_dir(teacher))
-        student = train.build_student(targs, teacher, train_set[0]["input_ids"], torch.device("cpu"))
+        student = train.build_student(targs, teacher, train_set, torch.device("cpu"))
         student.save_pretrained(folder)
     return str(folder)
 

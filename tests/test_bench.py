@@ -70,7 +70,7 @@ def test_step_flops_match_torch_flop_counter(method, tiny_teacher_dir, tmp_path)
     from benchmarks import bench
     student = tmp_path / "student"
     targs = flags.parse(["--teacher", str(tiny_teacher_dir), "--prune-to", "2"])
-    train.build_student(targs, str(tiny_teacher_dir), list(range(1, 40)), torch.device("cpu")).save_pretrained(student)
+    train.build_student(targs, str(tiny_teacher_dir), [{"input_ids": list(range(1, 40)), "labels": list(range(1, 40))}], torch.device("cpu")).save_pretrained(student)
     args = types.SimpleNamespace(teacher=str(tiny_teacher_dir), student=str(student), rank=4, lora_alpha=8.0,
                                  lora_dropout=0.0, chunk_size=256, grad_checkpoint=False, dtype="float32",
                                  compile=False)

@@ -19,6 +19,7 @@ from runkit import flags, precision
 from tolerance import close, close_norm
 
 CPU = torch.device("cpu")
+CALIBRATION = [{"input_ids": list(range(1, 40)), "labels": list(range(1, 40))}]  # one example: the layers pruning keeps
 
 
 # ----------------------------------------------------------------------------- the chooser
@@ -97,7 +98,7 @@ def test_bf16_adapter_gradients_match_fp32(tiny_teacher_dir):
     The bound, 8%, leaves 2.5x margin for other CPUs' kernels; a gradient of the wrong batch
     is 130% away, and halving the LoRA scale in the bf16 path alone gives 57%."""
     args = flags.parse(["--teacher", str(tiny_teacher_dir), "--prune-to", "2", "--rank", "4"])
-    student = train.build_student(args, str(tiny_teacher_dir), list(range(1, 40)), CPU)
+    student = train.build_student(args, str(tiny_teacher_dir), CALIBRATION, CPU)
     gen = torch.Generator().manual_seed(0)
     batch, other = torch.randint(0, 49152, (2, 4, 48), generator=gen)
     g32 = adapter_gradient(student, tiny_teacher_dir, "float32", batch)
@@ -178,7 +179,7 @@ def test_compiled_step_equals_eager(tiny_teacher_dir):
     order: u = 2^-24 per rounding; measured 1e-6 relative on this model; bound 1e-5). A compiled
     block that dropped the adapter branch or reused the wrong weights is O(1) away."""
     args = flags.parse(["--teacher", str(tiny_teacher_dir), "--prune-to", "2", "--rank", "4"])
-    student = train.build_student(args, str(tiny_teacher_dir), list(range(1, 40)), CPU)
+    student = train.build_student(args, str(tiny_teacher_dir), CALIBRATION, CPU)
     batch = torch.randint(0, 49152, (4, 48), generator=torch.Generator().manual_seed(0))
     torch._dynamo.reset()
     eager = adapter_gradient(student, tiny_teacher_dir, "float32", batch)
