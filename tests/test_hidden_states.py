@@ -11,14 +11,12 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import lora
 import model as llama
 import neo
 import train
-from runkit import checkpoint
-from test_train import EXACT, adapter, base_args, logged, run_cli, single_runs
+from test_train import EXACT, adapter, base_args, logged, run_cli, single_runs, stop_then_resume
 from tolerance import close, close_norm
 
 B, T, D = 3, 7, 8
@@ -246,17 +244,7 @@ def test_a_stopped_run_resumes_exactly(tiny_teacher_dir, tiny_chat_jsonl, tmp_pa
     args = lambda out, *x: base_args(tiny_teacher_dir, tiny_chat_jsonl, out, "--max-steps", "4", "--save-every",
                                      "2", "--hidden-weight", "0.5", *x)
     train.main(args(tmp_path / "whole"))
-    save = checkpoint.save_checkpoint
-
-    def save_then_stop(out, step, *a, **k):
-        save(out, step, *a, **k)
-        if step == 2:
-            raise KeyboardInterrupt("stopped after the checkpoint of step 2")
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(args(tmp_path / "cut"))
-    monkeypatch.undo()
-    train.main(args(tmp_path / "cut", "--resume"))
+    stop_then_resume(args, tmp_path / "cut", 2, monkeypatch)
     assert logged(tmp_path / "cut") == logged(tmp_path / "whole")
     assert logged(tmp_path / "cut", "hidden") == logged(tmp_path / "whole", "hidden")
     close_norm(adapter(tmp_path / "cut"), adapter(tmp_path / "whole"), 0)

@@ -397,6 +397,21 @@ def import_neo():
     return neo
 
 
+def stop_then_resume(args, out, step, monkeypatch):
+    """train.main(args(out)) stopped right after its checkpoint of `step` is written, then resumed."""
+    save = checkpoint.save_checkpoint
+
+    def save_then_stop(out, at, *a, **k):
+        save(out, at, *a, **k)
+        if at == step:
+            raise KeyboardInterrupt(f"stopped after the checkpoint of step {step}")
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args(out))
+    monkeypatch.undo()
+    train.main(args(out, "--resume"))
+
+
 def test_packed_run_resumes_exactly(tiny_teacher_dir, tiny_chat_jsonl, tmp_path, monkeypatch, capsys):
     """--pack: a run stopped after its second checkpoint and resumed ends exactly as an unbroken run."""
     args = lambda out, *x: base_args(tiny_teacher_dir, tiny_chat_jsonl, out, "--pack", "--max-len", "160",
@@ -405,17 +420,7 @@ def test_packed_run_resumes_exactly(tiny_teacher_dir, tiny_chat_jsonl, tmp_path,
     packed = re.search(r"packed (\d+) examples into (\d+) rows", capsys.readouterr().out)
     assert packed and int(packed[2]) < int(packed[1]) / 2  # rows really hold several examples
 
-    save = checkpoint.save_checkpoint
-
-    def save_then_stop(out, step, *a, **k):
-        save(out, step, *a, **k)
-        if step == 4:
-            raise KeyboardInterrupt("stopped after the checkpoint of step 4")
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(args(tmp_path / "cut"))
-    monkeypatch.undo()
-    train.main(args(tmp_path / "cut", "--resume"))
+    stop_then_resume(args, tmp_path / "cut", 4, monkeypatch)
     curve = lambda out: [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(curve(tmp_path / "whole")) > 4
     assert curve(tmp_path / "cut") == curve(tmp_path / "whole")
