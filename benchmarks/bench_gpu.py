@@ -350,17 +350,9 @@ def peak_memory(device, start) -> float:
 
 
 def measured_matmul(device, dtype, n=None) -> float:
-    """FLOP/s of the best of 10 n x n x n matmuls in `dtype` (n 8192 on a GPU, 1024 on the CPU)."""
+    """FLOP/s of the best of 11 n x n x n matmuls in `dtype` (n 8192 on a GPU, 1024 on the CPU): runkit/mfu.py's probe."""
     n = n or (8192 if device.type == "cuda" else 1024)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = math.inf
-    for _ in range(13):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    return mfu.matmul_peak(dtype, device, n, n, n, repeats=11)
 
 
 def compute_dtype(args, device):
