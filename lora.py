@@ -94,7 +94,8 @@ class LoRALinear(nn.Module):
         h = F.linear(h, self.lora_A)                                      # (..., r)
         if self.lora_M is not None:
             h = F.linear(h, self.lora_M)                                  # (..., r)  M·h
-        return y + (self.scale * F.linear(h, self.lora_B)).to(y.dtype)    # (..., out)
+        # s scales the rank-sized h, not the output: r numbers per token instead of out, forward and backward
+        return y + F.linear(h * self.scale, self.lora_B).to(y.dtype)      # (..., out)
 
     @torch.no_grad()
     def merge(self):

@@ -76,7 +76,7 @@ class NeoLoss(NamedTuple):
 def reference_loss(student_logits, teacher_logits, labels, *, alpha: float = 0.5,
                    temperature: float = 1.0, divergence: str = "forward_kl", beta: float = 0.5,
                    t2_scale: bool = True, normalizer=None, vocab_size: int | None = None,
-                   ignore_index: int = IGNORE_INDEX, ce_mask=None) -> NeoLoss:
+                   ignore_index: int = IGNORE_INDEX, ce_mask=None, compiled: bool = False) -> NeoLoss:
     """The LLM-Neo loss the plain way: full logits, F.cross_entropy and F.kl_div.
 
     student_logits (B, T, V); teacher_logits (B, T, V), or None for plain CE (alpha is then
@@ -249,6 +249,48 @@ def _scaled_grads(fn_ctx, grad_ce, grad_div):
     return grad_h, grad_w
 
 
+def chunk_terms(hs, ws, ht, wt, y, cw, alpha, T, kind, beta, kd_weight, need_grad):
+    """One chunk of n target rows -> (its CE sum, its divergence sum, ∂(α·CE + kd_weight·D)/∂z (n, V)
+    or None), z = hs·wsᵀ the chunk's student logits. cw (n, 1): the rows' CE weights, or None (all 1).
+    _ChunkedNeoLoss runs it eagerly, or compiled (--compile, compiled_chunk_terms): the same code,
+    its passes over the (n, V) chunk fused into a few loops."""
+    z = _at_least_fp32(F.linear(hs, ws))               # (n, V) student logits
+    log_q1 = torch.log_softmax(z, dim=-1)              # (n, V) student log-probs at T = 1
+    picked = log_q1.gather(1, y[:, None])              # (n, 1)
+    ce = -(picked if cw is None else picked * cw).sum()
+    log_q = log_q1 if T == 1 or ht is None else torch.log_softmax(z.div_(T), dim=-1)
+    del z                                              # before the teacher's (n, V) logits exist
+    div = torch.zeros((), dtype=log_q1.dtype, device=hs.device)
+    grad_z = grad_ce = None
+    if ht is not None:
+        zt = _at_least_fp32(F.linear(ht, wt))          # (n, V) teacher logits
+        log_p = torch.log_softmax(zt.div_(T), dim=-1)
+        del zt
+        div_rows, grad_z = _divergence(log_q, log_p, kind, beta, need_grad)   # grad_z: ∂D/∂s or None
+        div = div_rows.sum()
+        del log_p
+        if need_grad:                                  # s = z / T  ⇒  ∂/∂z = (1/T)·∂/∂s
+            grad_z.mul_(kd_weight / T)
+    if need_grad:  # CE = logsumexp(z) − z_y  ⇒  ∂CE/∂z = softmax(z) − onehot(y)
+        grad_ce = log_q1.exp_()
+        grad_ce[torch.arange(len(y), device=y.device), y] -= 1.0
+        if cw is not None:                             # rows without CE: their gradient is D's alone
+            grad_ce.mul_(cw)
+        grad_z = grad_ce.mul_(alpha) if grad_z is None else grad_z.add_(grad_ce, alpha=alpha)
+    return ce, div, grad_z
+
+
+_compiled = {}
+
+
+def compiled_chunk_terms():
+    """chunk_terms under torch.compile (made once per process; shapes after the first are dynamic,
+    as the last chunk of a batch is shorter)."""
+    if "chunk_terms" not in _compiled:
+        _compiled["chunk_terms"] = torch.compile(chunk_terms)
+    return _compiled["chunk_terms"]
+
+
 class _ChunkedNeoLoss(torch.autograd.Function):
     """reference_loss's numbers without the B×T×V logits: the sums of CE and of D over the rows,
     projecting to the vocabulary chunk by chunk; the gradient is that of α·CE + (1−α)·T²·D.
@@ -257,11 +299,12 @@ class _ChunkedNeoLoss(torch.autograd.Function):
     ht (N, Dt) / wt (V, Dt) teacher (or None), y (N,) targets, ce_rows (N,) bool or None: the
     rows whose CE counts (None: all; False rows keep only their divergence). Gradients for hs and ws are
     computed during forward (the chunk logits never outlive their chunk) and scaled by the
-    incoming gradient in backward. The teacher never receives a gradient.
+    incoming gradient in backward. The teacher never receives a gradient. chunk_fn: chunk_terms,
+    or the same compiled.
     """
 
     @staticmethod
-    def forward(fn_ctx, hs, ws, ht, wt, y, ce_rows, alpha, temperature, kind, beta, t2_scale, chunk_size):
+    def forward(fn_ctx, hs, ws, ht, wt, y, ce_rows, alpha, temperature, kind, beta, t2_scale, chunk_size, chunk_fn):
         need_h, need_w = fn_ctx.needs_input_grad[0], fn_ctx.needs_input_grad[1]
         need_grad = need_h or need_w
         T = temperature
@@ -270,49 +313,27 @@ class _ChunkedNeoLoss(torch.autograd.Function):
         ce_weight = None if ce_rows is None else ce_rows.to(acc)[:, None]  # (N, 1): 1 = CE counts, 0 = not
         ce_sum, div_sum, grad_h, grad_w = _sums_and_grads(hs, ws, need_h, need_w, acc)
         for start in range(0, hs.shape[0], chunk_size):
-            rows, yc = slice(start, start + chunk_size), y[start:start + chunk_size]
-            z = _at_least_fp32(F.linear(hs[rows], ws))        # (n, V) student logits
-            log_q1 = torch.log_softmax(z, dim=-1)             # (n, V) student log-probs at T = 1
-            cw = None if ce_weight is None else ce_weight[rows]
-            if cw is None:
-                ce_sum -= log_q1.gather(1, yc[:, None]).sum()
-            else:
-                ce_sum -= (log_q1.gather(1, yc[:, None]) * cw).sum()
-            log_q = log_q1 if T == 1 or ht is None else torch.log_softmax(z.div_(T), dim=-1)
-            del z                                             # before the teacher's (n, V) logits exist
-            grad_z = grad_ce = None
-            if ht is not None:
-                zt = _at_least_fp32(F.linear(ht[rows], wt))   # (n, V) teacher logits
-                log_p = torch.log_softmax(zt.div_(T), dim=-1)
-                del zt
-                div, grad_z = _divergence(log_q, log_p, kind, beta, need_grad)   # grad_z: ∂D/∂s or None
-                div_sum += div.sum()
-                del log_p
-                if need_grad:                                 # s = z / T  ⇒  ∂/∂z = (1/T)·∂/∂s
-                    grad_z.mul_(kd_weight / T)
-            if need_grad:  # CE = logsumexp(z) − z_y  ⇒  ∂CE/∂z = softmax(z) − onehot(y)
-                grad_ce = log_q1.exp_()
-                grad_ce[torch.arange(len(yc), device=yc.device), yc] -= 1.0
-                if cw is not None:                            # rows without CE: their gradient is D's alone
-                    grad_ce.mul_(cw)
-                grad_z = grad_ce.mul_(alpha) if grad_z is None else grad_z.add_(grad_ce, alpha=alpha)
+            rows = slice(start, start + chunk_size)
+            ce, div, grad_z = chunk_fn(hs[rows], ws, None if ht is None else ht[rows], wt, y[rows],
+                                       None if ce_weight is None else ce_weight[rows],
+                                       alpha, T, kind, beta, kd_weight, need_grad)
+            ce_sum += ce
+            div_sum += div
             if grad_z is not None:
                 _add_chunk_grads(grad_z, rows, hs, ws, grad_h, grad_w, acc)
-            # Free this chunk's (n, V) buffers now: left to the next chunk's assignments, two of
-            # them would still be alive at that chunk's peak.
-            del log_q1, log_q, grad_z, grad_ce
+            del grad_z  # before the next chunk's logits exist
         return _saved(fn_ctx, hs, ws, grad_h, grad_w, ce_sum, div_sum, alpha, kd_weight)
 
     @staticmethod
     def backward(fn_ctx, grad_ce, grad_div):
-        return *_scaled_grads(fn_ctx, grad_ce, grad_div), *[None] * 10  # nothing else has a gradient
+        return *_scaled_grads(fn_ctx, grad_ce, grad_div), *[None] * 11  # nothing else has a gradient
 
 
 def neo_loss(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, labels, *,
              alpha: float = 0.5, temperature: float = 1.0, divergence: str = "forward_kl",
              beta: float = 0.5, t2_scale: bool = True, chunk_size: int | None = 256,
              normalizer=None, vocab_size: int | None = None,
-             ignore_index: int = IGNORE_INDEX, ce_mask=None) -> NeoLoss:
+             ignore_index: int = IGNORE_INDEX, ce_mask=None, compiled: bool = False) -> NeoLoss:
     """LLM-Neo loss from final hidden states and LM head weights (see the module docstring).
 
     student_hidden (B, T, D), student_head_weight (V, D); teacher_hidden (B, T, Dt) and
@@ -326,6 +347,7 @@ def neo_loss(student_hidden, student_head_weight, teacher_hidden, teacher_head_w
     ce_mask: None, or (B, T) bool aligned with labels: CE counts only at valid targets where it is
     True (False on replies the student sampled, which have no ground truth); the divergence counts
     at every valid target, and so does n_tokens. Applied as a per-row CE weight inside the chunks.
+    compiled: run each chunk's arithmetic through torch.compile (chunk_terms; train.py --compile).
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
@@ -360,7 +382,8 @@ def neo_loss(student_hidden, student_head_weight, teacher_hidden, teacher_head_w
     n = mask.sum()
     chunk = chunk_size or max(1, hs.shape[0])
     ce_sum, div_sum = _ChunkedNeoLoss.apply(
-        hs, ws, ht, wt, y, ce_rows, alpha, temperature, divergence, beta, t2_scale, chunk)
+        hs, ws, ht, wt, y, ce_rows, alpha, temperature, divergence, beta, t2_scale, chunk,
+        compiled_chunk_terms() if compiled else chunk_terms)
     kd_weight = (1 - alpha) * (temperature * temperature if t2_scale else 1.0)
     return _normalised(ce_sum, div_sum, alpha, kd_weight, n, normalizer,
                        None if ce_rows is None else ce_rows.sum())
@@ -434,8 +457,9 @@ class Distiller(torch.nn.Module):
     train.py adds β·hidden_sum to the mix (NeoLoss.loss includes it too)."""
 
     def __init__(self, student, teacher=None, alpha=0.5, temperature=1.0, divergence="forward_kl",
-                 chunk_size=256, vocab_size=None, hidden_weight=0.0, teacher_layers=None):
+                 chunk_size=256, vocab_size=None, hidden_weight=0.0, teacher_layers=None, compiled=False):
         super().__init__()
+        self.compiled = compiled  # --compile: the loss's chunk arithmetic through torch.compile (neo_loss)
         self.student = student
         self.__dict__["teacher"] = teacher  # beside the module, not a submodule (section comment above)
         self.alpha, self.temperature, self.divergence = alpha, temperature, divergence
@@ -458,7 +482,7 @@ class Distiller(torch.nn.Module):
         res = neo_loss(hidden, self.student.lm_head.weight, teacher_hidden, teacher_head, labels,
                        alpha=self.alpha, temperature=self.temperature, divergence=self.divergence,
                        chunk_size=self.chunk_size, normalizer=normalizer, vocab_size=self.vocab_size,
-                       ce_mask=ce_mask)
+                       ce_mask=ce_mask, compiled=self.compiled)
         if not self.teacher_layers:
             return res
         h = hidden_state_sum(student_states, teacher_states, labels)

@@ -44,7 +44,7 @@ import model as llama
 import neo
 from runkit import adapters, cache_store, checkpoint, disk, flags, mfu, offline, on_policy, report, run_folder, tokenized
 from runkit.distributed import Dist, all_reduce_sum, close_run, full_student, print0, setup_distributed, shard
-from runkit.precision import autocast, checkpoint_blocks, compile_blocks, frozen_dtype, master_dtype
+from runkit.precision import autocast, checkpoint_blocks, compile_blocks, compile_choice, frozen_dtype, master_dtype
 
 
 def main(argv=None):
@@ -85,12 +85,14 @@ def main(argv=None):
     scores = report.start_report(args, d, student, teacher, tokenizer, loader, held_set, vocab_size, out, cache)
 
     # ---- optimizer ------------------------------------------------------------
-    if args.compile:
+    args.compile, why = compile_choice(args, d.device, (total_steps - (state or {}).get("step", 0)) * args.grad_accum)
+    print0(f"compile: {why}")
+    if args.compile:  # every block, and below the loss's chunk arithmetic, through torch.compile
         compile_blocks(student, teacher if distilling else None)
     # The student and the loss as one module (neo.py; from a teacher cache, cached_loss.py)
     Distiller = cached_loss.CachedDistiller if cache is not None and distilling else neo.Distiller
-    distiller = Distiller(student, teacher if distilling else None, args.alpha, args.temperature,
-                          args.divergence, args.chunk_size, vocab_size, **hidden_states(args, student, teacher))
+    distiller = Distiller(student, teacher if distilling else None, args.alpha, args.temperature, args.divergence,
+                          args.chunk_size, vocab_size, **hidden_states(args, student, teacher), compiled=args.compile)
     start_step = checkpoint.resume_weights(distiller, loader, state)  # 0 for a new run
     # Data parallel: every rank holds the whole student and DDP all-reduces its gradients in
     # backward; FSDP2 (--zero 2/3) instead shards it, layer by layer (runkit/distributed.py).

@@ -20,9 +20,11 @@ neo.neo_loss, the pruned student), so it is the step `python train.py` runs:
 Precision: --dtype as train.py (auto: bf16 frozen weights + bf16 autocast where bf16 matmul
 is native, else fp32; trainable weights and AdamW state fp32 either way); hf-peft-neo follows the
 same choice (bf16 weights, autocast, its fp32 full-logits loss). A comma list (`--dtype
-float32,auto`) runs every method in each precision; --compile off|on|both adds torch.compile'd
-blocks (train.py --compile); --rounds N repeats the whole list N times, interleaved, so ratios
-between rows see the same machine load.
+float32,auto`) runs every method in each precision; --compile auto (train.py's default for a run long
+enough to pay the compilation back: on where inductor finds a compiler) |off|on|both compiles the
+blocks and the loss's chunk arithmetic as train.py does; --rounds N repeats the whole list N times,
+interleaved, so ratios between rows see the same machine load. --profile N splits one step's wall time
+into matrix products, attention and everything else, and prints its N costliest operators.
 
 Speed is also given as a fraction of the machine's measured matmul peak (MFU): the peak is the best
 of repeated 2048 x 576 x 1536 matmuls (the bench shape's MLP matmul) in the step's compute dtype,
@@ -64,7 +66,7 @@ import torch
 from benchmarks import peers
 from runkit import cache_store, flags, mfu, offline
 from runkit.distributed import Dist
-from runkit.precision import choose_dtype, compile_blocks, frozen_dtype
+from runkit.precision import choose_dtype, compile_blocks, compiler_found, frozen_dtype
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root: workers run as `python -m benchmarks.<name>`
 
@@ -86,8 +88,9 @@ def parse_args(argv=None):
     # precision and compilation
     p.add_argument("--dtype", default="auto", help="train.py's --dtype (auto, float32, bfloat16), or a comma "
                                                    "list to run every method in each")
-    p.add_argument("--compile", choices=["off", "on", "both"], default="off",
-                   help="torch.compile the teacher and student blocks (train.py --compile); both: each method twice")
+    p.add_argument("--compile", choices=["auto", "off", "on", "both"], default="auto",
+                   help="torch.compile the blocks and the loss (train.py --compile); auto: on where inductor finds a "
+                        "compiler, as train.py's runs long enough to pay it back; both: each method twice")
     # run
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {METHODS}")
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps (median reported)")
@@ -118,7 +121,8 @@ def parse_args(argv=None):
 def runs(args) -> list[tuple[str, str, str, bool]]:
     """(row name, method, dtype, compiled) for every row of the table; the name carries the dtype
     and +compile only when the command asks for several."""
-    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    found = compiler_found(torch.device(args.device))[0]
+    compiles = {"auto": [found], "off": [False], "on": [True], "both": [False, True]}[args.compile]
     out = []
     for m in args.methods:
         for dt in args.dtypes:
@@ -225,7 +229,7 @@ def ours(method, args, teacher_dir, student_dir, device):
                                                     "--lora-dropout", str(args.lora_dropout),
                                                     "--chunk-size", str(args.chunk_size), "--dtype", args.dtype]
                               + (["--grad-checkpoint"] if args.grad_checkpoint else [])
-                              + (["--compile"] if args.compile else []))
+                              + ["--compile", "on" if args.compile else "off"])
     use_teacher = targs.method in ("neo", "kd") and method != "neo-cache"
     teacher, rows = None, None
     if method == "neo-cache":  # the rows come from disk; the teacher is never loaded
@@ -236,11 +240,11 @@ def ours(method, args, teacher_dir, student_dir, device):
         teacher.eval().requires_grad_(False)
     student = train.build_student(targs, teacher_dir, None, device)  # --student given: just loads it
     student = train.prepare_student(student, targs, device)
-    if targs.compile:
+    if args.compile:
         compile_blocks(student, teacher)
     distiller = (neo.Distiller if rows is None else cached_loss.CachedDistiller)(
         student, teacher if use_teacher else None, targs.alpha, targs.temperature,
-                              targs.divergence, targs.chunk_size)
+                              targs.divergence, targs.chunk_size, compiled=args.compile)
     params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=targs.lr, betas=(0.9, 0.999), weight_decay=targs.weight_decay)
     cache = None if rows is None else OneBatchOfRows(rows)
@@ -281,7 +285,7 @@ def worker(args):
             times.append(time.perf_counter() - t0)
     peak_flops.append(matmul_peak(precision.compute or torch.float32, device))
     step_s = statistics.median(times)
-    top_ops = profile_step(lambda: step(batch), device, args.profile) if args.profile else None
+    profiled = profile_step(lambda: step(batch), device, args.profile) if args.profile else {}
     tokens = batch["input_ids"].numel()
     peak = peak_gb(device)
     flops = step_flops("neo" if args.worker == "hf-peft-neo" else args.worker, args, batch)
@@ -296,20 +300,33 @@ def worker(args):
             # CPU: the peak less the runtime's own RSS (weights + optimizer state + activations)
             "peak_above_runtime_gb": peak - rss_start if device.type == "cpu" else peak,
             "rss_at_start_gb": rss_start, "rss_models_loaded_gb": rss_models,
-            "trainable_params": sum(p.numel() for p in params), "losses": losses, "top_ops": top_ops}
+            "trainable_params": sum(p.numel() for p in params), "losses": losses, **profiled}
 
 
-def profile_step(step, device, n: int) -> list[dict]:
-    """One step under torch.profiler: its n costliest operators by self time, with their call counts."""
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm")
+
+
+def profile_step(step, device, n: int) -> dict:
+    """One step under torch.profiler: its n costliest operators by self time, with their call counts,
+    and the step's wall time split three ways: matrix products (the aten matmul kernels, inside
+    compiled graphs too), attention (the SDPA kernels, themselves matmul-based), everything else
+    (element-wise work, the loss's softmax, the optimizer, Python: what fusing can remove)."""
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t0 = time.perf_counter()
         step()
         if cuda:
             torch.cuda.synchronize(device)
+        wall = time.perf_counter() - t0
     key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
-    ops = sorted(prof.key_averages(), key=key, reverse=True)[:n]
-    return [{"op": e.key, "self_s": key(e) / 1e6, "calls": e.count} for e in ops]
+    events = prof.key_averages()
+    ops = sorted(events, key=key, reverse=True)[:n]
+    matmul = sum(key(e) for e in events if e.key in MATMUL_OPS) / 1e6
+    attention = sum(key(e) for e in events if "scaled_dot_product" in e.key) / 1e6
+    return {"top_ops": [{"op": e.key, "self_s": key(e) / 1e6, "calls": e.count} for e in ops],
+            "split": {"step_s": wall, "matmul_s": matmul, "attention_s": attention,
+                      "other_s": wall - matmul - attention}}
 
 
 def matmul_peak(dtype, device) -> float:
@@ -368,6 +385,8 @@ def run_all(args):
                   + (f"  (round {round_ + 1}/{args.rounds})" if args.rounds > 1 else ""), flush=True)
             for op in (r.get("top_ops") or []) if round_ == args.rounds - 1 else []:
                 print(f"  {'':<22} {op['self_s']:6.3f} s  {op['calls']:5d} calls  {op['op'][:70]}", flush=True)
+            if r.get("split"):
+                print(f"  {'':<22} {split_line(r['split'])}", flush=True)
             if round_ == args.rounds - 1 and method == "neo-cache":  # plan.py models the live teacher only
                 print(f"  {'':<22} {memory.breakdown_line(r)}\n  {'':<22} not planned: plan.py has no cached-teacher "
                       f"step", flush=True)
@@ -484,9 +503,15 @@ def markdown(rows, args):
                      f"{r['peak_above_runtime_gb']:.2f} | {r['trainable_params']:,} |")
     profiled = [(m, r["top_ops"]) for m, r in rows.items() if r.get("top_ops")]
     for m, ops in profiled:  # --profile: where one step's time goes
-        lines += ["", f"{m}: costliest operators of one profiled step (self time)", "", "| operator | self (s) | calls |",
+        lines += ["", f"{m}: costliest operators of one profiled step (self time); {split_line(rows[m]['split'])}", "",
+                  "| operator | self (s) | calls |",
                   "|---|---:|---:|"] + [f"| {op['op']} | {op['self_s']:.3f} | {op['calls']} |" for op in ops]
     return "\n".join(lines) + "\n\n" + memory_markdown(rows)
+
+
+def split_line(split) -> str:
+    return (f"profiled step {split['step_s']:.2f} s = matrix products {split['matmul_s']:.2f} s + attention "
+            f"{split['attention_s']:.2f} s + everything else {split['other_s']:.2f} s")
 
 
 def memory_markdown(rows):

@@ -130,9 +130,11 @@ FLAGS = {  # group -> {dest: (flag, argparse keywords)}
                                        "native: CUDA compute capability >= 8, CPUs with avx512_bf16/amx_bf16; else "
                                        "float32). Trainable weights and optimizer state stay float32. float64: "
                                        "everything in double, for exactness tests (slow)")),
-        "compile": ("--compile", dict(action="store_true",
-                                      help="torch.compile every teacher and student block (fuses the elementwise "
-                                           "work around the matmuls; the first steps pay the compilation)")),
+        "compile": ("--compile", dict(nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                                      help="torch.compile every teacher and student block and the loss's chunk "
+                                           "arithmetic (fuses the element-wise work around the matmuls; the first "
+                                           "step pays the compilation). auto: on where a compiler exists, for runs "
+                                           "long enough to pay it back (runkit/precision.py); --compile alone: on")),
         "seed": ("--seed", dict(type=int, default=0, help="seed for data order, adapters and dropout")),
     },
     "output": {

@@ -6,10 +6,13 @@ weights (the optimizer's master copy), their gradients and AdamW's moments. Unde
 matmul gets a bf16 copy of its fp32 weight, and neo.py upcasts every logit chunk before its
 softmax, so the loss is fp32 too.
 
-Also here: activation checkpointing (--grad-checkpoint) and torch.compile of the blocks (--compile).
+Also here: activation checkpointing (--grad-checkpoint), and torch.compile of the blocks and the
+loss (--compile auto|on|off: whether a run compiles, compile_choice).
 """
 import contextlib
 import functools
+import importlib.util
+import shutil
 from typing import NamedTuple
 
 import torch
@@ -107,3 +110,43 @@ def compile_blocks(*models):
         if m is not None:
             for layer in m.model.layers:
                 layer.compile()
+
+
+# --compile auto compiles runs of at least this many micro-batches. Measured on a 2-core AMD EPYC
+# (benchmarks/results/README.md, "torch.compile"): compiling the blocks and the loss costs ~35-45 s
+# there, once, and saves ~0.4 s of each ~6.5 s micro-batch of the bench shape, so it pays back
+# after ~100; where matmuls are faster (AMX, GPUs) the saving per micro-batch is larger.
+COMPILE_PAYS_AFTER = 100
+
+
+def compiler_found(device) -> tuple[bool, str]:
+    """Can inductor build kernels for `device`? -> (yes/no, the evidence): Triton on CUDA, a C++
+    compiler (inductor's own choice, $CXX or g++) on the CPU."""
+    if device.type == "cuda":
+        found = importlib.util.find_spec("triton") is not None
+        return found, "Triton installed" if found else "Triton is not installed"
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        cxx = get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001 (no compiler, or an inductor that cannot tell)
+        return False, f"no C++ compiler for inductor ({e})"
+    return (True, f"C++ compiler {cxx}") if shutil.which(cxx) else (False, f"no C++ compiler ({cxx} not found)")
+
+
+def compile_choice(args, device, micro_batches: int) -> tuple[bool, str]:
+    """--compile auto|on|off -> (compile?, the reason printed at start). auto compiles where inductor
+    can build kernels, for a float32/bfloat16 run of at least COMPILE_PAYS_AFTER micro-batches that
+    samples no replies (--on-policy generates inside the step; every new length would recompile)."""
+    if args.compile == "off":
+        return False, "off (--compile off)"
+    found, evidence = compiler_found(device)
+    if args.compile == "on":
+        if not found:
+            raise SystemExit(f"--compile on: {evidence}; install one, or train with --compile off")
+        return True, f"on (--compile on; {evidence})"
+    why = ("float64 runs are exactness checks" if choose_dtype(args.dtype, device).master == torch.float64 else
+           "--on-policy samples inside the step" if args.on_policy else
+           f"{micro_batches} micro-batches, fewer than the {COMPILE_PAYS_AFTER} that pay the compilation back"
+           if micro_batches < COMPILE_PAYS_AFTER else None if found else evidence)
+    return (False, f"off (--compile auto: {why})") if why else (True, f"on (--compile auto: {evidence}; "
+                                                               f"{micro_batches} micro-batches; --compile off for eager)")

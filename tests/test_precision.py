@@ -6,7 +6,6 @@ Every test passes --dtype bfloat16 explicitly, so CI runs the GPU users' dtype l
 without avx512_bf16 the bf16 matmuls are emulated (slower), not wrong.
 """
 import copy
-import shutil
 
 import pytest
 import torch
@@ -70,7 +69,8 @@ def test_training_prints_its_precision(tiny_teacher_dir, tiny_chat_jsonl, tmp_pa
 
 def adapter_gradient(student_fp32, teacher_dir, dtype, ids, compile=False):
     """The Neo step's adapter gradient, (n_adapter_params,), with train.py's pieces in `dtype`
-    (and the student's blocks torch.compile'd, as train.py --compile does, if asked)."""
+    (and, as train.py --compile does if asked, the blocks of both models and the loss's chunk
+    arithmetic torch.compile'd)."""
     args = flags.parse(["--teacher", str(teacher_dir), "--prune-to", "2", "--rank", "4", "--dtype", dtype])
     teacher = llama.Llama.from_pretrained(teacher_dir, dtype=precision.frozen_dtype(args, CPU)).eval().requires_grad_(False)
     torch.manual_seed(0)  # the same A matrices in every call
@@ -80,8 +80,9 @@ def adapter_gradient(student_fp32, teacher_dir, dtype, ids, compile=False):
             if name.endswith("lora_B"):
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
     if compile:
-        precision.compile_blocks(student)
-    distiller = neo.Distiller(student, teacher, alpha=0.5, temperature=1.0, divergence="forward_kl", chunk_size=64)
+        precision.compile_blocks(student, teacher)
+    distiller = neo.Distiller(student, teacher, alpha=0.5, temperature=1.0, divergence="forward_kl", chunk_size=64,
+                              compiled=compile)
     mask = torch.ones_like(ids)
     with precision.autocast(CPU, args):
         distiller(ids, mask, ids, None).loss.backward()
@@ -165,19 +166,37 @@ def test_two_processes_equal_one_in_bf16(zero, single_process_run, tiny_teacher_
 # ----------------------------------------------------------------------------- torch.compile
 
 def inductor_available():
-    try:
-        import torch._inductor  # noqa: F401
-    except ImportError:
-        return False
-    return any(shutil.which(cc) for cc in ("gcc", "g++", "cc", "clang"))
+    return precision.compiler_found(CPU)[0]
+
+
+def test_compile_auto_compiles_only_where_it_pays(monkeypatch):
+    """--compile auto: on for a long float32/bf16 run where inductor finds a compiler; off, saying
+    why, for short runs, float64, --on-policy and without a compiler; --compile on without one
+    stops and names it; --compile off is eager."""
+    def choice(*flag_args, micro_batches=precision.COMPILE_PAYS_AFTER, found=True):
+        monkeypatch.setattr(precision, "compiler_found", lambda device: (found, "C++ compiler g++" if found else
+                                                                         "no C++ compiler (g++ not found)"))
+        return precision.compile_choice(flags.parse(list(flag_args)), CPU, micro_batches)
+    assert choice() == (True, f"on (--compile auto: C++ compiler g++; {precision.COMPILE_PAYS_AFTER} "
+                              "micro-batches; --compile off for eager)")
+    assert choice("--compile") == (True, "on (--compile on; C++ compiler g++)")
+    short = choice(micro_batches=precision.COMPILE_PAYS_AFTER - 1)
+    assert not short[0] and "fewer than the 100 that pay the compilation back" in short[1]
+    assert choice("--dtype", "float64") == (False, "off (--compile auto: float64 runs are exactness checks)")
+    assert choice("--on-policy", "0.5") == (False, "off (--compile auto: --on-policy samples inside the step)")
+    assert choice(found=False) == (False, "off (--compile auto: no C++ compiler (g++ not found))")
+    assert choice("--compile", "off") == (False, "off (--compile off)")
+    with pytest.raises(SystemExit, match="--compile on: no C.. compiler .*--compile off"):
+        choice("--compile", "on", found=False)
 
 
 @pytest.mark.skipif(not inductor_available(), reason="torch.compile's inductor needs torch._inductor and a C compiler")
 def test_compiled_step_equals_eager(tiny_teacher_dir):
-    """--compile changes how the blocks run, not what they compute: the same adapter gradient as
-    eager up to fp32 reordering (inductor fuses RMSNorm, RoPE and SiLU·up and may sum in another
-    order: u = 2^-24 per rounding; measured 1e-6 relative on this model; bound 1e-5). A compiled
-    block that dropped the adapter branch or reused the wrong weights is O(1) away."""
+    """--compile changes how the blocks and the loss run, not what they compute: the same adapter
+    gradient as eager up to fp32 reordering (inductor fuses RMSNorm, RoPE, SiLU·up and the loss's
+    softmax passes, and may sum in another order: u = 2^-24 per rounding; measured 1e-6 relative on
+    this model; bound 1e-5). A compiled block that dropped the adapter branch or reused the wrong
+    weights is O(1) away."""
     args = flags.parse(["--teacher", str(tiny_teacher_dir), "--prune-to", "2", "--rank", "4"])
     student = train.build_student(args, str(tiny_teacher_dir), CALIBRATION, CPU)
     batch = torch.randint(0, 49152, (4, 48), generator=torch.Generator().manual_seed(0))

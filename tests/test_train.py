@@ -24,10 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def base_args(teacher, data, out, *extra):
     """A tiny run in float32, so that the equalities below are exact on any CPU (a later --dtype in
-    `extra` wins: argparse keeps the last; test_precision.py reruns some of them in bfloat16)."""
+    `extra` wins: argparse keeps the last; test_precision.py reruns some of them in bfloat16), eager
+    (test_precision.py checks that the compiled step computes the same)."""
     return ["--teacher", str(teacher), "--data", str(data), "--out", str(out), "--max-len", "48",
             "--batch-size", "2", "--grad-accum", "2", "--epochs", "1", "--rank", "4", "--prune-to", "2",
-            "--heldout", "4", "--no-report", "--lora-dropout", "0", "--lr", "1e-2", "--dtype", "float32", *extra]
+            "--heldout", "4", "--no-report", "--lora-dropout", "0", "--lr", "1e-2", "--dtype", "float32",
+            "--compile", "off", *extra]
 
 
 def run_cli(args, nproc=1, timeout=300):
