@@ -263,12 +263,13 @@ class Batches:
     """
 
     def __init__(self, examples: list[dict], batch_size: int, *, pad_id: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True, sort_window: int = 0):
+                 seed: int = 0, shuffle: bool = True, sort_window: int = 0, width: int | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle, self.sort_window = seed, shuffle, sort_window
+        self.width = width  # pad every batch to this many columns (None: to its longest row)
         self.global_batch = batch_size * world_size
         if len(examples) < self.global_batch:
             raise ValueError(f"{len(examples)} examples are fewer than one global batch "
@@ -303,7 +304,7 @@ class Batches:
 
     def collate(self, rows: list[dict]) -> dict:
         """Right-padded tensors; packed rows (see `pack`) also bring their document ids (-1 on padding)."""
-        width = max(len(r["input_ids"]) for r in rows)
+        width = max([len(r["input_ids"]) for r in rows] + [self.width or 0])
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # (B, T)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)    # (B, T)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)         # (B, T)

@@ -89,6 +89,7 @@ def main(argv=None):
     print0(f"compile: {why}")
     if args.compile:  # every block, and below the loss's chunk arithmetic, through torch.compile
         compile_blocks(student, teacher if distilling else None)
+        loader.width = args.max_len if args.pack else None  # packed rows: one shape, compiled once, not again
     # The student and the loss as one module (neo.py; from a teacher cache, cached_loss.py)
     Distiller = cached_loss.CachedDistiller if cache is not None and distilling else neo.Distiller
     distiller = Distiller(student, teacher if distilling else None, args.alpha, args.temperature, args.divergence,

@@ -529,6 +529,20 @@ def test_packed_rows_collate_with_document_ids():
     assert int((batch["labels"] != IGNORE_INDEX).sum()) == sum(n - 1 for n in (3, 4, 8, 2))
 
 
+def test_a_fixed_width_pads_every_batch_to_it():
+    """width (train.py sets --max-len for packed rows it compiles): every batch has that many columns,
+    the extra ones padding (pad id, no label, document -1), the rows' own tokens as without it."""
+    examples = [{"input_ids": [5] * n, "labels": [6] * n} for n in (3, 4, 2, 1)]
+    packed = data.pack(examples, max_len=5, seed=0)
+    rows_ = [packed[j] for j in range(len(packed))]
+    plain = Batches(packed, batch_size=len(packed), pad_id=0, shuffle=False).collate(rows_)
+    wide = Batches(packed, batch_size=len(packed), pad_id=0, shuffle=False, width=8).collate(rows_)
+    T = plain["input_ids"].shape[1]
+    assert T < 8 and wide["input_ids"].shape == (len(packed), 8)
+    for key, pad in (("input_ids", 0), ("attention_mask", 0), ("labels", IGNORE_INDEX), ("document_ids", -1)):
+        assert torch.equal(wide[key][:, :T], plain[key]) and (wide[key][:, T:] == pad).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # On-policy rows
 
