@@ -86,7 +86,8 @@ def table(rows, teacher_q) -> str:
              "answers right | answers looping | rep-4 | step s (median) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['seed']} | {r['heldout_kl']:.4f} | {r['untrained_kl']:.4f} | "
+        same = f" (= {r['same_run_as']})" if "same_run_as" in r else ""  # a run scored once, under two names
+        lines.append(f"| {r['variant']} | {r['seed']}{same} | {r['heldout_kl']:.4f} | {r['untrained_kl']:.4f} | "
                      f"{r['heldout_ce']:.4f} | {r['second_kl']:.4f} | {r['second_ce']:.4f} | {r['correct']}/10 | "
                      f"{r['repeating']}/10 | {r['rep4']:.3f} | {r['step_s']:.1f} |")
     lines += ["", "| variant | seeds | held-out KL | second-set KL | rep-4 | answers right | looping |",
@@ -134,6 +135,9 @@ def main(argv=None):
     p.add_argument("--output", default="benchmarks/results/hidden_states.json")
     p.add_argument("--check-questions", action="store_true", help="say whether any question is in the offline data")
     p.add_argument("--merge", nargs="*", default=[], help="add the runs of these --output files (other scorers')")
+    p.add_argument("--same-run", nargs="*", default=[], metavar="NEW=OLD",
+                   help="score NEW (<variant>_s<seed>) as the scored run OLD: the same run, e.g. a --calibration "
+                        "that keeps the same layers (no RNG is drawn in pruning: the training is bit for bit OLD's)")
     p.add_argument("--scale", action="store_true", help="no runs: the distances per block of the untrained student")
     args = p.parse_args(argv)
     if args.scale:
@@ -153,6 +157,11 @@ def main(argv=None):
         saved["teacher"] = saved.get("teacher", more["teacher"])
         keys = {(r["variant"], r["seed"]) for r in more["runs"]}
         saved["runs"] = [r for r in saved["runs"] if (r["variant"], r["seed"]) not in keys] + more["runs"]
+    for pair in args.same_run:
+        (name, seed), (old, old_seed) = (re.fullmatch(r"(.+)_s(\d+)", x).groups() for x in pair.split("="))
+        row = next(r for r in saved["runs"] if (r["variant"], r["seed"]) == (old, int(old_seed)))
+        saved["runs"] = [r for r in saved["runs"] if (r["variant"], r["seed"]) != (name, int(seed))]
+        saved["runs"].append({**row, "variant": name, "same_run_as": f"{old}_s{old_seed}"})
     tok = data.Tokenizer.from_dir(str(offline.smollm2_dir()))
     if args.runs:
         teacher = llama.Llama.from_pretrained(str(offline.smollm2_dir()), dtype=torch.float32).eval()
