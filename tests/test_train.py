@@ -632,16 +632,22 @@ def test_damaged_latest_checkpoint_falls_back_and_resumes_exactly(finished_run, 
 # ----------------------------------------------------------------------------- defaults
 
 def test_demo_and_paper_defaults(monkeypatch):
-    """No --teacher on a CPU machine: the demo's budget (packed, adapters at 1e-3); any --teacher: the
-    paper's (unpacked, 2e-4 / 2e-5); a teacher cache turns the demo's packing off; a given flag wins."""
+    """No --teacher on a CPU machine: the demo's budget (packed, adapters at 2e-3, hidden states at β = 10
+    where a live teacher and a pruned student allow them); any --teacher: the paper's (unpacked,
+    2e-4 / 2e-5, β = 0); a teacher cache turns the demo's packing off; a given flag wins."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     demo = flags.parse([])
     assert demo.demo and demo.pack and demo.lr == flags.DEMO_ADAPTER_LR and demo.max_samples == flags.DEMO["max_samples"]
     assert flags.parse(["--method", "kd"]).lr == 2e-5  # the demo's rate is for adapters only
     assert not flags.parse(["--teacher-cache", "somewhere"]).pack
     assert not flags.parse(["--no-pack"]).pack and flags.parse(["--lr", "5e-4"]).lr == 5e-4
+    assert demo.hidden_weight == flags.DEMO_HIDDEN_WEIGHT and demo.calibration == 16
+    for no_hidden_states in (["--method", "lora"], ["--teacher-cache", "somewhere"], ["--student", "some/folder"]):
+        assert flags.parse(no_hidden_states).hidden_weight == 0  # no live teacher, or no pruned student
+    assert flags.parse(["--hidden-weight", "0"]).hidden_weight == 0
     paper = flags.parse(["--teacher", "some/model"])
     assert not paper.demo and not paper.pack and paper.lr == 2e-4 and paper.grad_accum == 16
+    assert paper.hidden_weight == 0
     assert flags.parse(["--teacher", "some/model", "--pack"]).pack
 
 
