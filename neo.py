@@ -51,6 +51,7 @@ Vocabularies: teacher and student heads must have the same number of rows. If th
 padding rows (e.g. 151936 vs 152064), pass vocab_size = the shared tokenizer's size and both heads
 are truncated to its rows; otherwise a ValueError names both sizes.
 """
+import functools
 import math
 from typing import NamedTuple
 
@@ -280,15 +281,11 @@ def chunk_terms(hs, ws, ht, wt, y, cw, alpha, T, kind, beta, kd_weight, need_gra
     return ce, div, grad_z
 
 
-_compiled = {}
-
-
+@functools.cache
 def compiled_chunk_terms():
     """chunk_terms under torch.compile (made once per process; shapes after the first are dynamic,
     as the last chunk of a batch is shorter)."""
-    if "chunk_terms" not in _compiled:
-        _compiled["chunk_terms"] = torch.compile(chunk_terms)
-    return _compiled["chunk_terms"]
+    return torch.compile(chunk_terms)
 
 
 class _ChunkedNeoLoss(torch.autograd.Function):

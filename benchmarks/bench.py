@@ -337,14 +337,11 @@ def matmul_peak(dtype, device) -> float:
 def step_flops(method, args, batch) -> float:
     """Model FLOPs of one optimizer step on `batch`: runkit/mfu.py's count (matmuls only), for the bench's methods."""
     import model as llama
-    import neo
-    B, T = batch["input_ids"].shape
     base = {"neo-moslora": "neo", "neo-cache": "neo"}.get(method, method)
-    return mfu.step_flops(base, llama.LlamaConfig.from_json(Path(args.teacher) / "config.json"),
-                          llama.LlamaConfig.from_json(Path(args.student) / "config.json"), B * T, T,
-                          int(neo.count_targets(batch["labels"])), rank=args.rank,
-                          targets=flags.parse([]).targets.split(","), moslora=method == "neo-moslora",
-                          teacher_runs=method != "neo-cache")
+    return mfu.batch_flops(batch, base, llama.LlamaConfig.from_json(Path(args.teacher) / "config.json"),
+                           llama.LlamaConfig.from_json(Path(args.student) / "config.json"), rank=args.rank,
+                           targets=flags.parse([]).targets.split(","), moslora=method == "neo-moslora",
+                           teacher_runs=method != "neo-cache")
 
 
 # -----------------------------------------------------------------------------

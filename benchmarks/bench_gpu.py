@@ -247,10 +247,7 @@ def precision(args, device) -> str:
 
 def step_flops(method, tcfg, scfg, rank, batch) -> float:
     """runkit/mfu.py's count (train.py's MFU), for the configs in hand (the --scale'd shapes included)."""
-    import neo
-    B, T = batch["input_ids"].shape
-    return mfu.step_flops(method, tcfg, scfg, B * T, T, int(neo.count_targets(batch["labels"])), rank=rank,
-                          targets=flags.parse([]).targets.split(","))
+    return mfu.batch_flops(batch, method, tcfg, scfg, rank=rank, targets=flags.parse([]).targets.split(","))
 
 
 # -----------------------------------------------------------------------------
@@ -349,9 +346,14 @@ def peak_memory(device, start) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - start
 
 
-def measured_matmul(device, dtype, n=None) -> float:
-    """FLOP/s of the best of 11 n x n x n matmuls in `dtype` (n 8192 on a GPU, 1024 on the CPU): runkit/mfu.py's probe."""
-    n = n or (8192 if device.type == "cuda" else 1024)
+def probe_side(device) -> int:
+    """The side of the square matmul that measures a peak: 8192 on a GPU, 1024 on the CPU."""
+    return 8192 if device.type == "cuda" else 1024
+
+
+def measured_matmul(device, dtype) -> float:
+    """FLOP/s of the best of 11 n x n x n matmuls in `dtype` (n = probe_side): runkit/mfu.py's probe."""
+    n = probe_side(device)
     return mfu.matmul_peak(dtype, device, n, n, n, repeats=11)
 
 
@@ -361,14 +363,10 @@ def compute_dtype(args, device):
 
 
 def peak_flops(device, dtype) -> tuple[float, str]:
-    """(FLOP/s, where it came from): the datasheet's dense bf16 rate for known GPUs, else measured."""
-    if device.type == "cuda" and dtype == torch.bfloat16:
-        name = torch.cuda.get_device_name(device)
-        for key, rate in mfu.DATASHEET_BF16.items():
-            if key in name:
-                return rate, f"{name}: datasheet dense bf16 {rate / 1e12:.1f} TFLOP/s"
-    rate = measured_matmul(device, dtype)
-    return rate, f"measured best {str(dtype).removeprefix('torch.')} matmul ({rate / 1e9:.0f} GFLOP/s)"
+    """(FLOP/s, where it came from): runkit/mfu.py's device_peak, the datasheet's dense bf16 rate for
+    known GPUs, else measured on the probe_side square."""
+    n = probe_side(device)
+    return mfu.device_peak(device, dtype, n, n, n)
 
 
 # -----------------------------------------------------------------------------

@@ -113,9 +113,9 @@ def compile_blocks(*models):
 
 
 # --compile auto compiles runs of at least this many micro-batches. Measured on a 2-core AMD EPYC
-# (benchmarks/results/README.md, "torch.compile"): compiling the blocks and the loss costs ~35-45 s
-# there, once, and saves ~0.4 s of each ~6.5 s micro-batch of the bench shape, so it pays back
-# after ~100; where matmuls are faster (AMX, GPUs) the saving per micro-batch is larger.
+# (benchmarks/results/README.md, "The step at this CPU's limit"): compiling the blocks and the loss
+# costs ~34 s there, once, and saves ~0.5-0.7 s of each ~6.5 s micro-batch of the bench shape, so it
+# pays back after roughly 70-100; where matmuls are faster (AMX, GPUs) the saving per micro-batch is larger.
 COMPILE_PAYS_AFTER = 100
 
 
