@@ -633,6 +633,7 @@ def most_important_layers(importance: list[float], n: int) -> list[int]:
 
 
 @torch.no_grad()
+@torch.no_grad()  # as block_importance: a measurement, nothing to backpropagate
 def span_to_keep(model: Llama, input_ids, n: int, attention_mask=None) -> list[int]:
     """The n layers left when the most redundant contiguous span of the others is removed.
 
@@ -652,3 +653,12 @@ def span_to_keep(model: Llama, input_ids, n: int, attention_mask=None) -> list[i
 
     start = min(range(L - k + 1), key=lambda s: angle(xs[s], xs[s + k]))
     return [i for i in range(L) if not start <= i < start + k]
+
+
+def layers_to_keep(model: Llama, input_ids, n: int, attention_mask=None, by: str = "importance") -> list[int]:
+    """The n layers a pruned student keeps, measured on input_ids: by "importance", the n most
+    important blocks one by one (block_importance); by "span", what is left when the most redundant
+    contiguous span goes (span_to_keep)."""
+    if by == "span":
+        return span_to_keep(model, input_ids, n, attention_mask)
+    return most_important_layers(block_importance(model, input_ids, attention_mask), n)

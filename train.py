@@ -183,10 +183,7 @@ def build_student(args, teacher_path, train_set, device):
     rows = [train_set[i] for i in range(min(args.calibration, len(train_set)))]
     batch = data.Batches(rows, len(rows), pad_id=0, shuffle=False).collate(rows)  # right-padded (K, T)
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    if args.prune_by == "span":
-        keep = llama.span_to_keep(full, ids, keep_n, mask)
-    else:
-        keep = llama.most_important_layers(llama.block_importance(full, ids, mask), keep_n)
+    keep = llama.layers_to_keep(full, ids, keep_n, mask, by=args.prune_by)
     print0(f"student: the teacher's {keep_n} of {n_layers} layers {keep} (--prune-by {args.prune_by} on "
            f"{int(mask.sum())} calibration tokens)")
     return llama.prune_layers(full, keep)

@@ -31,12 +31,7 @@ for seed in cli.seeds:
             rows = [train_set[i] for i in range(k)]
             b = data.Batches(rows, k, pad_id=0, shuffle=False).collate(rows)  # as train.py: right-padded (K, T)
             t0 = time.perf_counter()
-            with torch.no_grad():
-                if by == "span":
-                    keep = llama.span_to_keep(teacher, b["input_ids"], 15, b["attention_mask"])
-                else:
-                    keep = llama.most_important_layers(
-                        llama.block_importance(teacher, b["input_ids"], b["attention_mask"]), 15)
+            keep = llama.layers_to_keep(teacher, b["input_ids"], 15, b["attention_mask"], by=by)  # as train.py
             secs = time.perf_counter() - t0
             same = [v for v in out.values() if v["seed"] == seed and v["keep"] == keep]  # scored already
             if same:
